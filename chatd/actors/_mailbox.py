@@ -1,0 +1,165 @@
+"""Addresses, bounded mailboxes, and the per-node table that maps one to the other.
+
+An :class:`Address` is a plain value, like an Erlang pid: the name of a node and a serial
+number unique on that node. It can be stored, compared, and sent to another node. A
+:class:`Mailbox` is the local object behind an address: a bounded trio memory channel plus
+an out-of-band exit signal that does not queue behind ordinary messages (a full mailbox
+must still be able to receive "you are too slow, stop"). The :class:`ActorTable` of a node
+hands out addresses and resolves them; it is owned by the node, never module state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+__all__ = ["ActorTable", "Address", "Mailbox"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Address:
+    """Where an actor can be reached: its node and its serial number on that node.
+
+    ``name`` describes the actor in logs (``session:alice``); it is not part of identity.
+    """
+
+    node: str
+    serial: int
+    name: str = attrs.field(eq=False, default="")
+
+    def __str__(self) -> str:
+        return f"{self.name or 'actor'}@{self.node}#{self.serial}"
+
+
+class Mailbox(Generic[T]):
+    """A bounded queue of messages for one actor, plus an out-of-band exit signal.
+
+    Args:
+        address: The address this mailbox answers to.
+        capacity: How many messages may wait before :meth:`deliver_nowait` refuses.
+    """
+
+    __slots__ = ("_exited", "_recv", "_scope", "_send", "address", "capacity", "exit_reason")
+
+    def __init__(self, address: Address, capacity: int) -> None:
+        self.address = address
+        self.capacity = capacity
+        if capacity < 1:
+            raise ValueError("a mailbox holds at least one message")
+        self._send, self._recv = trio.open_memory_channel[T](capacity)
+        self._scope: trio.CancelScope | None = None
+        self._exited = False
+        self.exit_reason: Any = None
+
+    def deliver_nowait(self, message: T) -> bool:
+        """Queue ``message`` without waiting.
+
+        Returns:
+            False if the mailbox is full or closed; the caller decides what that means
+            (for a session: the consumer is too slow and is disconnected).
+        """
+        try:
+            self._send.send_nowait(message)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def deliver(self, message: T) -> None:
+        """Queue ``message``, waiting for room.
+
+        Raises:
+            trio.BrokenResourceError: The actor has stopped.
+        """
+        try:
+            await self._send.send(message)
+        except trio.ClosedResourceError:
+            raise trio.BrokenResourceError("mailbox closed") from None
+
+    async def receive(self) -> T:
+        """Wait for and return the next message."""
+        return await self._recv.receive()
+
+    def receive_nowait(self) -> T:
+        """Return the next message if one is waiting.
+
+        Raises:
+            trio.WouldBlock: The mailbox is empty.
+        """
+        return self._recv.receive_nowait()
+
+    def bind(self, scope: trio.CancelScope) -> None:
+        """Attach the cancel scope that :meth:`exit` cancels (the actor's own scope)."""
+        self._scope = scope
+        if self._exited:
+            scope.cancel()
+
+    def exit(self, reason: Any) -> None:
+        """Ask the actor to stop now, whatever is queued. The first reason sticks."""
+        if not self._exited:
+            self._exited = True
+            self.exit_reason = reason
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def close(self) -> None:
+        """Refuse further messages; queued ones are dropped with the mailbox."""
+        self._send.close()
+        self._recv.close()
+
+
+class ActorTable:
+    """One node's map from addresses to live mailboxes.
+
+    Args:
+        node: The name of the node that owns this table.
+    """
+
+    __slots__ = ("_mailboxes", "_serials", "node")
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._serials = itertools.count(1)
+        self._mailboxes: dict[int, Mailbox[Any]] = {}
+
+    def open(self, name: str, capacity: int) -> Mailbox[Any]:
+        """Create a mailbox with a fresh address on this node."""
+        mailbox: Mailbox[Any] = Mailbox(Address(self.node, next(self._serials), name), capacity)
+        self._mailboxes[mailbox.address.serial] = mailbox
+        return mailbox
+
+    def release(self, mailbox: Mailbox[Any]) -> None:
+        """Forget a mailbox (its actor has stopped) and close it."""
+        if self._mailboxes.get(mailbox.address.serial) is mailbox:
+            del self._mailboxes[mailbox.address.serial]
+        mailbox.close()
+
+    def lookup(self, address: Address) -> Mailbox[Any] | None:
+        """The live mailbox at ``address``, or None (stopped, or on another node)."""
+        if address.node != self.node:
+            return None
+        return self._mailboxes.get(address.serial)
+
+    def send_nowait(self, address: Address, message: Any) -> bool:
+        """Deliver to a local address without waiting; False if gone or full."""
+        mailbox = self.lookup(address)
+        return mailbox is not None and mailbox.deliver_nowait(message)
+
+    def exit(self, address: Address, reason: Any) -> bool:
+        """Send an exit signal to a local actor; False if it is gone."""
+        mailbox = self.lookup(address)
+        if mailbox is None:
+            return False
+        mailbox.exit(reason)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._mailboxes)
+
+    def __iter__(self) -> Iterator[Mailbox[Any]]:
+        return iter(list(self._mailboxes.values()))

@@ -1,0 +1,278 @@
+"""The ``chatd`` command: run the daemon, mint tokens, send, listen, ask for last seen.
+
+Exit status: 0 on success; 1 when the operation failed at run time (refused, timed out,
+connection lost), with a one-line ``chatd: error: ...`` on stderr; 2 for a usage or
+configuration error. Client commands print one JSON object per line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError
+
+from chatd import __version__
+from chatd.auth import load_or_create_secret, mint_token, read_secret
+from chatd.client import ChatError, Client, close_info, connect, new_id
+from chatd.config import Config, ConfigError, load_config
+from chatd.logs import configure
+from chatd.node import Node
+from chatd.protocol import Error, Msg, Receipt, Sent
+
+__all__ = ["main"]
+
+_RANK = {"sent": 0, "delivered": 1, "read": 2}
+
+
+class CommandError(Exception):
+    """A run-time failure reported as one line and exit status 1."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, data_dir=getattr(args, "data_dir", None),
+                       host=getattr(args, "host", None), port=getattr(args, "port", None),
+                       node=getattr(args, "node", None),
+                       log_level=getattr(args, "log_level", None),
+                       secret_file=getattr(args, "secret_file", None))
+
+
+# -- serve ---------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    configure(config.log_level)
+    try:
+        trio.run(_run_node, config)
+    except OSError as exc:
+        raise CommandError(f"cannot serve on {config.host}:{config.port}: "
+                           f"{exc.strerror or exc}") from None
+    return 0
+
+
+async def _run_node(config: Config) -> None:
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            nursery.start_soon(_on_signals, signals, node, nursery.cancel_scope)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _on_signals(signals: Any, node: Node, scope: trio.CancelScope) -> None:
+    """First signal: graceful shutdown. Second: stop now."""
+    count = 0
+    async for _ in signals:
+        count += 1
+        if count == 1:
+            node.request_shutdown()
+        else:
+            scope.cancel()
+
+
+# -- token ---------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not 0 < len(args.user) <= 64 or not all("\x21" <= c <= "\x7e" for c in args.user):
+        raise ConfigError("USER must be 1-64 printable ASCII characters without spaces")
+    path = config.secret_path
+    try:
+        secret = read_secret(path) if args.secret_file else load_or_create_secret(path)
+    except OSError as exc:
+        raise CommandError(f"cannot read secret {path}: {exc.strerror or exc}") from None
+    print(mint_token(secret, args.user, args.ttl))
+    return 0
+
+
+# -- client commands -----------------------------------------------------------------
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def _with_client(args: argparse.Namespace,
+                       body: Callable[[Client], Coroutine[Any, Any, None]]) -> None:
+    try:
+        with trio.fail_after(args.timeout) if args.timeout else _no_deadline():
+            async with connect(args.url, args.token) as client:
+                await body(client)
+    except trio.TooSlowError:
+        raise CommandError(f"timed out after {args.timeout} s") from None
+    except ChatError as exc:
+        raise CommandError(f"refused: {exc.code}: {exc.message}") from None
+    except (OSError, HandshakeError) as exc:
+        raise CommandError(f"cannot connect to {args.url}: {exc}") from None
+    except ConnectionClosed as exc:
+        code, reason = close_info(exc)
+        raise CommandError(f"connection closed: {code} {reason or ''}".rstrip()) from None
+
+
+def _no_deadline() -> trio.CancelScope:
+    return trio.CancelScope()
+
+
+def _lines(text: str) -> list[str]:
+    if text != "-":
+        return [text]
+    return [line.rstrip("\r\n") for line in sys.stdin]
+
+
+async def _send_body(args: argparse.Namespace, client: Client) -> None:
+    bodies = _lines(args.text)
+    ids = [new_id() for _ in bodies] if args.id is None or len(bodies) > 1 else [args.id]
+    states: dict[str, int] = {}
+    goal = _RANK[args.wait]
+    await client.submit([(msg_id, args.to, body) for msg_id, body in zip(ids, bodies,
+                                                                           strict=True)])
+    pending = set(ids)
+    async for event in client.events():
+        match event:
+            case Sent(id=msg_id, ts=ts, dup=dup) if msg_id in pending:
+                _emit({"type": "sent", "id": msg_id, "ts": ts, "dup": dup})
+                states[msg_id] = max(states.get(msg_id, 0), 0)
+            case Receipt(seq=seq, status=status, by=by, ids=receipt_ids, ts=ts):
+                for msg_id in receipt_ids:
+                    if msg_id in states:
+                        _emit({"type": status, "id": msg_id, "by": by, "ts": ts})
+                        states[msg_id] = max(states[msg_id], _RANK[status])
+                await client.ack(seq)
+            case Error(code=code, message=message, ref=ref) if ref in pending or ref is None:
+                raise CommandError(f"refused: {code}: {message}")
+            case _:
+                continue
+        if all(states.get(msg_id, -1) >= goal for msg_id in ids):
+            return
+    raise CommandError(_lost(client))
+
+
+def _lost(client: Client) -> str:
+    closed = client.closed
+    if closed is None:
+        return "connection closed"
+    if closed.error is not None:
+        return f"connection closed: {closed.error.code}: {closed.error.message}"
+    return f"connection closed: {closed.code} {closed.reason or ''}".rstrip()
+
+
+async def _listen_body(args: argparse.Namespace, client: Client) -> None:
+    received = 0
+    if args.count == 0:
+        return
+    async for event in client.events():
+        match event:
+            case Msg(seq=seq, id=msg_id, sender=sender, body=body, ts=ts):
+                _emit({"type": "msg", "id": msg_id, "from": sender, "body": body, "seq": seq,
+                       "ts": ts})
+                await client.ack(seq)
+                if args.read:
+                    await client.read(seq)
+                received += 1
+                if args.count is not None and received >= args.count:
+                    return
+            case Receipt(seq=seq):
+                await client.ack(seq)
+            case Error(code=code, message=message):
+                raise CommandError(f"refused: {code}: {message}")
+            case _:
+                continue
+    raise CommandError(_lost(client))
+
+
+async def _lastseen_body(args: argparse.Namespace, client: Client) -> None:
+    presence = await client.last_seen(args.user)
+    _emit({"user": presence.user, "online": presence.online, "last_seen": presence.last_seen})
+
+
+def _client_command(body: Callable[[argparse.Namespace, Client], Coroutine[Any, Any, None]]
+                    ) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        if not args.token:
+            raise ConfigError("a token is needed: --token TOKEN or CHATD_TOKEN")
+        trio.run(_with_client, args, lambda client: body(args, client))
+        return 0
+    return run
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatd", description="A self-hosted chat server.")
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument("--data-dir", type=Path, help="data directory (default ./chatd-data)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0 picks one (default 8765)")
+    serve.add_argument("--node", help="node name (default node1)")
+    serve.add_argument("--secret-file", type=Path, help="token secret (default DATA_DIR/secret)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    token = commands.add_parser("token", help="print a token for USER")
+    token.add_argument("user", metavar="USER")
+    token.add_argument("--config", type=Path, help="TOML configuration file")
+    token.add_argument("--data-dir", type=Path, help="data directory holding the secret")
+    token.add_argument("--secret-file", type=Path, help="read the secret from this file")
+    token.add_argument("--ttl", type=float, default=86400.0,
+                       help="seconds until the token expires (default 86400)")
+    token.set_defaults(run=_token)
+
+    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--url", default="ws://127.0.0.1:8765",
+                         help="node URL (default ws://127.0.0.1:8765)")
+        sub.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
+                         help="token (default $CHATD_TOKEN)")
+        return sub
+
+    send = client_parser("send", "send TEXT (or each line of stdin with -)")
+    send.add_argument("--to", required=True, help="recipient user id")
+    send.add_argument("--wait", choices=list(_RANK), default="sent",
+                      help="state to wait for (default sent)")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    send.add_argument("--id", help="message id (idempotency key) for a single message")
+    send.add_argument("text", metavar="TEXT", help="the message, or - for stdin lines")
+    send.set_defaults(run=_client_command(_send_body))
+
+    listen = client_parser("listen", "print incoming messages as JSON lines")
+    listen.add_argument("--read", action="store_true", help="also mark each message read")
+    listen.add_argument("--count", type=int, help="exit after N messages")
+    listen.add_argument("--timeout", type=float, help="seconds (default: no limit)")
+    listen.set_defaults(run=_client_command(_listen_body))
+
+    lastseen = client_parser("lastseen", "print USER's presence and last seen")
+    lastseen.add_argument("user", metavar="USER")
+    lastseen.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    lastseen.set_defaults(run=_client_command(_lastseen_body))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = args.run(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"chatd: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"chatd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return status

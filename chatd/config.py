@@ -1,0 +1,112 @@
+"""The daemon's configuration: embedded defaults, a TOML file, command-line overrides.
+
+Every setting has a default that works on a laptop, so ``chatd serve`` needs no file. A
+TOML file (``--config``) sets top-level keys named like the attributes of :class:`Config`,
+and a ``[limits]`` table for the protocol limits; unknown keys are an error, so a typo
+never passes silently. docs/operations.md lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from chatd.protocol import Limits
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+class ConfigError(Exception):
+    """The configuration is unreadable or names an unknown or ill-typed setting."""
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name} must be positive, not {value}")
+
+
+@attrs.frozen
+class Config:
+    """Everything a node needs to run. Times are in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = attrs.field(default=Path("chatd-data"), converter=Path)
+    node: str = "node1"
+    secret_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    log_level: str = "info"
+    auth_timeout: float = attrs.field(default=5.0, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    mailbox_capacity: int = attrs.field(default=1024, validator=_positive)
+    online_threshold: float = attrs.field(default=60.0, validator=_positive)
+    max_subscriptions: int = attrs.field(default=1000, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
+    dedup_window: float = attrs.field(default=86400.0, validator=_positive)
+    dedup_max_ids: int = attrs.field(default=1_000_000, validator=_positive)
+    max_unread: int = attrs.field(default=10_000, validator=_positive)
+    restart_intensity: int = attrs.field(default=5, validator=_positive)
+    restart_period: float = attrs.field(default=10.0, validator=_positive)
+    limits: Limits = attrs.field(factory=Limits)
+
+    @property
+    def secret_path(self) -> Path:
+        """Where the token secret is read from (and created on first start)."""
+        return self.secret_file if self.secret_file is not None else self.data_dir / "secret"
+
+
+def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:
+    fields = {f.name: f for f in attrs.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None or key == "limits":
+            raise ConfigError(f"unknown setting {where}{key!r}")
+        default = field.default
+        expected: tuple[type, ...]
+        if isinstance(default, bool):
+            expected = (bool,)
+        elif isinstance(default, int):
+            expected = (int,)
+        elif isinstance(default, float):
+            expected = (int, float)
+        else:
+            expected = (str,)
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+            raise ConfigError(f"setting {where}{key!r} must be {expected[0].__name__}")
+        out[key] = value
+    return out
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> Config:
+    """Build a :class:`Config` from defaults, an optional TOML file, then ``overrides``.
+
+    Overrides whose value is None are ignored (an option not given on the command line).
+
+    Raises:
+        ConfigError: The file cannot be read or parsed, or a setting is unknown or invalid.
+    """
+    settings: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+        raw_limits = raw.pop("limits", {})
+        if not isinstance(raw_limits, dict):
+            raise ConfigError("setting 'limits' must be a table")
+        limits = _typed(Limits, raw_limits, "limits.")
+        settings = _typed(Config, raw, "")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**settings, limits=Limits(**limits))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None

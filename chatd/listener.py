@@ -1,0 +1,108 @@
+"""The listener: the WebSocket accept loop, and the supervisor of session actors.
+
+Sessions are temporary children of the listener: a session that crashes is logged (a
+normalized ``session_crashed`` error), its client gets close code 1011, and it is not
+restarted; no other session notices. Each session runs in the task trio-websocket gives
+its connection, so a connection costs no extra supervision task.
+
+Shutdown comes in layers, driven by the node: :meth:`Listener.stop_accepting` closes the
+listening sockets; :meth:`Listener.drain` asks every session to close with 1001 and waits,
+up to a deadline, for them to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+
+from chatd.logs import EventLog
+from chatd.protocol import ErrorCode
+from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
+
+__all__ = ["Listener"]
+
+logger = logging.getLogger(__name__)
+
+
+class Listener:
+    """Accepts WebSocket connections and runs one session actor for each.
+
+    Args:
+        ctx: The services sessions use.
+    """
+
+    def __init__(self, ctx: SessionContext) -> None:
+        self._ctx = ctx
+        self._log = EventLog(logger, ctx.actors.node, "listener")
+        self._accept_scope = trio.CancelScope()
+        self._live = 0
+        self._idle = trio.Event()
+        self.url = ""
+
+    @property
+    def live_sessions(self) -> int:
+        """How many connections are being served now."""
+        return self._live
+
+    async def run(self, *, task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Listen, start a session per connection, and serve until cancelled."""
+        config = self._ctx.config
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.url = f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
+        async with trio.open_nursery() as sessions:
+            server = WebSocketServer(
+                self._serve, listeners, handler_nursery=sessions,
+                max_message_size=config.limits.max_frame_bytes,
+                connect_timeout=config.handshake_timeout, disconnect_timeout=CLOSE_TIMEOUT)
+            self._accept_scope = trio.CancelScope()
+            sessions.start_soon(self._accept, server)
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def _accept(self, server: WebSocketServer) -> None:
+        with self._accept_scope:
+            await server.run()
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; sessions already open keep running."""
+        self._accept_scope.cancel()
+
+    async def drain(self, timeout: float) -> bool:
+        """Ask every session to close (1001) and wait up to ``timeout`` s for them.
+
+        Returns:
+            True if every session ended in time.
+        """
+        for mailbox in self._ctx.actors:
+            if mailbox.address.name.startswith("session:"):
+                mailbox.exit(ErrorCode.SHUTTING_DOWN)
+        with trio.move_on_after(timeout):
+            while self._live:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        return self._live == 0
+
+    async def _serve(self, request: WebSocketRequest) -> None:
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        self._live += 1
+        try:
+            await Session(self._ctx, ws).run()
+        except Exception as exc:
+            self._log.error("session_crashed", error="session_crashed",
+                            exception=type(exc).__name__, exc_info=True)
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.aclose(1011, ErrorCode.INTERNAL.value)
+        finally:
+            self._live -= 1
+            if not self._live:
+                self._idle.set()

@@ -1,0 +1,106 @@
+"""A node: the root of one process's supervision tree, and its graceful shutdown.
+
+::
+
+    node supervisor (one_for_one, restart intensity from the config)
+     ├─ registry   permanent   user -> session address
+     ├─ store      permanent   the persistence actor
+     ├─ presence   permanent   last seen, online state, subscriptions
+     └─ listener   permanent   WebSocket accept loop
+          └─ sessions          temporary, one per connection
+
+Children start in that order, each after the previous one reported it was ready, so the
+listener accepts nobody before the services it needs are up. Everything a node owns hangs
+off the :class:`Node` object, so two nodes can run in one process.
+
+Shutdown, once requested, goes in layers with deadlines: stop accepting; ask every
+session to close with 1001 and wait up to ``shutdown_timeout``; then cancel the tree.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from chatd.actors import ActorTable, ChildSpec, Restart, Supervisor
+from chatd.auth import load_or_create_secret
+from chatd.config import Config
+from chatd.listener import Listener
+from chatd.logs import EventLog
+from chatd.presence import PresenceService
+from chatd.registry import Registry
+from chatd.router import Router
+from chatd.session import SessionContext
+from chatd.store import MemoryStore, Store
+
+__all__ = ["Node"]
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """One chatd node.
+
+    Args:
+        config: The node's configuration.
+        store: The store to use; defaults to a :class:`MemoryStore` sized by ``config``.
+    """
+
+    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+        self.config = config
+        self.actors = ActorTable(config.node)
+        self.registry = Registry(self.actors)
+        self.presence = PresenceService(self.actors, threshold=config.online_threshold)
+        self.store: Store = store or MemoryStore(
+            dedup_window=config.dedup_window, dedup_max=config.dedup_max_ids,
+            max_unread=config.max_unread)
+        self.router = Router(self.actors, self.registry, self.store)
+        self.supervisor = Supervisor("node", node=config.node,
+                                     intensity=config.restart_intensity,
+                                     period=config.restart_period)
+        self.listener: Listener | None = None
+        self._log = EventLog(logger, config.node, "node")
+        self._shutdown = trio.Event()
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL the node listens on (with the real port)."""
+        return self.listener.url if self.listener else ""
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
+        self._shutdown.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Start the tree, report ready, serve until shutdown is requested, then stop.
+
+        Raises:
+            RestartIntensityExceeded: A child of the node crashed too often (in an
+                exception group).
+            OSError: The secret or the listening socket could not be set up.
+        """
+        config = self.config
+        secret = load_or_create_secret(config.secret_path)
+        ctx = SessionContext(config, secret, self.actors, self.registry, self.presence,
+                             self.router, self.store)
+        listener = self.listener = Listener(ctx)
+        children = [
+            ChildSpec("registry", self.registry.run, Restart.PERMANENT),
+            ChildSpec("store", self.store.run, Restart.PERMANENT),
+            ChildSpec("presence", self.presence.run, Restart.PERMANENT),
+            ChildSpec("listener", listener.run, Restart.PERMANENT),
+        ]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run, children)
+            self._log.info("listening", url=listener.url)
+            task_status.started(self)
+            await self._shutdown.wait()
+            self._log.info("shutting_down", sessions=listener.live_sessions)
+            listener.stop_accepting()
+            drained = await listener.drain(config.shutdown_timeout)
+            if not drained:
+                self._log.warning("shutdown_deadline", sessions=listener.live_sessions)
+            nursery.cancel_scope.cancel()
+        self._log.info("stopped")

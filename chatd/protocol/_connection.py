@@ -1,0 +1,137 @@
+"""Sans-IO connection state: what may be said when, on each side of a connection.
+
+:class:`ServerConnection` and :class:`ClientConnection` take message bytes in and give
+frames out (``receive``), and take frames in and give message bytes out (``send``), in the
+style of wsproto. They own the opening handshake: the first client frame must be a
+:class:`Hello`, sent once, naming a version both sides speak; the first server frame is a
+:class:`Welcome` or an :class:`Error`. They never touch a socket, so tests drive them by
+hand.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+
+from ._codec import Codec, Limits, client_codec, server_codec
+from ._errors import ErrorCode, ProtocolError
+from ._frames import PROTOCOL_VERSIONS, Error, Frame, Hello, Welcome
+
+__all__ = ["ClientConnection", "ConnectionState", "ServerConnection", "negotiate"]
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection is in its life."""
+
+    OPENING = "opening"  # waiting for hello (server) or welcome (client)
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def negotiate(offered: Sequence[int], supported: Sequence[int] = PROTOCOL_VERSIONS) -> int:
+    """Pick the highest version both sides speak.
+
+    Raises:
+        ProtocolError: ``unsupported_version`` when there is none.
+    """
+    common = set(offered) & set(supported)
+    if not common:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
+                            f"server speaks versions {list(supported)}")
+    return max(common)
+
+
+class ServerConnection:
+    """The server's side of one connection.
+
+    Args:
+        limits: The decoding limits to enforce.
+    """
+
+    __slots__ = ("codec", "state", "version")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.codec: Codec = server_codec(limits)
+        self.state = ConnectionState.OPENING
+        self.version = 0
+
+    def receive(self, data: bytes | bytearray | str) -> list[Frame]:
+        """Decode one message from the client.
+
+        While opening, the message must start with a :class:`Hello`; its version is
+        negotiated here and ``state`` becomes OPEN. Frames after the hello in the same
+        message are returned with it.
+
+        Raises:
+            ProtocolError: On any violation; the connection is then CLOSED.
+        """
+        try:
+            frames = self.codec.decode(data)
+            for index, frame in enumerate(frames):
+                if isinstance(frame, Hello):
+                    if self.state is not ConnectionState.OPENING or index:
+                        raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "hello sent twice")
+                    self.version = negotiate(frame.versions)
+                    self.state = ConnectionState.OPEN
+                elif self.state is ConnectionState.OPENING:
+                    raise ProtocolError(ErrorCode.HELLO_REQUIRED,
+                                        f"first frame must be hello, not {frame.TYPE}")
+        except ProtocolError:
+            self.state = ConnectionState.CLOSED
+            raise
+        return frames
+
+    def send(self, frames: Iterable[Frame]) -> bytes:
+        """Encode frames for the client into one message."""
+        return self.codec.encode(frames)
+
+
+class ClientConnection:
+    """The client's side of one connection.
+
+    Args:
+        limits: The decoding limits to enforce on server messages.
+    """
+
+    __slots__ = ("codec", "state", "welcome")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.codec: Codec = client_codec(limits)
+        self.state = ConnectionState.OPENING
+        self.welcome: Welcome | None = None
+
+    def hello(self, token: str, resume: int = 0) -> bytes:
+        """The opening message: a hello offering every version this library speaks."""
+        return self.codec.encode([Hello(list(PROTOCOL_VERSIONS), token, resume)])
+
+    def receive(self, data: bytes | bytearray | str) -> list[Frame]:
+        """Decode one message from the server.
+
+        Raises:
+            ProtocolError: The server's message is malformed, or the server refused the
+                hello (the error frame's code is raised).
+        """
+        frames = self.codec.decode(data)
+        if self.state is ConnectionState.OPENING:
+            first = frames[0]
+            if isinstance(first, Welcome):
+                self.welcome = first
+                self.state = ConnectionState.OPEN
+            elif isinstance(first, Error):
+                self.state = ConnectionState.CLOSED
+                raise ProtocolError(_known_code(first.code), first.message)
+            else:
+                raise ProtocolError(ErrorCode.HELLO_REQUIRED,
+                                    f"server's first frame was {first.TYPE}, not welcome")
+        return frames
+
+    def send(self, frames: Iterable[Frame]) -> bytes:
+        """Encode frames for the server into one message."""
+        return self.codec.encode(frames)
+
+
+def _known_code(code: str) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL

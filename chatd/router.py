@@ -1,0 +1,97 @@
+"""Routing: from a sender's frame to the recipient's queue and session.
+
+The router is not an actor of its own: its functions run in the task of the session that
+received the frame (as ejabberd's router runs in the c2s process). Every item is first
+queued in the store, and only then offered to the recipient's session if the registry
+knows one, so a session that is gone, replaced or too slow never loses anything: it gets
+the item from the store when its user connects again.
+
+Offering never waits. A session whose mailbox is full is a consumer too slow to keep up:
+it is told to exit (``slow_consumer``) and its user catches up from the store on the next
+connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from chatd.actors import ActorTable
+from chatd.clock import now_ms
+from chatd.logs import EventLog
+from chatd.messages import Deliver
+from chatd.protocol import ErrorCode, ProtocolError, Send, Sent
+from chatd.registry import Registry
+from chatd.store import Entry, IdConflict, Message, ReceiptItem, Store
+
+__all__ = ["RECEIPT_BATCH", "Router"]
+
+logger = logging.getLogger(__name__)
+
+#: Most message ids carried by one receipt; larger acknowledgements become several.
+RECEIPT_BATCH = 512
+
+
+class Router:
+    """Accepts messages and acknowledgements and routes what follows from them.
+
+    Args:
+        actors: The node's actor table, to reach session mailboxes.
+        registry: Where to find a user's session.
+        store: Where every routed item is queued first.
+    """
+
+    def __init__(self, actors: ActorTable, registry: Registry, store: Store) -> None:
+        self._actors = actors
+        self._sessions = registry.table
+        self._store = store
+        self._log = EventLog(logger, actors.node, "router")
+
+    async def submit(self, sender: str, frame: Send) -> Sent:
+        """Accept a message from ``sender``: queue it for its recipient and offer it.
+
+        Returns:
+            The ``sent`` frame for the sender; ``dup`` is set if the id was seen before.
+
+        Raises:
+            ProtocolError: ``id_conflict`` if the id was used for another recipient.
+        """
+        message = Message(frame.id, sender, frame.to, frame.body, now_ms())
+        try:
+            accepted = await self._store.submit(message)
+        except IdConflict:
+            raise ProtocolError(ErrorCode.ID_CONFLICT,
+                                "message id already used for another recipient",
+                                ref=frame.id) from None
+        if accepted.entry is not None:
+            self.offer(frame.to, accepted.entry)
+        return Sent(frame.id, accepted.ts, accepted.duplicate)
+
+    async def acknowledge(self, user: str, status: str, upto: int,
+                          peer: str | None = None) -> None:
+        """Apply ``user``'s acknowledgement and route the receipts it produces."""
+        done = await self._store.acknowledge(user, status, upto, peer)
+        ts = now_ms()
+        for state, pairs in (("delivered", done.delivered), ("read", done.read)):
+            for sender, ids in _by_sender(pairs):
+                for start in range(0, len(ids), RECEIPT_BATCH):
+                    receipt = ReceiptItem(state, user, tuple(ids[start:start + RECEIPT_BATCH]),
+                                          ts)
+                    self.offer(sender, await self._store.enqueue(sender, receipt))
+
+    def offer(self, user: str, entry: Entry) -> None:
+        """Offer a stored entry to ``user``'s session, if they have one on this node."""
+        address = self._sessions.get(user)
+        if address is None:
+            return
+        mailbox = self._actors.lookup(address)
+        if mailbox is not None and not mailbox.deliver_nowait(Deliver(entry)):
+            self._log.warning("slow_consumer", user=user, queued=mailbox.capacity)
+            mailbox.exit(ErrorCode.SLOW_CONSUMER)
+
+
+def _by_sender(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    grouped: dict[str, list[str]] = {}
+    for sender, msg_id in pairs:
+        grouped.setdefault(sender, []).append(msg_id)
+    return list(grouped.items())

@@ -1,0 +1,29 @@
+"""The persistence actor's interface and its implementations.
+
+The router and sessions speak only the :class:`Store` interface; which implementation a
+node runs is configuration.
+"""
+
+from ._interface import (
+    Accepted,
+    Acknowledged,
+    Entry,
+    IdConflict,
+    Item,
+    Message,
+    ReceiptItem,
+    Store,
+)
+from ._memory import MemoryStore
+
+__all__ = [
+    "Accepted",
+    "Acknowledged",
+    "Entry",
+    "IdConflict",
+    "Item",
+    "MemoryStore",
+    "Message",
+    "ReceiptItem",
+    "Store",
+]

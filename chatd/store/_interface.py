@@ -1,0 +1,117 @@
+"""What the persistence actor keeps, and the small interface every store implements.
+
+A store holds, per user, a FIFO *queue* of items waiting for that user's acknowledgement:
+messages sent to them and receipts for messages they sent. Each item gets the next number
+of the user's sequence when it is queued; numbers only grow and are never reused. Items
+leave the queue when the user acknowledges them as delivered. Messages acknowledged as
+delivered but not yet read are remembered (sender and id only) so that a later read
+acknowledgement can produce READ receipts.
+
+The store also remembers which message ids each sender has used, for a window, so that
+sending the same id twice never creates a second message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+__all__ = [
+    "Accepted", "Acknowledged", "Entry", "IdConflict", "Item", "Message", "ReceiptItem", "Store",
+]
+
+
+@attrs.frozen(slots=True)
+class Message:
+    """A message as accepted from its sender."""
+
+    id: str
+    sender: str
+    to: str
+    body: str
+    ts: int
+
+
+@attrs.frozen(slots=True)
+class ReceiptItem:
+    """A receipt queued for the sender of the messages ``ids``: ``by`` reached ``status``."""
+
+    status: str
+    by: str
+    ids: tuple[str, ...]
+    ts: int
+
+
+Item = Message | ReceiptItem
+
+
+@attrs.frozen(slots=True)
+class Entry:
+    """An item in a user's queue, with its sequence number."""
+
+    seq: int
+    item: Item
+
+
+@attrs.frozen(slots=True)
+class Accepted:
+    """The outcome of submitting a message.
+
+    ``entry`` is the new queue entry, or None when the id had been used before
+    (``duplicate``), in which case ``ts`` is the original message's timestamp.
+    """
+
+    ts: int
+    duplicate: bool
+    entry: Entry | None
+
+
+@attrs.frozen(slots=True)
+class Acknowledged:
+    """What an acknowledgement changed: ``(sender, id)`` pairs newly delivered and read."""
+
+    delivered: tuple[tuple[str, str], ...] = ()
+    read: tuple[tuple[str, str], ...] = ()
+
+
+class IdConflict(Exception):
+    """A sender re-used a message id for a different recipient."""
+
+
+class Store(Protocol):
+    """The interface of the persistence actor.
+
+    Every method that changes state returns only once the change is as durable as the
+    store promises (memory: immediately; the durable store: fsync'd on both replicas).
+    """
+
+    async def run(self, *, task_status: trio.TaskStatus[Store] = ...) -> None:
+        """Serve as a supervised child: start, call ``task_status.started(self)``, run."""
+
+    async def submit(self, message: Message) -> Accepted:
+        """Queue ``message`` for ``message.to`` unless its id was already used.
+
+        Raises:
+            IdConflict: The sender used this id for another recipient.
+        """
+
+    async def enqueue(self, user: str, item: ReceiptItem) -> Entry:
+        """Queue a receipt for ``user``."""
+
+    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
+        """Up to ``limit`` queued entries of ``user`` with ``seq > after``, in order."""
+
+    async def acknowledge(self, user: str, status: str, upto: int,
+                          peer: str | None = None) -> Acknowledged:
+        """Acknowledge ``user``'s items up to ``upto``.
+
+        ``delivered`` removes every queued item with ``seq <= upto``. ``read`` does the
+        same, then marks read the delivered messages with ``seq <= upto`` (only those from
+        ``peer`` when given).
+        """
+
+    def last_seq(self, user: str) -> int:
+        """The highest sequence number given to an item of ``user`` (0 if none)."""
