@@ -94,12 +94,12 @@ def verify_token(secret: bytes, token: str, *, now: float | None = None,
             ``token_expired`` if past ``exp``.
     """
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or not token.isascii():
         raise TokenError("auth_failed", "token is not a JWT (three dot-separated parts)")
     try:
         header = json.loads(_b64decode(parts[0]))
         signature = _b64decode(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, RecursionError):
         raise TokenError("auth_failed", "token is malformed") from None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         raise TokenError("auth_failed", "token algorithm must be HS256")
@@ -108,7 +108,7 @@ def verify_token(secret: bytes, token: str, *, now: float | None = None,
         raise TokenError("auth_failed", "token signature does not match")
     try:
         claims: Any = json.loads(_b64decode(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, RecursionError):
         raise TokenError("auth_failed", "token claims are malformed") from None
     if not isinstance(claims, dict):
         raise TokenError("auth_failed", "token claims are malformed")

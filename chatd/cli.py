@@ -20,6 +20,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from chatd import __version__
+from chatd.actors import RestartIntensityExceeded
 from chatd.auth import load_or_create_secret, mint_token, read_secret
 from chatd.client import ChatError, Client, close_info, connect, new_id
 from chatd.config import Config, ConfigError, load_config
@@ -52,10 +53,23 @@ def _serve(args: argparse.Namespace) -> int:
     configure(config.log_level)
     try:
         trio.run(_run_node, config)
-    except OSError as exc:
-        raise CommandError(f"cannot serve on {config.host}:{config.port}: "
-                           f"{exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        leaf = _first_leaf(group)
+        if isinstance(leaf, OSError) and leaf.filename:
+            raise CommandError(f"cannot use {leaf.filename}: {leaf.strerror}") from None
+        if isinstance(leaf, OSError):
+            raise CommandError(f"cannot serve on {config.host}:{config.port}: "
+                               f"{leaf.strerror or leaf}") from None
+        if isinstance(leaf, RestartIntensityExceeded):
+            raise CommandError(str(leaf)) from None
+        raise
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _run_node(config: Config) -> None:
@@ -113,7 +127,8 @@ async def _with_client(args: argparse.Namespace,
     except ChatError as exc:
         raise CommandError(f"refused: {exc.code}: {exc.message}") from None
     except (OSError, HandshakeError) as exc:
-        raise CommandError(f"cannot connect to {args.url}: {exc}") from None
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise CommandError(f"cannot connect to {args.url}: {cause}") from None
     except ConnectionClosed as exc:
         code, reason = close_info(exc)
         raise CommandError(f"connection closed: {code} {reason or ''}".rstrip()) from None

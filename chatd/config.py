@@ -53,6 +53,14 @@ class Config:
     restart_period: float = attrs.field(default=10.0, validator=_positive)
     limits: Limits = attrs.field(factory=Limits)
 
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535, not {self.port}")
+        if self.ping_interval >= self.idle_timeout:
+            raise ConfigError("ping_interval must be shorter than idle_timeout")
+        if not all("\x21" <= ch <= "\x7e" for ch in self.node) or not 0 < len(self.node) <= 32:
+            raise ConfigError("node must be 1-32 printable ASCII characters without spaces")
+
     @property
     def secret_path(self) -> Path:
         """Where the token secret is read from (and created on first start)."""

@@ -38,14 +38,15 @@ class Listener:
         self._ctx = ctx
         self._log = EventLog(logger, ctx.actors.node, "listener")
         self._accept_scope = trio.CancelScope()
-        self._live = 0
+        self._sessions: set[Session] = set()
+        self._draining = False
         self._idle = trio.Event()
         self.url = ""
 
     @property
     def live_sessions(self) -> int:
         """How many connections are being served now."""
-        return self._live
+        return len(self._sessions)
 
     async def run(self, *, task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -78,23 +79,26 @@ class Listener:
         Returns:
             True if every session ended in time.
         """
-        for mailbox in self._ctx.actors:
-            if mailbox.address.name.startswith("session:"):
-                mailbox.exit(ErrorCode.SHUTTING_DOWN)
+        self._draining = True
+        for session in tuple(self._sessions):
+            session.stop(ErrorCode.SHUTTING_DOWN)
         with trio.move_on_after(timeout):
-            while self._live:
+            while self._sessions:
                 self._idle = trio.Event()
                 await self._idle.wait()
-        return self._live == 0
+        return not self._sessions
 
     async def _serve(self, request: WebSocketRequest) -> None:
         try:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        self._live += 1
+        session = Session(self._ctx, ws)
+        if self._draining:
+            session.stop(ErrorCode.SHUTTING_DOWN)
+        self._sessions.add(session)
         try:
-            await Session(self._ctx, ws).run()
+            await session.run()
         except Exception as exc:
             self._log.error("session_crashed", error="session_crashed",
                             exception=type(exc).__name__, exc_info=True)
@@ -103,6 +107,6 @@ class Listener:
                 with contextlib.suppress(ConnectionClosed):
                     await ws.aclose(1011, ErrorCode.INTERNAL.value)
         finally:
-            self._live -= 1
-            if not self._live:
+            self._sessions.discard(session)
+            if not self._sessions:
                 self._idle.set()

@@ -175,7 +175,8 @@ class PresenceService:
 
     def _push(self, address: Address, frames: tuple[Presence, ...]) -> None:
         mailbox = self._actors.lookup(address)
-        if mailbox is not None and not mailbox.deliver_nowait(Push(frames)):
+        if (mailbox is not None and not mailbox.deliver_nowait(Push(frames))
+                and not mailbox.exiting):
             self._log.warning("slow_consumer", session=str(address))
             mailbox.exit(ErrorCode.SLOW_CONSUMER)
 

@@ -85,7 +85,8 @@ class Router:
         if address is None:
             return
         mailbox = self._actors.lookup(address)
-        if mailbox is not None and not mailbox.deliver_nowait(Deliver(entry)):
+        if (mailbox is not None and not mailbox.deliver_nowait(Deliver(entry))
+                and not mailbox.exiting):
             self._log.warning("slow_consumer", user=user, queued=mailbox.capacity)
             mailbox.exit(ErrorCode.SLOW_CONSUMER)
 

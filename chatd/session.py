@@ -92,8 +92,9 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_conn", "_ctx", "_fatal", "_log", "_mailbox", "_reported", "_scope",
-                 "_sent_seq", "_user", "_watching", "_ws", "last_heard")
+    __slots__ = ("_auth_scope", "_conn", "_ctx", "_fatal", "_log", "_mailbox", "_reported",
+                 "_scope", "_sent_seq", "_stop_reason", "_torn", "_user", "_watching",
+                 "_writes", "_ws", "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocketConnection) -> None:
         self._ctx = ctx
@@ -103,11 +104,24 @@ class Session:
         self._user = ""
         self._mailbox: Mailbox[Deliver | Push] | None = None
         self._scope: trio.CancelScope | None = None
+        self._auth_scope = trio.CancelScope(
+            deadline=trio.current_time() + ctx.config.auth_timeout)
+        self._stop_reason: ErrorCode | None = None
+        self._writes: set[trio.CancelScope] = set()
+        self._torn = False
         self._fatal: ProtocolError | None = None
         self._sent_seq = 0
         self._watching: set[str] = set()
         self._reported = 0.0
         self.last_heard = trio.current_time()
+
+    def stop(self, reason: ErrorCode) -> None:
+        """Ask the session to close with ``reason``, whether or not it has authenticated."""
+        if self._mailbox is not None:
+            self._mailbox.exit(reason)
+        elif self._stop_reason is None:
+            self._stop_reason = reason
+            self._auth_scope.cancel()
 
     async def run(self) -> None:
         """Serve the connection until either side ends it."""
@@ -126,12 +140,16 @@ class Session:
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                mailbox.bind(scope)
+                mailbox.bind(scope, self._bound_writes)
                 await ctx.registry.register(user, address)
                 await ctx.presence.session_up(user, address)
                 if hello.resume:
                     await ctx.router.acknowledge(user, "delivered",
                                                  min(hello.resume, ctx.store.last_seq(user)))
+                # Everything before the first pending entry reached the user on an earlier
+                # connection: acknowledgements up to there are legitimate on this one.
+                first = await ctx.store.pending(user, 0, 1)
+                self._sent_seq = first[0].seq - 1 if first else ctx.store.last_seq(user)
                 await self._send([Welcome(self._conn.version, user,
                                           f"{address.node}.{address.serial}", now_ms(),
                                           ctx.config.limits.max_frame_bytes,
@@ -160,7 +178,7 @@ class Session:
     # -- opening ---------------------------------------------------------------------
 
     async def _authenticate(self) -> tuple[Hello, list[Frame]]:
-        with trio.move_on_after(self._ctx.config.auth_timeout):
+        with self._auth_scope:
             data = await self._ws.get_message()
             frames = self._conn.receive(data)
             hello = frames[0]
@@ -172,6 +190,8 @@ class Session:
             self._user = claims.sub
             self.last_heard = trio.current_time()
             return hello, frames[1:]
+        if self._stop_reason is not None:
+            raise ProtocolError(self._stop_reason, _EXIT_MESSAGES[self._stop_reason])
         raise ProtocolError(ErrorCode.AUTH_TIMEOUT,
                             f"no valid hello within {self._ctx.config.auth_timeout} s")
 
@@ -323,7 +343,35 @@ class Session:
             batch.append(data)
             size += len(data)
         if batch:
-            await self._ws.send_message(b"".join(batch))
+            await self._write(b"".join(batch))
+
+    async def _write(self, data: bytes) -> None:
+        """Write one WebSocket message so that it is never cut in half.
+
+        An exit signal cancels the session, but a message already being written is given
+        up to CLOSE_TIMEOUT to finish, so the close frame that follows lands on a frame
+        boundary. A write that still cannot finish leaves the stream torn: the session
+        then closes without writing anything more.
+        """
+        scope = trio.CancelScope(shield=True)
+        if self._scope is not None and self._scope.cancel_called:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        self._writes.add(scope)
+        try:
+            with scope:
+                await self._ws.send_message(data)
+        finally:
+            self._writes.discard(scope)
+        if scope.cancelled_caught:
+            self._torn = True
+            raise ConnectionClosed(None)
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def _bound_writes(self) -> None:
+        """On an exit signal, give writes under way CLOSE_TIMEOUT to finish."""
+        deadline = trio.current_time() + CLOSE_TIMEOUT
+        for scope in self._writes:
+            scope.deadline = min(scope.deadline, deadline)
 
     async def _close(self, err: ProtocolError) -> None:
         """Tell the client why, then close with the error's close code."""
@@ -334,8 +382,9 @@ class Session:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             try:
-                await self._ws.send_message(self._conn.send([Error(err.code.value,
-                                                                   err.message)]))
+                if not self._torn:
+                    await self._ws.send_message(self._conn.send([Error(err.code.value,
+                                                                       err.message)]))
                 await self._ws.aclose(int(close_code), err.code.value)
             except ConnectionClosed:
                 pass

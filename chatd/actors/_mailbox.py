@@ -11,7 +11,7 @@ hands out addresses and resolves them; it is owned by the node, never module sta
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -45,7 +45,8 @@ class Mailbox(Generic[T]):
         capacity: How many messages may wait before :meth:`deliver_nowait` refuses.
     """
 
-    __slots__ = ("_exited", "_recv", "_scope", "_send", "address", "capacity", "exit_reason")
+    __slots__ = ("_exited", "_on_exit", "_recv", "_scope", "_send", "address", "capacity",
+                 "exit_reason")
 
     def __init__(self, address: Address, capacity: int) -> None:
         self.address = address
@@ -54,6 +55,7 @@ class Mailbox(Generic[T]):
             raise ValueError("a mailbox holds at least one message")
         self._send, self._recv = trio.open_memory_channel[T](capacity)
         self._scope: trio.CancelScope | None = None
+        self._on_exit: Callable[[], None] | None = None
         self._exited = False
         self.exit_reason: Any = None
 
@@ -93,19 +95,36 @@ class Mailbox(Generic[T]):
         """
         return self._recv.receive_nowait()
 
-    def bind(self, scope: trio.CancelScope) -> None:
-        """Attach the cancel scope that :meth:`exit` cancels (the actor's own scope)."""
+    def bind(self, scope: trio.CancelScope, on_exit: Callable[[], None] | None = None) -> None:
+        """Attach the cancel scope that :meth:`exit` cancels (the actor's own scope).
+
+        Args:
+            scope: Cancelled on exit.
+            on_exit: Also called on exit, after the cancel (for the actor's own clean-up
+                bookkeeping, such as bounding writes already under way).
+        """
         self._scope = scope
+        self._on_exit = on_exit
         if self._exited:
-            scope.cancel()
+            self._signal()
+
+    def _signal(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._on_exit is not None:
+            self._on_exit()
+
+    @property
+    def exiting(self) -> bool:
+        """Whether the actor has been told to exit."""
+        return self._exited
 
     def exit(self, reason: Any) -> None:
         """Ask the actor to stop now, whatever is queued. The first reason sticks."""
         if not self._exited:
             self._exited = True
             self.exit_reason = reason
-        if self._scope is not None:
-            self._scope.cancel()
+        self._signal()
 
     def close(self) -> None:
         """Refuse further messages; queued ones are dropped with the mailbox."""

@@ -124,7 +124,7 @@ class Codec:
             except RecursionError:
                 raise ProtocolError(ErrorCode.TOO_DEEP, "nesting too deep") from None
             except Exception as exc:
-                if "depth" in str(exc):
+                if str(exc).startswith("maximum container nesting depth"):
                     raise ProtocolError(ErrorCode.TOO_DEEP,
                                         f"nesting deeper than {limits.max_depth}") from None
                 raise ProtocolError(ErrorCode.BAD_CBOR, "not well-formed CBOR") from None

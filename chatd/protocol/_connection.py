@@ -65,6 +65,8 @@ class ServerConnection:
         Raises:
             ProtocolError: On any violation; the connection is then CLOSED.
         """
+        if self.state is ConnectionState.CLOSED:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the connection is closed")
         try:
             frames = self.codec.decode(data)
             for index, frame in enumerate(frames):
@@ -109,20 +111,25 @@ class ClientConnection:
 
         Raises:
             ProtocolError: The server's message is malformed, or the server refused the
-                hello (the error frame's code is raised).
+                hello (the error frame's code is raised); the connection is then CLOSED.
         """
-        frames = self.codec.decode(data)
-        if self.state is ConnectionState.OPENING:
-            first = frames[0]
-            if isinstance(first, Welcome):
-                self.welcome = first
-                self.state = ConnectionState.OPEN
-            elif isinstance(first, Error):
-                self.state = ConnectionState.CLOSED
-                raise ProtocolError(_known_code(first.code), first.message)
-            else:
-                raise ProtocolError(ErrorCode.HELLO_REQUIRED,
-                                    f"server's first frame was {first.TYPE}, not welcome")
+        if self.state is ConnectionState.CLOSED:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the connection is closed")
+        try:
+            frames = self.codec.decode(data)
+            if self.state is ConnectionState.OPENING:
+                first = frames[0]
+                if isinstance(first, Welcome):
+                    self.welcome = first
+                    self.state = ConnectionState.OPEN
+                elif isinstance(first, Error):
+                    raise ProtocolError(_known_code(first.code), first.message, ref=first.ref)
+                else:
+                    raise ProtocolError(ErrorCode.HELLO_REQUIRED,
+                                        f"server's first frame was {first.TYPE}, not welcome")
+        except ProtocolError:
+            self.state = ConnectionState.CLOSED
+            raise
         return frames
 
     def send(self, frames: Iterable[Frame]) -> bytes:

@@ -1,0 +1,721 @@
+"""Integration tests: a real node on a loopback port, driven over real WebSockets.
+
+Well-behaved users connect through :func:`chatd.client.connect` (wrapped in
+:func:`login`, which reads events strictly one at a time with a deadline). Misbehaving
+ones connect with a bare trio-websocket connection (:class:`RawClient`) and send
+hand-built CBOR, several frames per message where that matters.
+
+No test sleeps and hopes: every wait is on a frame, an event or a server-side condition,
+under ``trio.fail_after``. Where time itself must pass (auth, idle and presence timeouts),
+the node is configured with small values through ``make_node``.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import cbor2
+import pytest
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from chatd.auth import mint_token
+from chatd.client import Client, Closed, Event, connect
+from chatd.protocol import Error, Msg, Presence, Receipt
+
+if TYPE_CHECKING:
+    from conftest import RunningNode
+
+TIMEOUT = 5.0
+"""Deadline (seconds) for any single wait on the server."""
+
+E = TypeVar("E")
+MakeNode = Callable[..., Awaitable["RunningNode"]]
+Frame = dict[str, Any]
+
+
+# -- helpers: raw connections ------------------------------------------------------------
+
+
+def encode(*frames: Frame) -> bytes:
+    """One WebSocket message carrying ``frames`` as a CBOR sequence."""
+    return b"".join(cbor2.dumps(frame) for frame in frames)
+
+
+def decode(data: bytes | str) -> list[Frame]:
+    """The frames of one server message."""
+    assert isinstance(data, bytes), f"server sent a text message: {data!r}"
+    fp = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(fp, read_size=1)
+    frames = []
+    while fp.tell() < len(data):
+        frames.append(decoder.decode())
+    return frames
+
+
+def hello(token: str, *, versions: tuple[int, ...] = (1,), resume: int | None = None) -> Frame:
+    """A hello frame."""
+    frame: Frame = {"t": "hello", "versions": list(versions), "token": token}
+    if resume is not None:
+        frame["resume"] = resume
+    return frame
+
+
+class RawClient:
+    """A bare WebSocket connection that speaks frames as dicts."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self._pending: collections.deque[Frame] = collections.deque()
+
+    async def send(self, *frames: Frame) -> None:
+        """Send ``frames`` in one WebSocket message."""
+        await self.ws.send_message(encode(*frames))
+
+    async def frame(self, timeout: float = TIMEOUT) -> Frame:
+        """The next frame from the server.
+
+        Raises:
+            ConnectionClosed: The server closed the connection first.
+        """
+        with trio.fail_after(timeout):
+            while not self._pending:
+                self._pending.extend(decode(await self.ws.get_message()))
+        return self._pending.popleft()
+
+    async def expect(self, t: str, **fields: Any) -> Frame:
+        """The next frame, which must be of type ``t`` and carry ``fields``."""
+        frame = await self.frame()
+        assert frame["t"] == t, frame
+        assert {key: frame.get(key) for key in fields} == fields, frame
+        return frame
+
+    async def read_to_close(self, timeout: float = TIMEOUT) -> tuple[list[Frame], int | None]:
+        """Every frame until the server closes, and the close code."""
+        frames: list[Frame] = []
+        with trio.fail_after(timeout):
+            try:
+                while True:
+                    frames.append(await self.frame(timeout))
+            except ConnectionClosed as exc:
+                return frames, exc.reason.code if exc.reason else None
+
+    async def expect_close(self, code: int, error: str | None = None) -> list[Frame]:
+        """Read until the server closes; check the close code and the last error frame."""
+        frames, seen = await self.read_to_close()
+        assert seen == code, (seen, frames)
+        if error is not None:
+            assert frames and frames[-1]["t"] == "error", frames
+            assert frames[-1]["code"] == error, frames
+        return frames
+
+
+@asynccontextmanager
+async def raw_connect(url: str) -> AsyncIterator[RawClient]:
+    """A bare WebSocket connection to ``url`` (no hello sent)."""
+    async with open_websocket_url(url, connect_timeout=TIMEOUT, disconnect_timeout=2) as ws:
+        yield RawClient(ws)
+
+
+@asynccontextmanager
+async def raw_login(node: RunningNode, user: str, *extra: Frame) -> AsyncIterator[RawClient]:
+    """A bare connection that sent hello (plus ``extra`` frames in the same message)."""
+    async with raw_connect(node.url) as raw:
+        await raw.send(hello(node.token(user)), *extra)
+        await raw.expect("welcome", user=user)
+        yield raw
+
+
+# -- helpers: client-library connections --------------------------------------------------
+
+
+class Peer:
+    """A client-library connection whose events are read one at a time, with deadlines."""
+
+    def __init__(self, client: Client, events: AsyncIterator[Event]) -> None:
+        self.client = client
+        self._events = events
+
+    async def next(self, kind: type[E]) -> E:
+        """The next event, which must be a ``kind``."""
+        with trio.fail_after(TIMEOUT):
+            event = await anext(self._events)
+        assert isinstance(event, kind), f"expected {kind.__name__}, got {event!r}"
+        return event
+
+    async def msgs(self, n: int) -> list[Msg]:
+        """The next ``n`` events, all messages."""
+        return [await self.next(Msg) for _ in range(n)]
+
+    async def drain(self) -> tuple[list[Event], Closed]:
+        """Every event until the connection ends, and how it ended."""
+        events: list[Event] = []
+        with trio.fail_after(TIMEOUT):
+            async for event in self._events:
+                events.append(event)
+        assert self.client.closed is not None
+        return events, self.client.closed
+
+
+@asynccontextmanager
+async def login(node: RunningNode, user: str, *, resume: int = 0) -> AsyncIterator[Peer]:
+    """Connect ``user`` with the client library."""
+    async with (connect(node.url, node.token(user), resume=resume, timeout=TIMEOUT) as client,
+                aclosing(client.events()) as events):  # type: ignore[type-var]
+        yield Peer(client, events)
+
+
+async def until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Return once ``condition()`` holds (server-side state); fail after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+async def exchange(a: Peer, b: Peer) -> None:
+    """Check that two connected users can still exchange a message both ways."""
+    for sender, recipient in ((a, b), (b, a)):
+        sent = await sender.client.send(recipient.client.user, f"to {recipient.client.user}")
+        msg = await recipient.next(Msg)
+        assert (msg.id, msg.sender) == (sent.id, sender.client.user)
+
+
+def b64url(data: bytes) -> str:
+    """Base64url without padding, as in JWTs."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt(header: Any, claims: Any, secret: bytes | None) -> str:
+    """A hand-built JWT; signed with HMAC-SHA256 under ``secret``, or unsigned if None."""
+    head = b64url(json.dumps(header).encode())
+    body = b64url(json.dumps(claims).encode())
+    signature = b""
+    if secret is not None:
+        signature = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(signature)}"
+
+
+# -- messages and receipts -----------------------------------------------------------------
+
+
+async def test_online_message_gets_sent_then_delivered_and_read_receipts(
+        chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+        sent = await alice.client.send("bob", "hello bob", id="m1")
+        assert (sent.id, sent.dup) == ("m1", False) and sent.ts > 0
+
+        msg = await bob.next(Msg)
+        assert (msg.seq, msg.id, msg.sender, msg.body, msg.ts) == (
+            1, "m1", "alice", "hello bob", sent.ts)
+
+        await bob.client.ack(msg.seq)
+        receipt = await alice.next(Receipt)
+        assert (receipt.status, receipt.by, receipt.ids) == ("delivered", "bob", ["m1"])
+
+        await bob.client.read(msg.seq)
+        receipt = await alice.next(Receipt)
+        assert (receipt.status, receipt.by, receipt.ids) == ("read", "bob", ["m1"])
+
+
+async def test_offline_messages_delivered_once_in_order(chat_node: RunningNode) -> None:
+    ids = [f"m{i}" for i in range(1, 6)]
+    async with login(chat_node, "alice") as alice:
+        for msg_id in ids:
+            await alice.client.send("bob", f"body of {msg_id}", id=msg_id)
+
+        async with login(chat_node, "bob") as bob:
+            msgs = await bob.msgs(len(ids))
+            assert [(m.seq, m.id, m.body) for m in msgs] == [
+                (seq, msg_id, f"body of {msg_id}") for seq, msg_id in enumerate(ids, 1)]
+            await bob.client.ack(msgs[-1].seq)
+            receipt = await alice.next(Receipt)
+            assert (receipt.status, receipt.ids) == ("delivered", ids)
+
+        # Everything was acknowledged: the next connection gets only what is new.
+        async with login(chat_node, "bob") as bob:
+            await alice.client.send("bob", "sentinel", id="sentinel")
+            msg = await bob.next(Msg)
+            assert (msg.seq, msg.id) == (6, "sentinel")
+
+
+async def test_unacked_messages_redelivered_on_each_new_connection(
+        chat_node: RunningNode) -> None:
+    ids = [f"m{i}" for i in range(1, 6)]
+    async with login(chat_node, "alice") as alice:
+        for msg_id in ids:
+            await alice.client.send("bob", msg_id, id=msg_id)
+    for _ in range(2):
+        # A new Client each time: its duplicate filter does not span connections.
+        async with login(chat_node, "bob") as bob:
+            msgs = await bob.msgs(len(ids))
+            assert [(m.seq, m.id) for m in msgs] == list(enumerate(ids, 1))
+
+
+async def test_hello_resume_treats_up_to_n_as_delivered(chat_node: RunningNode) -> None:
+    ids = [f"m{i}" for i in range(1, 6)]
+    async with login(chat_node, "alice") as alice:
+        for msg_id in ids:
+            await alice.client.send("bob", msg_id, id=msg_id)
+        async with login(chat_node, "bob", resume=2) as bob:
+            msgs = await bob.msgs(3)
+            assert [(m.seq, m.id) for m in msgs] == [(3, "m3"), (4, "m4"), (5, "m5")]
+            receipt = await alice.next(Receipt)
+            assert (receipt.status, receipt.by, receipt.ids) == ("delivered", "bob",
+                                                                  ["m1", "m2"])
+
+
+async def test_receipts_for_offline_sender_are_queued(chat_node: RunningNode) -> None:
+    registry, store = chat_node.node.registry, chat_node.node.store
+    async with login(chat_node, "alice") as alice:
+        await alice.client.send("bob", "hi", id="m1")
+    await until(lambda: "alice" not in registry.table)
+
+    async with login(chat_node, "bob") as bob:
+        msg = await bob.next(Msg)
+        await bob.client.read(msg.seq)  # delivered and read at once
+        await bob.client.last_seen("alice")  # a round trip: the read was handled
+    assert store.queued("alice") == 2  # type: ignore[attr-defined]
+
+    async with login(chat_node, "alice") as alice:
+        delivered, read = await alice.next(Receipt), await alice.next(Receipt)
+        assert (delivered.seq, delivered.status, delivered.by, delivered.ids) == (
+            1, "delivered", "bob", ["m1"])
+        assert (read.seq, read.status, read.by, read.ids) == (2, "read", "bob", ["m1"])
+
+
+async def test_cumulative_ack_gives_one_receipt_for_all_ids(chat_node: RunningNode) -> None:
+    ids = ["m1", "m2", "m3"]
+    async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+        for msg_id in ids:
+            await alice.client.send("bob", msg_id, id=msg_id)
+        msgs = await bob.msgs(3)
+        assert [m.seq for m in msgs] == [1, 2, 3]
+
+        await bob.client.ack(3)
+        receipt = await alice.next(Receipt)
+        assert (receipt.status, receipt.by, receipt.ids) == ("delivered", "bob", ids)
+        # Nothing else came from that ack: the next receipt is the one the read makes.
+        await bob.client.read(3)
+        receipt = await alice.next(Receipt)
+        assert (receipt.status, receipt.by, receipt.ids) == ("read", "bob", ids)
+
+
+async def test_read_with_peer_marks_only_that_peers_messages(chat_node: RunningNode) -> None:
+    async with (login(chat_node, "alice") as alice, login(chat_node, "carol") as carol,
+                login(chat_node, "bob") as bob):
+        await alice.client.send("bob", "a1", id="a1")
+        await carol.client.send("bob", "c1", id="c1")
+        await alice.client.send("bob", "a2", id="a2")
+        msgs = await bob.msgs(3)
+        assert [(m.seq, m.id) for m in msgs] == [(1, "a1"), (2, "c1"), (3, "a2")]
+
+        await bob.client.read(3, peer="alice")
+        delivered, read = await alice.next(Receipt), await alice.next(Receipt)
+        assert (delivered.status, delivered.ids) == ("delivered", ["a1", "a2"])
+        assert (read.status, read.ids) == ("read", ["a1", "a2"])
+        receipt = await carol.next(Receipt)
+        assert (receipt.status, receipt.ids) == ("delivered", ["c1"])
+
+        # Carol's queue is ordered: had c1 been marked read, that receipt would come first.
+        await bob.client.send("carol", "sentinel", id="sentinel")
+        msg = await carol.next(Msg)
+        assert msg.id == "sentinel"
+
+        await bob.client.read(3, peer="carol")
+        receipt = await carol.next(Receipt)
+        assert (receipt.status, receipt.by, receipt.ids) == ("read", "bob", ["c1"])
+
+
+async def test_ack_beyond_what_was_delivered_is_clamped(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        async with login(chat_node, "bob") as bob:
+            await alice.client.send("bob", "one", id="m1")
+            assert (await bob.next(Msg)).seq == 1
+            await bob.client.ack(1000)
+            receipt = await alice.next(Receipt)
+            assert (receipt.status, receipt.ids) == ("delivered", ["m1"])
+            await alice.client.send("bob", "two", id="m2")
+            msg = await bob.next(Msg)
+            assert (msg.seq, msg.id) == (2, "m2")
+
+        # m2 was received but not acknowledged; m3 is queued. An ack of 1000 sent with the
+        # hello comes before anything is delivered on the new connection: it acks nothing.
+        await alice.client.send("bob", "three", id="m3")
+        ack = {"t": "ack", "status": "delivered", "upto": 1000}
+        async with raw_login(chat_node, "bob", ack) as raw:
+            first, second = await raw.expect("msg"), await raw.expect("msg")
+            assert [(f["seq"], f["id"]) for f in (first, second)] == [(2, "m2"), (3, "m3")]
+
+
+async def test_read_ack_after_reconnect_gives_read_receipt(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        await alice.client.send("bob", "hi", id="m1")
+        async with login(chat_node, "bob") as bob:
+            await bob.client.ack((await bob.next(Msg)).seq)
+            assert (await alice.next(Receipt)).status == "delivered"
+
+        async with login(chat_node, "bob", resume=1) as bob:
+            await bob.client.read(1)
+            await bob.client.send("alice", "sentinel", id="sentinel")
+            # alice's queue is ordered: a read receipt from that ack comes before the msg.
+            receipt = await alice.next(Receipt)
+            assert (receipt.status, receipt.by, receipt.ids) == ("read", "bob", ["m1"])
+
+
+async def test_duplicate_message_id_is_accepted_once(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+        first = await alice.client.send("bob", "hello", id="dup-1")
+        second = await alice.client.send("bob", "hello again", id="dup-1")
+        assert not first.dup
+        assert (second.id, second.dup, second.ts) == ("dup-1", True, first.ts)
+
+        await alice.client.send("bob", "after", id="after-1")
+        msgs = await bob.msgs(2)
+        # seq 2 for the next message: the duplicate was never queued.
+        assert [(m.seq, m.id, m.body) for m in msgs] == [(1, "dup-1", "hello"),
+                                                         (2, "after-1", "after")]
+
+
+async def test_message_id_reused_for_another_recipient_is_a_conflict(
+        chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice, login(chat_node, "carol") as carol:
+        await alice.client.send("bob", "for bob", id="same")
+        await alice.client.submit([("same", "carol", "for carol")])
+        error = await alice.next(Error)
+        assert (error.code, error.ref) == ("id_conflict", "same")
+
+        # The connection stays open and usable; carol never got the conflicting message.
+        sent = await alice.client.send("carol", "really for carol", id="other")
+        msg = await carol.next(Msg)
+        assert (msg.seq, msg.id) == (1, sent.id)
+        assert alice.client.closed is None
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+def _alg_none(node: RunningNode, signed: bool) -> str:
+    claims = {"sub": "bob", "exp": int(time.time()) + 3600}
+    return jwt({"alg": "none", "typ": "JWT"}, claims, node.secret if signed else None)
+
+
+_HS256 = b64url(b'{"alg":"HS256","typ":"JWT"}')
+
+BAD_TOKENS: dict[str, tuple[Callable[[RunningNode], str], str]] = {
+    "wrong_signature": (lambda n: mint_token(b"not the secret", "bob", 3600), "auth_failed"),
+    "expired": (lambda n: n.token("bob", ttl=-60), "token_expired"),
+    "not_a_jwt": (lambda n: "not-a-token", "auth_failed"),
+    "garbage_parts": (lambda n: "abc.def.ghi", "auth_failed"),
+    "alg_none_unsigned": (lambda n: _alg_none(n, signed=False), "auth_failed"),
+    "alg_none_signed": (lambda n: _alg_none(n, signed=True), "auth_failed"),
+    "non_ascii_claims": (lambda n: f"{_HS256}.\u00e9\u00e9\u00e9\u00e9.AAAA", "auth_failed"),
+    "deeply_nested_header": (lambda n: f"{b64url(b'[' * 5000)}.e30.AAAA", "auth_failed"),
+}
+
+
+@pytest.mark.parametrize("case", [
+    *BAD_TOKENS,
+])
+async def test_bad_token_is_refused_with_4401(chat_node: RunningNode, case: str) -> None:
+    make_token, code = BAD_TOKENS[case]
+    async with raw_connect(chat_node.url) as raw:
+        await raw.send(hello(make_token(chat_node)))
+        frames = await raw.expect_close(4401, code)
+        assert len(frames) == 1  # no welcome
+    assert "bob" not in chat_node.node.registry.table
+
+
+async def test_no_hello_within_auth_timeout_closes_4408(make_node: MakeNode) -> None:
+    node = await make_node(auth_timeout=0.3)
+    async with raw_connect(node.url) as raw:
+        start = trio.current_time()
+        await raw.expect_close(4408, "auth_timeout")
+        assert trio.current_time() - start >= 0.25
+
+
+async def test_first_frame_must_be_hello(chat_node: RunningNode) -> None:
+    async with raw_connect(chat_node.url) as raw:
+        await raw.send({"t": "send", "id": "m1", "to": "bob", "body": "hi"},
+                       hello(chat_node.token("alice")))
+        await raw.expect_close(4400, "hello_required")
+
+
+async def test_unsupported_version_closes_4426(chat_node: RunningNode) -> None:
+    async with raw_connect(chat_node.url) as raw:
+        await raw.send(hello(chat_node.token("alice"), versions=(99,)))
+        await raw.expect_close(4426, "unsupported_version")
+
+
+# -- identity --------------------------------------------------------------------------------
+
+
+async def test_send_frame_with_a_from_field_is_refused(chat_node: RunningNode) -> None:
+    async with login(chat_node, "bob") as bob:
+        async with raw_login(chat_node, "mallory") as raw:
+            await raw.send({"t": "send", "id": "m1", "to": "bob", "body": "I am alice",
+                            "from": "alice"})
+            await raw.expect_close(4400, "unknown_field")
+        # Nothing reached bob: the first message he gets is carol's, with seq 1.
+        async with login(chat_node, "carol") as carol:
+            await carol.client.send("bob", "from carol", id="c1")
+        msg = await bob.next(Msg)
+        assert (msg.seq, msg.id, msg.sender) == (1, "c1", "carol")
+
+
+async def test_acks_only_touch_the_connected_users_queue(chat_node: RunningNode) -> None:
+    async with login(chat_node, "carol") as carol:
+        for msg_id in ("a1", "a2"):
+            await carol.client.send("alice", msg_id, id=msg_id)  # alice is offline
+        async with login(chat_node, "bob") as bob:
+            for msg_id in ("b1", "b2"):
+                await carol.client.send("bob", msg_id, id=msg_id)
+            assert [m.seq for m in await bob.msgs(2)] == [1, 2]
+            await bob.client.read(1000)  # clamped to bob's own seq 2
+            for status in ("delivered", "read"):
+                receipt = await carol.next(Receipt)
+                assert (receipt.status, receipt.by, receipt.ids) == (status, "bob",
+                                                                     ["b1", "b2"])
+
+        async with login(chat_node, "alice") as alice:
+            msgs = await alice.msgs(2)
+            assert [(m.seq, m.id) for m in msgs] == [(1, "a1"), (2, "a2")]
+            await alice.client.ack(2)
+            receipt = await carol.next(Receipt)
+            assert (receipt.status, receipt.by, receipt.ids) == ("delivered", "alice",
+                                                                 ["a1", "a2"])
+
+
+async def test_second_login_takes_over_the_session(chat_node: RunningNode) -> None:
+    async with (login(chat_node, "alice") as alice, login(chat_node, "bob") as first,
+                login(chat_node, "bob") as second):
+        events, closed = await first.drain()
+        assert [(e.code if isinstance(e, Error) else e) for e in events] == [
+            "session_replaced"]
+        assert closed.code == 4409
+
+        sent = await alice.client.send("bob", "to the new session")
+        msg = await second.next(Msg)
+        assert (msg.id, msg.sender) == (sent.id, "alice")
+
+
+# -- malformed input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("payload", "close_code", "error"), [
+    pytest.param(b"\xff\xfe", 4400, "bad_cbor", id="non_cbor"),
+    pytest.param("a text message", 1003, "text_frame", id="text"),
+    pytest.param(b"\x00" * 65537, 1009, None, id="oversized"),
+])
+async def test_malformed_message_closes_only_that_connection(
+        chat_node: RunningNode, payload: bytes | str, close_code: int,
+        error: str | None) -> None:
+    async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+        async with raw_login(chat_node, "mallory") as raw:
+            await raw.ws.send_message(payload)
+            await raw.expect_close(close_code, error)
+        await exchange(alice, bob)
+
+
+# -- flow control and failures ---------------------------------------------------------------
+
+
+def bob_told_to_exit(node: RunningNode) -> bool:
+    """Whether bob's session is gone from the registry or has been told to exit."""
+    address = node.node.registry.table.get("bob")
+    mailbox = node.node.actors.lookup(address) if address is not None else None
+    return mailbox is None or mailbox.exiting
+
+
+async def flood_until(node: RunningNode, alice: Peer, done: Callable[[], bool]) -> list[str]:
+    """Send big messages to bob until ``done()``; the ids sent."""
+    body = "x" * 16000
+    sent: list[str] = []
+    with trio.fail_after(30):
+        while not done():
+            sent.append((await alice.client.send("bob", body, id=f"m{len(sent)}")).id)
+    return sent
+
+
+async def test_slow_consumer_is_dropped_and_loses_nothing(make_node: MakeNode) -> None:
+    node = await make_node(mailbox_capacity=4)
+    async with login(node, "alice") as alice, raw_login(node, "bob") as raw:
+        # raw reads nothing from here on: the socket buffers fill, then its mailbox.
+        sent = await flood_until(node, alice, lambda: "bob" not in node.node.registry.table)
+        frames, _ = await raw.read_to_close()
+        received = [f["id"] for f in frames if f["t"] == "msg"]
+        assert received == sent[:len(received)] and len(received) < len(sent)
+
+    async with login(node, "bob") as bob:
+        msgs = await bob.msgs(len(sent))
+        assert [m.id for m in msgs] == sent
+        assert [m.seq for m in msgs] == list(range(1, len(sent) + 1))
+
+
+async def test_slow_consumer_sees_slow_consumer_error_and_4420(make_node: MakeNode) -> None:
+    node = await make_node(mailbox_capacity=4)
+    async with login(node, "alice") as alice, raw_login(node, "bob") as raw:
+        # bob starts reading again within the grace a write under way is given, so the
+        # message cut short by the exit signal is finished before the error and close.
+        await flood_until(node, alice, lambda: bob_told_to_exit(node))
+        frames, close_code = await raw.read_to_close()
+        assert frames and frames[-1].get("code") == "slow_consumer"
+        assert close_code == 4420
+
+
+async def test_crashing_session_is_closed_1011_and_others_carry_on(
+        chat_node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    router = chat_node.node.router
+    submit = router.submit
+
+    async def crashing_submit(sender: str, frame: Any) -> Any:
+        if frame.body == "crash":
+            raise RuntimeError("injected crash")
+        return await submit(sender, frame)
+
+    monkeypatch.setattr(router, "submit", crashing_submit)
+    async with login(chat_node, "bob") as bob, login(chat_node, "carol") as carol:
+        async with login(chat_node, "alice") as alice:
+            await alice.client.submit([("boom", "bob", "crash")])
+            events, closed = await alice.drain()
+            assert (events, closed.code) == ([], 1011)
+
+        await exchange(bob, carol)
+
+        async with login(chat_node, "alice") as alice:
+            sent = await alice.client.send("bob", "back again")
+            msg = await bob.next(Msg)
+            assert (msg.id, msg.sender) == (sent.id, "alice")
+
+
+# -- presence --------------------------------------------------------------------------------
+
+
+async def test_last_seen_never_seen_online_then_offline(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        never = await alice.client.last_seen("bob")
+        assert (never.online, never.last_seen) == (False, None)
+
+        before = int(time.time() * 1000)
+        async with login(chat_node, "bob"):
+            online = await alice.client.last_seen("bob")
+            assert online.online is True
+        after = int(time.time() * 1000)
+
+        with trio.fail_after(TIMEOUT):
+            while (gone := await alice.client.last_seen("bob")).online:
+                await trio.sleep(0.01)
+        assert gone.last_seen is not None and before <= gone.last_seen <= after + 1000
+
+
+async def test_subscription_gets_current_state_then_changes(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        await alice.client.subscribe(["bob"])
+        now = await alice.next(Presence)
+        assert (now.user, now.online, now.last_seen) == ("bob", False, None)
+
+        async with login(chat_node, "bob"):
+            up = await alice.next(Presence)
+            assert (up.user, up.online) == ("bob", True)
+        down = await alice.next(Presence)
+        assert (down.user, down.online) == ("bob", False) and down.last_seen is not None
+
+
+async def test_silent_user_goes_offline_after_threshold(make_node: MakeNode) -> None:
+    node = await make_node(online_threshold=0.4)
+    async with login(node, "alice") as alice, login(node, "bob") as bob:
+        await alice.client.subscribe(["bob"])
+        assert (await alice.next(Presence)).online is True
+        start = trio.current_time()
+        offline = await alice.next(Presence)  # bob says nothing
+        assert (offline.user, offline.online) == ("bob", False)
+        assert offline.last_seen is not None
+        assert trio.current_time() - start >= 0.2
+        assert bob.client.closed is None and "bob" in node.node.registry.table
+
+        await bob.client.last_seen("alice")  # activity brings bob back online
+        back = await alice.next(Presence)
+        assert (back.user, back.online) == ("bob", True)
+
+
+async def test_too_many_subscriptions_is_refused_but_not_fatal(make_node: MakeNode) -> None:
+    node = await make_node(max_subscriptions=2)
+    async with login(node, "alice") as alice:
+        await alice.client.subscribe(["u1", "u2"])
+        assert {(await alice.next(Presence)).user for _ in range(2)} == {"u1", "u2"}
+        await alice.client.subscribe(["u3"])
+        error = await alice.next(Error)
+        assert error.code == "too_many_subscriptions"
+        presence = await alice.client.last_seen("u3")  # still connected
+        assert presence.user == "u3" and alice.client.closed is None
+
+
+# -- keepalive and shutdown ------------------------------------------------------------------
+
+
+async def test_client_answering_pings_outlives_idle_timeout(make_node: MakeNode) -> None:
+    node = await make_node(ping_interval=0.1, idle_timeout=0.4)
+    async with raw_login(node, "bob") as raw, trio.open_nursery() as nursery:
+        frames: list[Frame] = []
+
+        async def reader() -> None:  # a close here fails the test
+            while True:
+                frames.append(await raw.frame(timeout=60))
+
+        nursery.start_soon(reader)
+        await trio.sleep(1.2)  # three idle timeouts; trio-websocket answers the pings
+        assert "bob" in node.node.registry.table
+        await raw.send({"t": "lastseen", "user": "bob"})
+        await until(lambda: len(frames) == 1)
+        assert frames[0]["t"] == "presence" and frames[0]["online"] is True
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_not_answering_pings_is_closed_4410(make_node: MakeNode) -> None:
+    node = await make_node(ping_interval=0.1, idle_timeout=0.4)
+    async with raw_connect(node.url) as raw:
+        # Two replies fill trio-websocket's one-message queue; its reader then stops,
+        # and with it the automatic pong.
+        await raw.send(hello(node.token("bob")), {"t": "lastseen", "user": "bob"})
+        await until(lambda: "bob" in node.node.registry.table)
+        await until(lambda: "bob" not in node.node.registry.table)
+        frames = await raw.expect_close(4410, "idle_timeout")
+        assert [f["t"] for f in frames] == ["welcome", "presence", "error"]
+
+
+async def test_graceful_shutdown_closes_clients_1001(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+        chat_node.node.request_shutdown()
+        for peer in (alice, bob):
+            events, closed = await peer.drain()
+            assert [(e.code if isinstance(e, Error) else e) for e in events] == [
+                "shutting_down"]
+            assert closed.code == 1001
+    await until(lambda: chat_node.node.listener.live_sessions == 0)  # type: ignore[union-attr]
+    with pytest.raises(HandshakeError):  # the listening socket is closed
+        async with raw_connect(chat_node.url):
+            pass
+
+
+async def test_graceful_shutdown_also_closes_connections_still_authenticating(
+        make_node: MakeNode) -> None:
+    node = await make_node(shutdown_timeout=1.0)
+    async with login(node, "alice") as alice, raw_connect(node.url) as raw:
+        node.node.request_shutdown()
+        _, closed = await alice.drain()  # the drain has begun
+        assert closed.code == 1001
+        # Never authenticated, it is still told why and closed at once, not left to time out.
+        await raw.expect_close(1001, "shutting_down")
