@@ -101,6 +101,8 @@ class Client:
         self._conn = conn
         self.welcome = welcome
         self.user = welcome.user
+        #: The highest sequence number the application acknowledged; pass it as
+        #: ``resume`` when reconnecting.
         self.last_seq = 0
         self.closed: Closed | None = None
         self._last_error: Error | None = None
@@ -147,10 +149,15 @@ class Client:
     async def ack(self, upto: int) -> None:
         """Acknowledge everything up to sequence ``upto`` as delivered."""
         await self._write([Ack("delivered", upto)])
+        self.last_seq = max(self.last_seq, upto)
 
     async def read(self, upto: int, peer: str | None = None) -> None:
-        """Mark messages up to ``upto`` read (only ``peer``'s when given)."""
+        """Mark messages up to ``upto`` read (only ``peer``'s when given).
+
+        A read acknowledgement also acknowledges delivery of everything up to ``upto``.
+        """
         await self._write([Ack("read", upto, peer)])
+        self.last_seq = max(self.last_seq, upto)
 
     async def last_seen(self, user: str) -> Presence:
         """Ask for ``user``'s presence and last-seen time."""
@@ -213,8 +220,7 @@ class Client:
 
     async def _dispatch(self, frame: Frame) -> None:
         match frame:
-            case Msg(seq=seq, id=msg_id, sender=sender):
-                self.last_seq = max(self.last_seq, seq)
+            case Msg(id=msg_id, sender=sender):
                 key = (sender, msg_id)
                 if key in self._seen:
                     return
@@ -222,8 +228,7 @@ class Client:
                 if len(self._seen) > _SEEN_MAX:
                     self._seen.popitem(last=False)
                 await self._events_in.send(frame)
-            case Receipt(seq=seq):
-                self.last_seq = max(self.last_seq, seq)
+            case Receipt():
                 await self._events_in.send(frame)
             case Sent(id=msg_id) if msg_id in self._sends:
                 self._sends[msg_id].resolve(frame)

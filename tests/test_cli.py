@@ -1,0 +1,227 @@
+"""The command line against real ``chatd serve`` processes.
+
+These tests run the daemon and the client commands as subprocesses, exactly as a user
+would from two terminals, and check their output and exit statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+CHATD = [sys.executable, "-m", "chatd"]
+DEADLINE = 20
+
+
+class Daemon:
+    """A running ``chatd serve`` process and the log records it has written."""
+
+    def __init__(self, process: trio.Process, data_dir: Path) -> None:
+        self.process = process
+        self.data_dir = data_dir
+        self.records: list[dict[str, Any]] = []
+        self.url = ""
+        self._listening = trio.Event()
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                record = json.loads(line)
+                self.records.append(record)
+                if record.get("event") == "listening":
+                    self.url = record["url"]
+                    self._listening.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == name]
+
+    def token(self, user: str) -> str:
+        result = run_sync(["token", user, "--data-dir", str(self.data_dir)])
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+
+def run_sync(args: list[str], **kwargs: Any) -> Any:
+    import subprocess
+
+    return subprocess.run([*CHATD, *args], capture_output=True, text=True, timeout=DEADLINE,
+                          **kwargs)
+
+
+@asynccontextmanager
+async def daemon(tmp_path: Path, *args: str, cwd: Path | None = None) -> AsyncIterator[Daemon]:
+    """Start ``chatd serve`` on a free port; SIGTERM it on exit and expect status 0."""
+    data_dir = tmp_path / "data"
+    argv = [*CHATD, "serve", "--port", "0", *args]
+    if cwd is None:
+        argv += ["--data-dir", str(data_dir)]
+    else:
+        data_dir = cwd / "chatd-data"
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(argv, stderr=-1, cwd=cwd)
+        server = Daemon(process, data_dir)
+        nursery.start_soon(server.read_logs)
+        try:
+            with trio.fail_after(DEADLINE):
+                await server._listening.wait()
+            yield server
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            with trio.fail_after(DEADLINE):
+                status = await process.wait()
+        assert status == 0
+
+
+async def run(args: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run a client command to completion; (status, stdout, stderr)."""
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process([*CHATD, *args], stdin=stdin, capture_stdout=True,
+                                        capture_stderr=True, check=False)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_send_and_listen_show_sent_delivered_read(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        alice, bob = server.token("alice"), server.token("bob")
+        listen: list[tuple[int, str, str]] = []
+
+        async def listen_as_bob() -> None:
+            listen.append(await run(["listen", "--url", server.url, "--token", bob, "--read",
+                                     "--count", "1"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen_as_bob)
+            status, out, err = await run(["send", "--url", server.url, "--token", alice,
+                                          "--to", "bob", "--wait", "read", "hello"])
+        assert status == 0, err
+        receipts = json_lines(out)
+        assert [r["type"] for r in receipts] == ["sent", "delivered", "read"]
+        assert len({r["id"] for r in receipts}) == 1
+        (listen_status, listen_out, listen_err), = listen
+        assert listen_status == 0, listen_err
+        (message,) = json_lines(listen_out)
+        assert message["type"] == "msg" and message["from"] == "alice"
+        assert message["body"] == "hello" and message["id"] == receipts[0]["id"]
+        assert set(message) == {"type", "id", "from", "body", "seq", "ts"}
+
+
+async def test_offline_user_gets_piped_lines_once_in_order(tmp_path: Path) -> None:
+    lines = [f"line {i}" for i in range(50)]
+    async with daemon(tmp_path) as server:
+        alice, carol = server.token("alice"), server.token("carol")
+        status, out, err = await run(["send", "--url", server.url, "--token", alice,
+                                      "--to", "carol", "-"],
+                                     stdin="\n".join(lines).encode() + b"\n")
+        assert status == 0, err
+        assert [r["type"] for r in json_lines(out)] == ["sent"] * len(lines)
+        status, out, err = await run(["listen", "--url", server.url, "--token", carol,
+                                      "--count", str(len(lines))])
+        assert status == 0, err
+        assert [m["body"] for m in json_lines(out)] == lines
+        # Acknowledged: a second listen finds nothing and times out.
+        status, out, err = await run(["listen", "--url", server.url, "--token", carol,
+                                      "--count", "1", "--timeout", "1"])
+        assert (status, out) == (1, "")
+        assert err.startswith("chatd: error: timed out")
+
+
+async def test_lastseen_prints_presence(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        alice = server.token("alice")
+        status, out, err = await run(["lastseen", "--url", server.url, "--token", alice,
+                                      "dave"])
+        assert status == 0, err
+        assert json.loads(out) == {"user": "dave", "online": False, "last_seen": None}
+        status, out, err = await run(["lastseen", "--url", server.url, "--token", alice,
+                                      "alice"])
+        assert status == 0, err
+        assert json.loads(out)["online"] is True
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--token", "not-a-token"], "chatd: error: refused: auth_failed"),
+    (["--url", "ws://127.0.0.1:9", "--token", "x"], "chatd: error: cannot connect"),
+])
+async def test_client_failures_exit_1_with_one_line(tmp_path: Path, args: list[str],
+                                                    expected: str) -> None:
+    async with daemon(tmp_path) as server:
+        argv = ["send", "--url", server.url, "--to", "bob", *args, "hi"]
+        status, out, err = await run(argv)
+    assert status == 1 and out == ""
+    assert err.startswith(expected) and err.count("\n") == 1
+
+
+async def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    env_without_token = {k: v for k, v in os.environ.items() if k != "CHATD_TOKEN"}
+    result = run_sync(["send", "--to", "bob", "hi"], env=env_without_token)
+    assert result.returncode == 2 and "token" in result.stderr
+    config = tmp_path / "bad.toml"
+    config.write_text("prot = 1\n")
+    result = run_sync(["serve", "--config", str(config)])
+    assert result.returncode == 2
+    assert result.stderr == "chatd: error: unknown setting 'prot'\n"
+    result = run_sync(["token", "two words"])
+    assert result.returncode == 2
+
+
+async def test_serve_runs_on_embedded_defaults(tmp_path: Path) -> None:
+    async with daemon(tmp_path, cwd=tmp_path) as server:
+        assert server.url.startswith("ws://127.0.0.1:")
+        secret = tmp_path / "chatd-data" / "secret"
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        (record,) = server.events("listening")
+        assert {"ts", "level", "event", "node", "component"} <= set(record)
+
+
+async def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        port = server.url.rsplit(":", 1)[1]
+        result = run_sync(["serve", "--port", port, "--data-dir", str(tmp_path / "other")])
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("chatd: error: cannot serve on")
+
+
+async def test_sigterm_closes_sessions_with_1001_and_exits_0(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        bob = server.token("bob")
+        async with trio.open_nursery() as nursery:
+            results: list[tuple[int, str, str]] = []
+
+            async def listen() -> None:
+                results.append(await run(["listen", "--url", server.url, "--token", bob]))
+
+            nursery.start_soon(listen)
+            alice = server.token("alice")
+            with trio.fail_after(DEADLINE):
+                # Wait until bob's session exists: lastseen says he is online.
+                while True:
+                    _, out, _ = await run(["lastseen", "--url", server.url, "--token", alice,
+                                           "bob"])
+                    if json.loads(out)["online"]:
+                        break
+            server.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(DEADLINE):
+                assert await server.process.wait() == 0
+        (status, _, err), = results
+        assert status == 1
+        assert "shutting_down" in err
+        assert server.events("shutting_down") and server.events("stopped")
