@@ -166,8 +166,7 @@ class Session:
             with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
                 cleanup.shield = True
                 await ctx.registry.unregister(user, address)
-                if self._watching:
-                    await ctx.presence.watch(address, tuple(self._watching), add=False)
+                # Presence also drops this session's subscriptions when it learns it ended.
                 await ctx.presence.session_down(user, address)
         reason = mailbox.exit_reason
         if isinstance(reason, ErrorCode):

@@ -41,18 +41,36 @@ def negotiate(offered: Sequence[int], supported: Sequence[int] = PROTOCOL_VERSIO
     return max(common)
 
 
-class ServerConnection:
+class _Endpoint:
+    """What both sides share: a codec, a state, and encoding outbound frames."""
+
+    __slots__ = ("codec", "state")
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.state = ConnectionState.OPENING
+
+    def send(self, frames: Iterable[Frame]) -> bytes:
+        """Encode frames for the peer into one message."""
+        return self.codec.encode(frames)
+
+    def _decode(self, data: bytes | bytearray | str) -> list[Frame]:
+        if self.state is ConnectionState.CLOSED:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "the connection is closed")
+        return self.codec.decode(data)
+
+
+class ServerConnection(_Endpoint):
     """The server's side of one connection.
 
     Args:
         limits: The decoding limits to enforce.
     """
 
-    __slots__ = ("codec", "state", "version")
+    __slots__ = ("version",)
 
     def __init__(self, limits: Limits | None = None) -> None:
-        self.codec: Codec = server_codec(limits)
-        self.state = ConnectionState.OPENING
+        super().__init__(server_codec(limits))
         self.version = 0
 
     def receive(self, data: bytes | bytearray | str) -> list[Frame]:
@@ -65,10 +83,8 @@ class ServerConnection:
         Raises:
             ProtocolError: On any violation; the connection is then CLOSED.
         """
-        if self.state is ConnectionState.CLOSED:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "the connection is closed")
         try:
-            frames = self.codec.decode(data)
+            frames = self._decode(data)
             for index, frame in enumerate(frames):
                 if isinstance(frame, Hello):
                     if self.state is not ConnectionState.OPENING or index:
@@ -83,23 +99,18 @@ class ServerConnection:
             raise
         return frames
 
-    def send(self, frames: Iterable[Frame]) -> bytes:
-        """Encode frames for the client into one message."""
-        return self.codec.encode(frames)
 
-
-class ClientConnection:
+class ClientConnection(_Endpoint):
     """The client's side of one connection.
 
     Args:
         limits: The decoding limits to enforce on server messages.
     """
 
-    __slots__ = ("codec", "state", "welcome")
+    __slots__ = ("welcome",)
 
     def __init__(self, limits: Limits | None = None) -> None:
-        self.codec: Codec = client_codec(limits)
-        self.state = ConnectionState.OPENING
+        super().__init__(client_codec(limits))
         self.welcome: Welcome | None = None
 
     def hello(self, token: str, resume: int = 0) -> bytes:
@@ -113,10 +124,8 @@ class ClientConnection:
             ProtocolError: The server's message is malformed, or the server refused the
                 hello (the error frame's code is raised); the connection is then CLOSED.
         """
-        if self.state is ConnectionState.CLOSED:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "the connection is closed")
         try:
-            frames = self.codec.decode(data)
+            frames = self._decode(data)
             if self.state is ConnectionState.OPENING:
                 first = frames[0]
                 if isinstance(first, Welcome):
@@ -131,10 +140,6 @@ class ClientConnection:
             self.state = ConnectionState.CLOSED
             raise
         return frames
-
-    def send(self, frames: Iterable[Frame]) -> bytes:
-        """Encode frames for the server into one message."""
-        return self.codec.encode(frames)
 
 
 def _known_code(code: str) -> ErrorCode:
