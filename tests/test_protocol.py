@@ -331,7 +331,7 @@ RECEIVERS: list[Callable[[], Callable[[Any], list[Frame]]]] = [
 """Every way a message is received: both sides, default and small limits, fresh state."""
 
 
-def every_receiver_gives_frames_or_protocol_error(data: bytes) -> None:
+def check_every_receiver(data: bytes) -> None:
     """Feed ``data`` to each receiver in :data:`RECEIVERS`."""
     for make_receiver in RECEIVERS:
         frames_or_protocol_error(make_receiver(), data)
@@ -340,13 +340,13 @@ def every_receiver_gives_frames_or_protocol_error(data: bytes) -> None:
 @FUZZ
 @given(data=st.binary(max_size=512) | mutated_messages)
 def test_any_bytes_give_frames_or_protocol_error(data: bytes) -> None:
-    every_receiver_gives_frames_or_protocol_error(data)
+    check_every_receiver(data)
 
 
 @FUZZ
 @given(items=st.lists(cbor_values | frame_like, min_size=1, max_size=3))
 def test_any_cbor_values_give_frames_or_protocol_error(items: list[Any]) -> None:
-    every_receiver_gives_frames_or_protocol_error(enc(*items))
+    check_every_receiver(enc(*items))
 
 
 # -- 3. hostile messages ----------------------------------------------------------------
