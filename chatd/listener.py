@@ -48,6 +48,11 @@ class Listener:
         """How many connections are being served now."""
         return len(self._sessions)
 
+    @property
+    def sessions(self) -> frozenset[Session]:
+        """The sessions being served now."""
+        return frozenset(self._sessions)
+
     async def run(self, *, task_status: trio.TaskStatus[Listener] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Listen, start a session per connection, and serve until cancelled."""

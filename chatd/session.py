@@ -2,11 +2,11 @@
 
 A session runs in two tasks. The *reader* owns the inbound side: it authenticates the
 ``hello``, then decodes each client message and acts on its frames (send, ack, presence
-queries), answering in one outbound message per inbound one. The *writer* owns the
-session's mailbox: it streams the user's backlog from the store on connect, then sends
-whatever other actors deliver (messages, receipts, presence), coalescing everything that is
-ready into as few WebSocket messages as the limits allow, and keeps the connection alive
-with pings when the client is quiet.
+queries). The *writer* owns the outbound side and is the only task that writes to the
+socket: it streams the user's backlog from the store on connect, then sends whatever
+arrives in the session's mailbox (messages, receipts, presence, and the reader's own
+replies), coalescing everything that is ready into as few WebSocket messages as the
+limits allow, and keeps the connection alive with pings when the client is quiet.
 
 The session sends items to the client strictly in sequence order. A delivered entry that is
 not the next one expected (the session was busy catching up, or connected in between) is
@@ -14,8 +14,10 @@ not sent out of order: the writer reads the missing range from the store instead
 store stays the single source of truth and nothing is skipped.
 
 Other actors stop a session with an exit signal on its mailbox (``session_replaced``,
-``slow_consumer``, ``shutting_down``); the session then tells the client why in an
-``error`` frame and closes with the matching close code.
+``slow_consumer``, ``shutting_down``). The reader stops at once; the writer stops at once
+unless it is in the middle of writing a message, which it is given ``CLOSE_TIMEOUT`` to
+finish so that what follows starts on a message boundary. The session then tells the
+client why in an ``error`` frame and closes with the matching close code.
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_auth_scope", "_conn", "_ctx", "_fatal", "_log", "_mailbox", "_reported",
-                 "_scope", "_sent_seq", "_stop_reason", "_torn", "_user", "_watching",
-                 "_writes", "_ws", "last_heard")
+    __slots__ = ("_auth_scope", "_conn", "_ctx", "_ending", "_fatal", "_log", "_mailbox",
+                 "_open_scope", "_reader_scope", "_reported", "_sent_seq", "_stop_reason",
+                 "_torn", "_user", "_watching", "_writer_scope", "_writing", "_ws",
+                 "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocketConnection) -> None:
         self._ctx = ctx
@@ -103,17 +106,30 @@ class Session:
         self._log = EventLog(logger, ctx.actors.node, "session")
         self._user = ""
         self._mailbox: Mailbox[Deliver | Push] | None = None
-        self._scope: trio.CancelScope | None = None
         self._auth_scope = trio.CancelScope(
             deadline=trio.current_time() + ctx.config.auth_timeout)
+        self._open_scope = trio.CancelScope()
+        self._reader_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
         self._stop_reason: ErrorCode | None = None
-        self._writes: set[trio.CancelScope] = set()
+        self._writing = False
+        self._ending = False
         self._torn = False
         self._fatal: ProtocolError | None = None
         self._sent_seq = 0
         self._watching: set[str] = set()
         self._reported = 0.0
         self.last_heard = trio.current_time()
+
+    @property
+    def user(self) -> str:
+        """The authenticated user, or "" before the hello is accepted."""
+        return self._user
+
+    @property
+    def writing(self) -> bool:
+        """Whether the writer is in the middle of writing a message."""
+        return self._writing
 
     def stop(self, reason: ErrorCode) -> None:
         """Ask the session to close with ``reason``, whether or not it has authenticated."""
@@ -122,6 +138,21 @@ class Session:
         elif self._stop_reason is None:
             self._stop_reason = reason
             self._auth_scope.cancel()
+
+    def _on_exit(self) -> None:
+        """An exit signal arrived: stop reading and opening now, and stop the writer."""
+        self._open_scope.cancel()
+        self._reader_scope.cancel()
+        self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        """Stop the writer now, or, if it is writing, once that message is out."""
+        self._ending = True
+        if self._writing:
+            self._writer_scope.deadline = min(self._writer_scope.deadline,
+                                              trio.current_time() + CLOSE_TIMEOUT)
+        else:
+            self._writer_scope.cancel()
 
     async def run(self) -> None:
         """Serve the connection until either side ends it."""
@@ -137,10 +168,9 @@ class Session:
         mailbox = self._mailbox = ctx.actors.open(f"session:{user}",
                                                   ctx.config.mailbox_capacity)
         address = mailbox.address
+        mailbox.bind(None, self._on_exit)
         try:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                mailbox.bind(scope, self._bound_writes)
+            with self._open_scope:
                 await ctx.registry.register(user, address)
                 await ctx.presence.session_up(user, address)
                 if hello.resume:
@@ -150,17 +180,16 @@ class Session:
                 # connection: acknowledgements up to there are legitimate on this one.
                 first = await ctx.store.pending(user, 0, 1)
                 self._sent_seq = first[0].seq - 1 if first else ctx.store.last_seq(user)
-                await self._send([Welcome(self._conn.version, user,
-                                          f"{address.node}.{address.serial}", now_ms(),
-                                          ctx.config.limits.max_frame_bytes,
-                                          ctx.config.limits.max_string_bytes)])
+            if not self._open_scope.cancel_called:
+                welcome = Welcome(self._conn.version, user, f"{address.node}.{address.serial}",
+                                  now_ms(), ctx.config.limits.max_frame_bytes,
+                                  ctx.config.limits.max_string_bytes)
                 self._log.debug("session_opened", user=user, session=str(address))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader(rest)
-                    nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass
+                    nursery.start_soon(self._writer, welcome)
+                    with self._reader_scope:
+                        await self._reader(rest)
+                    self._stop_writer()
         finally:
             ctx.actors.release(mailbox)
             with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
@@ -239,7 +268,14 @@ class Session:
             except ProtocolError as err:
                 replies.append(Error(err.code.value, err.message, err.ref))
         if replies:
-            await self._send(replies)
+            self._reply(tuple(replies))
+
+    def _reply(self, frames: tuple[Frame, ...]) -> None:
+        """Queue answers for the writer, like any other frames for this client."""
+        assert self._mailbox is not None
+        if not self._mailbox.deliver_nowait(Push(frames)) and not self._mailbox.exiting:
+            self._log.warning("slow_consumer", user=self._user)
+            self._mailbox.exit(ErrorCode.SLOW_CONSUMER)
 
     async def _subscribe(self, users: Sequence[str]) -> None:
         new = tuple(set(users) - self._watching)
@@ -254,39 +290,46 @@ class Session:
 
     # -- outbound ----------------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        assert self._mailbox is not None and self._scope is not None
+    async def _writer(self, welcome: Welcome) -> None:
+        """Send the welcome and the backlog, then whatever the mailbox brings."""
+        assert self._mailbox is not None
         mailbox = self._mailbox
-        config = self._ctx.config
-        try:
-            await self._catch_up([])
-            while True:
-                with trio.move_on_at(self.last_heard + config.ping_interval) as quiet:
-                    message = await mailbox.receive()
-                if quiet.cancelled_caught:
-                    await self._keepalive()
-                    continue
-                frames: list[Frame] = []
-                gap = self._take(message, frames) | self._drain(frames)
-                if gap:
-                    await self._catch_up(frames)
-                elif frames:
-                    await self._send(frames)
-        except ConnectionClosed:
-            self._scope.cancel()
+        ping_interval = self._ctx.config.ping_interval
+        with self._writer_scope:
+            try:
+                await self._catch_up([welcome])
+                while True:
+                    with trio.move_on_at(self.last_heard + ping_interval) as quiet:
+                        message = await mailbox.receive()
+                    if quiet.cancelled_caught:
+                        if trio.current_time() < self.last_heard + ping_interval:
+                            continue  # the client spoke while we waited
+                        if not await self._keepalive():
+                            break
+                        continue
+                    frames: list[Frame] = []
+                    gap = self._take(message, frames) | self._drain(frames)
+                    if gap:
+                        await self._catch_up(frames)
+                    elif frames:
+                        await self._send(frames)
+            except ConnectionClosed:
+                pass
+        # The writer is done (connection lost, idle, or told to stop): so is the session.
+        self._reader_scope.cancel()
 
-    async def _keepalive(self) -> None:
-        """Ping a quiet client; close the session if it shows no life in time."""
-        assert self._scope is not None
-        deadline = self.last_heard + self._ctx.config.idle_timeout
-        with trio.move_on_at(deadline):
+    async def _keepalive(self) -> bool:
+        """Ping a quiet client; False if it showed no sign of life in time."""
+        idle_timeout = self._ctx.config.idle_timeout
+        with trio.move_on_at(self.last_heard + idle_timeout):
             await self._ws.ping()
             self.last_heard = trio.current_time()
-            return
-        self._fatal = ProtocolError(
-            ErrorCode.IDLE_TIMEOUT,
-            f"no sign of life for {self._ctx.config.idle_timeout} s")
-        self._scope.cancel()
+            return True
+        if trio.current_time() < self.last_heard + idle_timeout:
+            return True  # no pong yet, but the client sent data meanwhile
+        self._fatal = ProtocolError(ErrorCode.IDLE_TIMEOUT,
+                                    f"no sign of life for {idle_timeout} s")
+        return False
 
     def _take(self, message: Deliver | Push, frames: list[Frame]) -> bool:
         """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
@@ -337,7 +380,7 @@ class Session:
             data = cbor2.dumps(to_wire(frame))
             if batch and (size + len(data) > limits.max_frame_bytes
                           or len(batch) == limits.max_frames):
-                await self._ws.send_message(b"".join(batch))
+                await self._write(b"".join(batch))
                 batch, size = [], 0
             batch.append(data)
             size += len(data)
@@ -345,32 +388,23 @@ class Session:
             await self._write(b"".join(batch))
 
     async def _write(self, data: bytes) -> None:
-        """Write one WebSocket message so that it is never cut in half.
+        """Write one WebSocket message; only the writer task calls this.
 
-        An exit signal cancels the session, but a message already being written is given
-        up to CLOSE_TIMEOUT to finish, so the close frame that follows lands on a frame
-        boundary. A write that still cannot finish leaves the stream torn: the session
-        then closes without writing anything more.
+        While the message is being written, an exit signal does not cancel the writer: it
+        gets CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), then stops. A write that is
+        cancelled part-way leaves the stream *torn*, and no error frame follows it.
         """
-        scope = trio.CancelScope(shield=True)
-        if self._scope is not None and self._scope.cancel_called:
-            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-        self._writes.add(scope)
+        self._writing = True
         try:
-            with scope:
-                await self._ws.send_message(data)
-        finally:
-            self._writes.discard(scope)
-        if scope.cancelled_caught:
+            await self._ws.send_message(data)
+        except trio.Cancelled:
             self._torn = True
-            raise ConnectionClosed(None)
-        await trio.lowlevel.checkpoint_if_cancelled()
-
-    def _bound_writes(self) -> None:
-        """On an exit signal, give writes under way CLOSE_TIMEOUT to finish."""
-        deadline = trio.current_time() + CLOSE_TIMEOUT
-        for scope in self._writes:
-            scope.deadline = min(scope.deadline, deadline)
+            raise
+        finally:
+            self._writing = False
+        if self._ending:
+            self._writer_scope.cancel()
+            await trio.lowlevel.checkpoint()
 
     async def _close(self, err: ProtocolError) -> None:
         """Tell the client why, then close with the error's close code."""
@@ -384,6 +418,8 @@ class Session:
                 if not self._torn:
                     await self._ws.send_message(self._conn.send([Error(err.code.value,
                                                                        err.message)]))
+                # After a torn write the close frame lands inside the cut message: the
+                # client sees a broken frame, which is the truth about this connection.
                 await self._ws.aclose(int(close_code), err.code.value)
             except ConnectionClosed:
                 pass

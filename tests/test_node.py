@@ -21,11 +21,13 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import cbor2
 import pytest
 import trio
+from conftest import RunningNode
 from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
@@ -33,18 +35,17 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from chatd.auth import mint_token
+from chatd.auth import load_or_create_secret, mint_token
 from chatd.client import Client, Closed, Event, connect
+from chatd.config import load_config
+from chatd.node import Node
 from chatd.protocol import Error, Msg, Presence, Receipt
-
-if TYPE_CHECKING:
-    from conftest import RunningNode
 
 TIMEOUT = 5.0
 """Deadline (seconds) for any single wait on the server."""
 
 E = TypeVar("E")
-MakeNode = Callable[..., Awaitable["RunningNode"]]
+MakeNode = Callable[..., Awaitable[RunningNode]]
 Frame = dict[str, Any]
 
 
@@ -125,9 +126,14 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_connect(url: str) -> AsyncIterator[RawClient]:
-    """A bare WebSocket connection to ``url`` (no hello sent)."""
-    async with open_websocket_url(url, connect_timeout=TIMEOUT, disconnect_timeout=2) as ws:
+async def raw_connect(url: str, queue: int = 1) -> AsyncIterator[RawClient]:
+    """A bare WebSocket connection to ``url`` (no hello sent).
+
+    ``queue`` is how many server messages trio-websocket buffers before its reader stops
+    reading the socket (and so stops answering pings).
+    """
+    async with open_websocket_url(url, connect_timeout=TIMEOUT, disconnect_timeout=2,
+                                  message_queue_size=queue) as ws:
         yield RawClient(ws)
 
 
@@ -686,9 +692,9 @@ async def test_client_answering_pings_outlives_idle_timeout(make_node: MakeNode)
 
 async def test_client_not_answering_pings_is_closed_4410(make_node: MakeNode) -> None:
     node = await make_node(ping_interval=0.1, idle_timeout=0.4)
-    async with raw_connect(node.url) as raw:
-        # Two replies fill trio-websocket's one-message queue; its reader then stops,
-        # and with it the automatic pong.
+    async with raw_connect(node.url, queue=0) as raw:
+        # With no queue, the unread welcome stops trio-websocket's reader, and with it
+        # the automatic pong.
         await raw.send(hello(node.token("bob")), {"t": "lastseen", "user": "bob"})
         await until(lambda: "bob" in node.node.registry.table)
         await until(lambda: "bob" not in node.node.registry.table)
@@ -719,3 +725,26 @@ async def test_graceful_shutdown_also_closes_connections_still_authenticating(
         assert closed.code == 1001
         # Never authenticated, it is still told why and closed at once, not left to time out.
         await raw.expect_close(1001, "shutting_down")
+
+
+async def test_node_stops_promptly_while_a_write_is_blocked(tmp_path: Path) -> None:
+    """Cancelling the tree (no exit signal) must not wait on a client that never reads."""
+    config = load_config(data_dir=tmp_path / "data", port=0, mailbox_capacity=100_000)
+    node = Node(config)
+    running = RunningNode(node, b"")
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            running.secret = load_or_create_secret(config.secret_path)
+            async with raw_connect(node.url, queue=0) as raw, login(running, "alice") as alice:
+                await raw.send(hello(running.token("bob")))
+                await until(lambda: "bob" in node.registry.table)
+
+                def bob_blocked_in_a_write() -> bool:
+                    assert node.listener is not None
+                    return any(s.user == "bob" and s.writing for s in node.listener.sessions)
+
+                body = "x" * 16000
+                while not bob_blocked_in_a_write():
+                    await alice.client.send("bob", body)
+                nursery.cancel_scope.cancel()

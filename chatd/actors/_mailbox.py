@@ -95,13 +95,14 @@ class Mailbox(Generic[T]):
         """
         return self._recv.receive_nowait()
 
-    def bind(self, scope: trio.CancelScope, on_exit: Callable[[], None] | None = None) -> None:
-        """Attach the cancel scope that :meth:`exit` cancels (the actor's own scope).
+    def bind(self, scope: trio.CancelScope | None,
+             on_exit: Callable[[], None] | None = None) -> None:
+        """Attach what :meth:`exit` stops: the actor's scope, or its own exit handler.
 
         Args:
-            scope: Cancelled on exit.
-            on_exit: Also called on exit, after the cancel (for the actor's own clean-up
-                bookkeeping, such as bounding writes already under way).
+            scope: Cancelled on exit (None if the actor stops itself in ``on_exit``).
+            on_exit: Called on exit, after the cancel, for actors that stop their tasks
+                one by one (a session lets a write under way finish).
         """
         self._scope = scope
         self._on_exit = on_exit
