@@ -24,7 +24,7 @@ from chatd.actors import RestartIntensityExceeded
 from chatd.auth import load_or_create_secret, mint_token, read_secret
 from chatd.client import ChatError, Client, close_info, connect, new_id
 from chatd.config import Config, ConfigError, load_config
-from chatd.logs import configure
+from chatd.logs import configure, root_cause
 from chatd.node import Node
 from chatd.protocol import Error, Msg, Receipt, Sent
 
@@ -52,44 +52,43 @@ def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     configure(config.log_level)
     try:
-        trio.run(_run_node, config)
+        graceful = trio.run(_run_node, config)
     except BaseExceptionGroup as group:
-        leaf = _first_leaf(group)
+        leaf = root_cause(group)
         if isinstance(leaf, OSError) and leaf.filename:
             raise CommandError(f"cannot use {leaf.filename}: {leaf.strerror}") from None
         if isinstance(leaf, OSError):
             raise CommandError(f"cannot serve on {config.host}:{config.port}: "
                                f"{leaf.strerror or leaf}") from None
-        if isinstance(leaf, RestartIntensityExceeded):
+        if isinstance(leaf, RestartIntensityExceeded | ValueError):
             raise CommandError(str(leaf)) from None
         raise
+    if not graceful:
+        raise CommandError("stopped by a second signal before the shutdown finished")
     return 0
 
 
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-async def _run_node(config: Config) -> None:
+async def _run_node(config: Config) -> bool:
+    """Run a node until it stops; False if a second signal cut the shutdown short."""
     node = Node(config)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            nursery.start_soon(_on_signals, signals, node, nursery.cancel_scope)
+    forced = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals, signals, node, nursery.cancel_scope, forced)
             await node.run()
             nursery.cancel_scope.cancel()
+    return not forced.is_set()
 
 
-async def _on_signals(signals: Any, node: Node, scope: trio.CancelScope) -> None:
+async def _on_signals(signals: Any, node: Node, scope: trio.CancelScope,
+                      forced: trio.Event) -> None:
     """First signal: graceful shutdown. Second: stop now."""
-    count = 0
     async for _ in signals:
-        count += 1
-        if count == 1:
-            node.request_shutdown()
-        else:
+        if node.shutdown_requested:
+            forced.set()
             scope.cancel()
+        else:
+            node.request_shutdown()
 
 
 # -- token ---------------------------------------------------------------------------
@@ -146,12 +145,19 @@ def _lines(text: str) -> list[str]:
 
 async def _send_body(args: argparse.Namespace, client: Client) -> None:
     bodies = _lines(args.text)
-    ids = [new_id() for _ in bodies] if args.id is None or len(bodies) > 1 else [args.id]
+    if not bodies:
+        return
+    if args.id is not None and len(bodies) > 1:
+        raise ConfigError("--id names a single message; it cannot be used with -")
+    ids = [args.id] if args.id is not None else [new_id() for _ in bodies]
     states: dict[str, int] = {}
     goal = _RANK[args.wait]
     await client.submit([(msg_id, args.to, body) for msg_id, body in zip(ids, bodies,
                                                                            strict=True)])
     pending = set(ids)
+    # Receipts are acknowledged as they are consumed, but acknowledgements are cumulative:
+    # once a message for this user shows up, stop, so it stays queued for `chatd listen`.
+    may_ack = True
     async for event in client.events():
         match event:
             case Sent(id=msg_id, ts=ts, dup=dup) if msg_id in pending:
@@ -162,7 +168,10 @@ async def _send_body(args: argparse.Namespace, client: Client) -> None:
                     if msg_id in states:
                         _emit({"type": status, "id": msg_id, "by": by, "ts": ts})
                         states[msg_id] = max(states[msg_id], _RANK[status])
-                await client.ack(seq)
+                if may_ack:
+                    await client.ack(seq)
+            case Msg():
+                may_ack = False
             case Error(code=code, message=message, ref=ref) if ref in pending or ref is None:
                 raise CommandError(f"refused: {code}: {message}")
             case _:

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from chatd.protocol import Limits
+from chatd.protocol import MAX_RECEIPT_IDS, Limits
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -60,11 +60,33 @@ class Config:
             raise ConfigError("ping_interval must be shorter than idle_timeout")
         if not all("\x21" <= ch <= "\x7e" for ch in self.node) or not 0 < len(self.node) <= 32:
             raise ConfigError("node must be 1-32 printable ASCII characters without spaces")
+        _check_limits(self.limits)
 
     @property
     def secret_path(self) -> Path:
         """Where the token secret is read from (and created on first start)."""
         return self.secret_file if self.secret_file is not None else self.data_dir / "secret"
+
+
+#: Smallest limits the server itself needs: frames nest a list in a map (depth 3), a
+#: receipt carries up to MAX_RECEIPT_IDS ids, and a message with the largest body, with its
+#: ids and stamps, must fit in one WebSocket message.
+_MIN_DEPTH = 3
+_FRAME_OVERHEAD = 1024
+
+
+def _check_limits(limits: Limits) -> None:
+    for name in ("max_frame_bytes", "max_frames", "max_depth", "max_items",
+                 "max_string_bytes"):
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name} must be positive")
+    if limits.max_depth < _MIN_DEPTH:
+        raise ConfigError(f"limits.max_depth must be at least {_MIN_DEPTH}")
+    if limits.max_items < MAX_RECEIPT_IDS:
+        raise ConfigError(f"limits.max_items must be at least {MAX_RECEIPT_IDS}")
+    if limits.max_frame_bytes < limits.max_string_bytes + _FRAME_OVERHEAD:
+        raise ConfigError(f"limits.max_frame_bytes must exceed limits.max_string_bytes by "
+                          f"at least {_FRAME_OVERHEAD}")
 
 
 def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:

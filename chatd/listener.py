@@ -18,7 +18,7 @@ import logging
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
-from chatd.logs import EventLog
+from chatd.logs import EventLog, root_cause
 from chatd.protocol import ErrorCode
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
 
@@ -67,6 +67,7 @@ class Listener:
                 connect_timeout=config.handshake_timeout, disconnect_timeout=CLOSE_TIMEOUT)
             self._accept_scope = trio.CancelScope()
             sessions.start_soon(self._accept, server)
+            self._log.info("listening", url=self.url)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -105,8 +106,8 @@ class Listener:
         try:
             await session.run()
         except Exception as exc:
-            self._log.error("session_crashed", error="session_crashed",
-                            exception=type(exc).__name__, exc_info=True)
+            self._log.error("session_crashed", error="session_crashed", user=session.user,
+                            exception=type(root_cause(exc)).__name__, exc_info=True)
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 with contextlib.suppress(ConnectionClosed):

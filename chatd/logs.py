@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import attrs
 
-__all__ = ["EventLog", "JsonFormatter", "configure"]
+__all__ = ["EventLog", "JsonFormatter", "configure", "root_cause"]
 
 _FIELDS = "chatd_fields"
 
@@ -90,3 +90,10 @@ class EventLog:
         fields["error"] = error
         self._log(logging.ERROR, event, exc_info, fields)
 
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (trio nurseries wrap what their tasks raise)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -68,6 +68,11 @@ class Node:
         """The WebSocket URL the node listens on (with the real port)."""
         return self.listener.url if self.listener else ""
 
+    @property
+    def shutdown_requested(self) -> bool:
+        """Whether a graceful shutdown has been asked for."""
+        return self._shutdown.is_set()
+
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
         self._shutdown.set()
@@ -94,7 +99,6 @@ class Node:
         ]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
-            self._log.info("listening", url=listener.url)
             task_status.started(self)
             await self._shutdown.wait()
             self._log.info("shutting_down", sessions=listener.live_sessions)

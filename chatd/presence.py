@@ -156,6 +156,8 @@ class PresenceService:
                 watchers = self._watchers.get(user)
                 if watchers is not None:
                     watchers.discard(address)
+                    if not watchers:
+                        del self._watchers[user]
         if not watching:
             del self._watching[address]
         if add:

@@ -20,16 +20,13 @@ from chatd.actors import ActorTable
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.messages import Deliver
-from chatd.protocol import ErrorCode, ProtocolError, Send, Sent
+from chatd.protocol import MAX_RECEIPT_IDS, ErrorCode, ProtocolError, Send, Sent
 from chatd.registry import Registry
 from chatd.store import Entry, IdConflict, Message, ReceiptItem, Store
 
-__all__ = ["RECEIPT_BATCH", "Router"]
+__all__ = ["Router"]
 
 logger = logging.getLogger(__name__)
-
-#: Most message ids carried by one receipt; larger acknowledgements become several.
-RECEIPT_BATCH = 512
 
 
 class Router:
@@ -74,9 +71,9 @@ class Router:
         ts = now_ms()
         for state, pairs in (("delivered", done.delivered), ("read", done.read)):
             for sender, ids in _by_sender(pairs):
-                for start in range(0, len(ids), RECEIPT_BATCH):
-                    receipt = ReceiptItem(state, user, tuple(ids[start:start + RECEIPT_BATCH]),
-                                          ts)
+                for start in range(0, len(ids), MAX_RECEIPT_IDS):
+                    batch = tuple(ids[start:start + MAX_RECEIPT_IDS])
+                    receipt = ReceiptItem(state, user, batch, ts)
                     self.offer(sender, await self._store.enqueue(sender, receipt))
 
     def offer(self, user: str, entry: Entry) -> None:

@@ -225,3 +225,54 @@ async def test_sigterm_closes_sessions_with_1001_and_exits_0(tmp_path: Path) -> 
         assert status == 1
         assert "shutting_down" in err
         assert server.events("shutting_down") and server.events("stopped")
+
+
+async def test_send_leaves_messages_for_the_sender_queued(tmp_path: Path) -> None:
+    """`chatd send` consumes its receipts but never acknowledges away a message to it."""
+    async with daemon(tmp_path) as server:
+        alice, bob = server.token("alice"), server.token("bob")
+        status, _, err = await run(["send", "--url", server.url, "--token", bob,
+                                    "--to", "alice", "for alice"])
+        assert status == 0, err
+
+        async def bob_reads() -> None:
+            await run(["listen", "--url", server.url, "--token", bob, "--read", "--count",
+                       "1"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bob_reads)
+            status, _, err = await run(["send", "--url", server.url, "--token", alice,
+                                        "--to", "bob", "--wait", "read", "for bob"])
+        assert status == 0, err
+        status, out, err = await run(["listen", "--url", server.url, "--token", alice,
+                                      "--count", "1", "--timeout", "5"])
+        assert status == 0, err
+        assert json_lines(out)[0]["body"] == "for alice"
+
+
+async def test_send_stdin_edge_cases(tmp_path: Path) -> None:
+    async with daemon(tmp_path) as server:
+        alice = server.token("alice")
+        base = ["send", "--url", server.url, "--token", alice, "--to", "bob"]
+        assert await run([*base, "-"], stdin=b"") == (0, "", "")
+        status, _, err = await run([*base, "--id", "m1", "-"], stdin=b"a\nb\n")
+        assert status == 2 and "--id" in err
+
+
+def test_empty_secret_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("")
+    result = run_sync(["serve", "--port", "0", "--data-dir", str(tmp_path)])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"chatd: error: secret file {tmp_path}/secret "
+                                          "is empty"]
+
+
+@pytest.mark.parametrize("limits", [
+    "max_frames = 0", "max_depth = 2", "max_items = 100", "max_frame_bytes = 16384",
+])
+def test_unworkable_limits_are_refused(tmp_path: Path, limits: str) -> None:
+    config = tmp_path / "chatd.toml"
+    config.write_text(f"[limits]\n{limits}\n")
+    result = run_sync(["serve", "--config", str(config)])
+    assert result.returncode == 2
+    assert result.stderr.startswith("chatd: error: limits.")

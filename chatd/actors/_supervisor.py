@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from chatd.logs import EventLog
+from chatd.logs import EventLog, root_cause
 
 __all__ = ["ChildSpec", "Restart", "RestartIntensityExceeded", "Supervisor"]
 
@@ -157,7 +157,8 @@ class Supervisor:
                             raise
                         crashed = True
                         self._log.error("child_crashed", error="child_crashed",
-                                        child=spec.name, exception=type(exc).__name__,
+                                        child=spec.name,
+                                        exception=type(root_cause(exc)).__name__,
                                         exc_info=True)
                 if scope.cancel_called:
                     return

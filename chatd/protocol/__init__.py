@@ -9,6 +9,7 @@ from ._connection import ClientConnection, ConnectionState, ServerConnection, ne
 from ._errors import CloseCode, ErrorCode, ProtocolError
 from ._frames import (
     CLIENT_FRAMES,
+    MAX_RECEIPT_IDS,
     PROTOCOL_VERSIONS,
     SERVER_FRAMES,
     Ack,
@@ -32,6 +33,7 @@ from ._frames import (
 
 __all__ = [
     "CLIENT_FRAMES",
+    "MAX_RECEIPT_IDS",
     "PROTOCOL_VERSIONS",
     "SERVER_FRAMES",
     "Ack",

@@ -19,6 +19,7 @@ import attrs
 
 __all__ = [
     "CLIENT_FRAMES",
+    "MAX_RECEIPT_IDS",
     "PROTOCOL_VERSIONS",
     "SERVER_FRAMES",
     "Ack",
@@ -42,6 +43,8 @@ __all__ = [
 
 #: Protocol versions this implementation speaks, newest last.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+#: Most message ids one receipt carries; larger acknowledgements make several receipts.
+MAX_RECEIPT_IDS = 512
 
 _IDENT = re.compile(r"[\x21-\x7e]{1,64}")
 _MAX_INT = 2**63 - 1

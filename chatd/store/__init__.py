@@ -1,7 +1,7 @@
 """The persistence actor's interface and its implementations.
 
-The router and sessions speak only the :class:`Store` interface; which implementation a
-node runs is configuration.
+The router and sessions speak only the :class:`Store` interface; the node is built with
+one implementation (``Node(store=...)``, the in-memory store by default).
 """
 
 from ._interface import (
