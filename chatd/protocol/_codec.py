@@ -69,6 +69,10 @@ def _schema(cls: type[Frame]) -> tuple[tuple[_FieldSpec, ...], frozenset[str]]:
     return tuple(specs), frozenset({"t", *(s.wire for s in specs)})
 
 
+# Built once from the frame declarations and never changed: every codec shares them.
+_SCHEMAS = {cls: _schema(cls) for cls in (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())}
+
+
 class Codec:
     """Turns message bytes into frames of one direction, and frames into message bytes.
 
@@ -81,9 +85,8 @@ class Codec:
 
     def __init__(self, frames: Mapping[str, type[Frame]], limits: Limits | None = None) -> None:
         self._limits = limits or Limits()
-        self._types = dict(frames)
-        self._schemas = {cls: _schema(cls) for cls in (*CLIENT_FRAMES.values(),
-                                                       *SERVER_FRAMES.values())}
+        self._types = frames
+        self._schemas = _SCHEMAS
 
     @property
     def limits(self) -> Limits:
