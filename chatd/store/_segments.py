@@ -1,0 +1,337 @@
+"""Append-only segment files: the on-disk log of one store replica.
+
+A replica is a directory of segment files named by a 20-digit, zero-padded serial number
+(``00000000000000000001.seg``), appended in serial order. Each file starts with the 8-byte
+magic ``CHATDSG1`` and then holds records back to back::
+
+    offset  size  field
+    0       4     length    payload size in bytes, big-endian unsigned
+    4       1     type      record type, 1-255 (0 is never written)
+    5       4     crc       CRC-32 (zlib) of the length and type bytes and the payload
+    9       n     payload   opaque to this module (the store writes CBOR)
+
+Writing and syncing are separate steps so that a caller can group commit: write the records
+of many requests, then make them durable with one :meth:`SegmentLog.sync`. A segment rolls
+(a new file is started) before a batch that would begin at or past ``segment_bytes``; a
+batch never spans two files. Creating, truncating and deleting files are followed by an
+fsync of the directory.
+
+Recovery (:meth:`SegmentLog.recover`) reads every segment in order and yields the valid
+records. Where a record is damaged it looks for the next valid record; damage followed by a
+valid record is reported in :attr:`SegmentLog.damage` and never silently skipped. Damage
+that runs to the end of the *last* segment is a torn tail, the trace of a write the process
+did not finish: it is cut off (the file is truncated) and reported in
+:attr:`SegmentLog.truncated`. After recovery the log appends after the last valid record.
+
+Any OS error while writing, syncing, rolling or deleting makes the log *failed*: every
+later call raises :class:`ReplicaFailed`. Nothing is retried, because after a failed fsync
+the kernel may have dropped the dirty pages, and a later successful fsync would prove
+nothing about them.
+
+The methods do blocking file I/O; the persistence actor runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+__all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "ReplicaFailed",
+           "SegmentLog", "encode_record"]
+
+MAGIC = b"CHATDSG1"
+_HEADER = struct.Struct(">IB")
+_CRC = struct.Struct(">I")
+HEADER_BYTES = _HEADER.size + _CRC.size
+_SUFFIX = ".seg"
+
+
+class ReplicaFailed(Exception):
+    """The replica hit an I/O error; it accepts nothing more until it is reopened."""
+
+
+@attrs.frozen(slots=True)
+class Position:
+    """Where a record starts: segment serial and byte offset in that file."""
+
+    segment: int
+    offset: int
+
+
+@attrs.frozen(slots=True)
+class Record:
+    """One valid record read back from the log."""
+
+    position: Position
+    type: int
+    payload: bytes
+
+
+@attrs.frozen(slots=True)
+class Damage:
+    """A byte range that holds no valid record, before the end of the log."""
+
+    segment: int
+    start: int
+    end: int
+    reason: str
+
+
+def encode_record(record_type: int, payload: bytes) -> bytes:
+    """The bytes of one record."""
+    if not 0 < record_type < 256:
+        raise ValueError(f"record type must be 1-255, not {record_type}")
+    head = _HEADER.pack(len(payload), record_type)
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return head + _CRC.pack(crc) + payload
+
+
+def _segment_name(serial: int) -> str:
+    return f"{serial:020d}{_SUFFIX}"
+
+
+class SegmentLog:
+    """The segment files of one replica directory.
+
+    Args:
+        directory: The replica's directory; created if missing.
+        segment_bytes: Size at which a new segment is started.
+        max_record: Largest payload accepted or believed when reading back.
+    """
+
+    def __init__(self, directory: Path, *, segment_bytes: int = 64 * 1024 * 1024,
+                 max_record: int = 1024 * 1024) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.max_record = max_record
+        self.damage: list[Damage] = []
+        self.truncated = 0
+        self.failed: OSError | None = None
+        self._fd: int | None = None
+        self._serial = 0
+        self._size = 0
+        self._dirty_dir = False
+        self._recovered = False
+
+    # -- reading back -----------------------------------------------------------------
+
+    def segments(self) -> list[int]:
+        """Serial numbers of the segment files present, in order."""
+        serials = []
+        for path in self.directory.glob(f"*{_SUFFIX}"):
+            stem = path.name[:-len(_SUFFIX)]
+            if len(stem) == 20 and stem.isdigit():
+                serials.append(int(stem))
+        return sorted(serials)
+
+    def recover(self) -> Iterator[Record]:
+        """Yield every valid record in order, then leave the log ready to append.
+
+        Damage before the end is recorded in :attr:`damage`; a torn tail is truncated and
+        its size added to :attr:`truncated`. Must be exhausted before :meth:`append`.
+
+        Raises:
+            ReplicaFailed: The directory or a segment cannot be read or repaired.
+        """
+        self._guard()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            serials = self.segments()
+            for index, serial in enumerate(serials):
+                last = index == len(serials) - 1
+                data = (self.directory / _segment_name(serial)).read_bytes()
+                end = yield from self._scan(serial, data, last)
+                if not last:
+                    continue
+                if end is None:
+                    self._serial = serial  # unreadable start: the next append rolls
+                else:
+                    self._open_existing(serial, end, len(data))
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        self._recovered = True
+
+    def _scan(self, serial: int, data: bytes, last: bool
+              ) -> Generator[Record, None, int | None]:
+        """Yield the valid records of one segment.
+
+        Returns:
+            Where appending may resume in this segment, or None if it must not be appended
+            to (its magic is damaged).
+        """
+        if data[:len(MAGIC)] != MAGIC:
+            if last and MAGIC.startswith(data[:len(MAGIC)]):
+                return 0  # the file was created but its magic never fully written
+            self.damage.append(Damage(serial, 0, len(data), "bad_magic"))
+            return None
+        pos = len(MAGIC)
+        while pos < len(data):
+            record = self._parse(serial, data, pos)
+            if record is not None:
+                yield record
+                pos += HEADER_BYTES + len(record.payload)
+                continue
+            resume = self._next_valid(serial, data, pos + 1)
+            if resume is None:
+                if last:
+                    return pos  # torn tail: everything from pos is cut off
+                self.damage.append(Damage(serial, pos, len(data), "bad_record"))
+                return len(data)
+            self.damage.append(Damage(serial, pos, resume, "bad_record"))
+            pos = resume
+        return pos
+
+    def _parse(self, serial: int, data: bytes, pos: int) -> Record | None:
+        if len(data) - pos < HEADER_BYTES:
+            return None
+        length, record_type = _HEADER.unpack_from(data, pos)
+        end = pos + HEADER_BYTES + length
+        if record_type == 0 or length > self.max_record or end > len(data):
+            return None
+        (crc,) = _CRC.unpack_from(data, pos + _HEADER.size)
+        payload = data[pos + HEADER_BYTES:end]
+        if zlib.crc32(payload, zlib.crc32(data[pos:pos + _HEADER.size])) != crc:
+            return None
+        return Record(Position(serial, pos), record_type, payload)
+
+    def _next_valid(self, serial: int, data: bytes, start: int) -> int | None:
+        for pos in range(start, len(data) - HEADER_BYTES + 1):
+            if self._parse(serial, data, pos) is not None:
+                return pos
+        return None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def append(self, records: Sequence[tuple[int, bytes]]) -> list[Position]:
+        """Write records (type, payload) to the current segment; not durable until synced.
+
+        Rolls to a new segment first if the current one has reached ``segment_bytes``.
+
+        Raises:
+            ReplicaFailed: The log has failed, or the write failed (it now has).
+            ValueError: A payload is larger than ``max_record``.
+        """
+        self._guard()
+        if not self._recovered:
+            raise RuntimeError("recover() must be exhausted before appending")
+        for _, payload in records:
+            if len(payload) > self.max_record:
+                raise ValueError(f"record of {len(payload)} bytes exceeds {self.max_record}")
+        try:
+            if self._fd is None or self._size >= self.segment_bytes:
+                self._roll()
+            assert self._fd is not None
+            positions = []
+            chunks = []
+            offset = self._size
+            for record_type, payload in records:
+                positions.append(Position(self._serial, offset))
+                chunk = encode_record(record_type, payload)
+                chunks.append(chunk)
+                offset += len(chunk)
+            _write_all(self._fd, b"".join(chunks))
+            self._size = offset
+        except OSError as exc:
+            raise self._fail(exc) from exc
+        return positions
+
+    def sync(self) -> None:
+        """Make everything appended so far durable (fsync the file, and the directory if
+        files were created or removed since the last sync).
+
+        Raises:
+            ReplicaFailed: The log has failed, or this fsync failed (it now has).
+        """
+        self._guard()
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+            if self._dirty_dir:
+                _fsync_dir(self.directory)
+                self._dirty_dir = False
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    @property
+    def current_segment(self) -> int:
+        """The serial of the segment being appended to (0 before the first append)."""
+        return self._serial
+
+    def delete(self, serial: int) -> None:
+        """Remove a segment whose records are no longer needed, durably.
+
+        Raises:
+            ValueError: ``serial`` is the segment being appended to.
+            ReplicaFailed: The log has failed, or the removal failed (it now has).
+        """
+        self._guard()
+        if serial == self._serial:
+            raise ValueError("the current segment cannot be deleted")
+        try:
+            (self.directory / _segment_name(serial)).unlink(missing_ok=True)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def close(self) -> None:
+        """Close the current file (nothing is synced)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _open_existing(self, serial: int, end: int, size: int) -> None:
+        fd = os.open(self.directory / _segment_name(serial), os.O_WRONLY)
+        if end < size:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+            self.truncated += size - end
+        if end == 0:
+            _write_all(fd, MAGIC)
+            os.fsync(fd)
+            end = len(MAGIC)
+        os.lseek(fd, end, os.SEEK_SET)
+        self._fd, self._serial, self._size = fd, serial, end
+
+    def _roll(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        serial = self._serial + 1
+        fd = os.open(self.directory / _segment_name(serial),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd, self._serial = fd, serial
+        _write_all(fd, MAGIC)
+        self._size = len(MAGIC)
+        self._dirty_dir = True
+
+    def _guard(self) -> None:
+        if self.failed is not None:
+            raise ReplicaFailed(f"replica {self.directory} failed: {self.failed}")
+
+    def _fail(self, exc: OSError) -> ReplicaFailed:
+        self.failed = exc
+        self.close()
+        return ReplicaFailed(f"replica {self.directory} failed: {exc}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,127 @@
+"""Group commit in the journal, on real segment files in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from chatd.actors import ActorTable
+from chatd.store._journal import Journal, StoreUnavailable
+from chatd.store._segments import Position, SegmentLog
+
+Event = tuple[str, int, tuple[bytes, ...]]
+
+
+class TracedLog(SegmentLog):
+    """A segment log that records when records are appended and when fsyncs start/end."""
+
+    def __init__(self, directory: Path, replica: int, events: list[Event]) -> None:
+        super().__init__(directory)
+        self.replica = replica
+        self.events = events
+
+    def append(self, records: Sequence[tuple[int, bytes]]) -> list[Position]:
+        positions = super().append(records)
+        self.events.append(("appended", self.replica, tuple(p for _, p in records)))
+        return positions
+
+    def sync(self) -> None:
+        self.events.append(("sync_start", self.replica, ()))
+        super().sync()
+        self.events.append(("sync_end", self.replica, ()))
+
+
+def open_logs(tmp_path: Path, events: list[Event]) -> list[TracedLog]:
+    logs = [TracedLog(tmp_path / f"r{i}", i, events) for i in range(2)]
+    for log in logs:
+        assert list(log.recover()) == []
+    return logs
+
+
+async def write_concurrently(journal: Journal, count: int, events: list[Event]) -> None:
+    async def writer(n: int) -> None:
+        payload = f"record {n}".encode()
+        await journal.write([(1, payload)])
+        events.append(("released", -1, (payload,)))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(count):
+            nursery.start_soon(writer, n)
+
+
+async def test_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = open_logs(tmp_path, events)
+    journal = Journal(ActorTable("n1"), logs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            await write_concurrently(journal, 200, events)
+        nursery.cancel_scope.cancel()
+    stats = journal.stats
+    assert stats.records == 200
+    assert stats.fsyncs == 2 * stats.batches
+    assert stats.batches <= 20, f"{stats.batches} batches for 200 concurrent writers"
+    for log in logs:
+        log.close()
+        reread = SegmentLog(log.directory)
+        payloads = sorted(r.payload for r in reread.recover())
+        assert payloads == sorted(f"record {n}".encode() for n in range(200))
+
+
+async def test_no_writer_is_released_before_an_fsync_that_started_after_its_write(
+        tmp_path: Path) -> None:
+    events: list[Event] = []
+    journal = Journal(ActorTable("n1"), open_logs(tmp_path, events))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            await write_concurrently(journal, 100, events)
+        nursery.cancel_scope.cancel()
+
+    for payload in (f"record {n}".encode() for n in range(100)):
+        released = events.index(("released", -1, (payload,)))
+        for replica in (0, 1):
+            appended = next(i for i, (kind, r, payloads) in enumerate(events)
+                            if kind == "appended" and r == replica and payload in payloads)
+            # A sync of this replica starts after the append and ends before the release.
+            starts = [i for i, (kind, r, _) in enumerate(events)
+                      if kind == "sync_start" and r == replica and appended < i < released]
+            assert any(("sync_end", replica, ()) in events[start:released]
+                       for start in starts), (payload, replica)
+
+
+async def test_a_failed_fsync_stops_acknowledging_for_good(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[Event] = []
+    logs = open_logs(tmp_path, events)
+    journal = Journal(ActorTable("n1"), logs)
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def fsync_failing_once_on_replica_1(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "/r1/" in path and calls["n"] == 0:
+            calls["n"] += 1
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            assert await journal.write([(1, b"before")])
+            monkeypatch.setattr("chatd.store._segments.os.fsync",
+                                fsync_failing_once_on_replica_1)
+            with pytest.raises(StoreUnavailable):
+                await journal.write([(1, b"during")])
+            assert journal.failed is not None
+            # The fsync would succeed now; the journal still refuses, without retrying.
+            with pytest.raises(StoreUnavailable):
+                await journal.write([(1, b"after")])
+        nursery.cancel_scope.cancel()
+    assert calls["n"] == 1
+    assert logs[1].failed is not None and logs[0].failed is None
