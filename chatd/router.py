@@ -14,15 +14,14 @@ connection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 from chatd.actors import ActorTable
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.messages import Deliver
-from chatd.protocol import MAX_RECEIPT_IDS, ErrorCode, ProtocolError, Send, Sent
+from chatd.protocol import ErrorCode, ProtocolError, Send, Sent
 from chatd.registry import Registry
-from chatd.store import Entry, IdConflict, Message, ReceiptItem, Store
+from chatd.store import Entry, IdConflict, Message, Store
 
 __all__ = ["Router"]
 
@@ -67,14 +66,8 @@ class Router:
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> None:
         """Apply ``user``'s acknowledgement and route the receipts it produces."""
-        done = await self._store.acknowledge(user, status, upto, peer)
-        ts = now_ms()
-        for state, pairs in (("delivered", done.delivered), ("read", done.read)):
-            for sender, ids in _by_sender(pairs):
-                for start in range(0, len(ids), MAX_RECEIPT_IDS):
-                    batch = tuple(ids[start:start + MAX_RECEIPT_IDS])
-                    receipt = ReceiptItem(state, user, batch, ts)
-                    self.offer(sender, await self._store.enqueue(sender, receipt))
+        for sender, entry in await self._store.acknowledge(user, status, upto, peer):
+            self.offer(sender, entry)
 
     def offer(self, user: str, entry: Entry) -> None:
         """Offer a stored entry to ``user``'s session, if they have one on this node."""
@@ -87,9 +80,3 @@ class Router:
             self._log.warning("slow_consumer", user=user, queued=mailbox.capacity)
             mailbox.exit(ErrorCode.SLOW_CONSUMER)
 
-
-def _by_sender(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    grouped: dict[str, list[str]] = {}
-    for sender, msg_id in pairs:
-        grouped.setdefault(sender, []).append(msg_id)
-    return list(grouped.items())

@@ -6,14 +6,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import cbor2
 import pytest
 import trio
 
 from chatd.actors import ActorTable
-from chatd.store._journal import Journal, StoreUnavailable
+from chatd.store import StoreUnavailable
+from chatd.store._journal import Journal
 from chatd.store._segments import Position, SegmentLog
 
-Event = tuple[str, int, tuple[bytes, ...]]
+Event = tuple[str, int, tuple[str, ...]]
 
 
 class TracedLog(SegmentLog):
@@ -26,7 +28,8 @@ class TracedLog(SegmentLog):
 
     def append(self, records: Sequence[tuple[int, bytes]]) -> list[Position]:
         positions = super().append(records)
-        self.events.append(("appended", self.replica, tuple(p for _, p in records)))
+        self.events.append(("appended", self.replica,
+                            tuple(cbor2.loads(p)[1] for _, p in records)))
         return positions
 
     def sync(self) -> None:
@@ -44,8 +47,8 @@ def open_logs(tmp_path: Path, events: list[Event]) -> list[TracedLog]:
 
 async def write_concurrently(journal: Journal, count: int, events: list[Event]) -> None:
     async def writer(n: int) -> None:
-        payload = f"record {n}".encode()
-        await journal.write([(1, payload)])
+        payload = f"record {n}"
+        await journal.write([(1, [payload])])
         events.append(("released", -1, (payload,)))
 
     async with trio.open_nursery() as nursery:
@@ -69,8 +72,11 @@ async def test_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
     for log in logs:
         log.close()
         reread = SegmentLog(log.directory)
-        payloads = sorted(r.payload for r in reread.recover())
-        assert payloads == sorted(f"record {n}".encode() for n in range(200))
+        records = [cbor2.loads(r.payload) for r in reread.recover()]
+        assert sorted(payload for _, payload in records) == sorted(
+            f"record {n}" for n in range(200))
+        # Every record has its own LSN, the same on both replicas.
+        assert sorted(lsn for lsn, _ in records) == list(range(1, 201))
 
 
 async def test_no_writer_is_released_before_an_fsync_that_started_after_its_write(
@@ -83,7 +89,7 @@ async def test_no_writer_is_released_before_an_fsync_that_started_after_its_writ
             await write_concurrently(journal, 100, events)
         nursery.cancel_scope.cancel()
 
-    for payload in (f"record {n}".encode() for n in range(100)):
+    for payload in (f"record {n}" for n in range(100)):
         released = events.index(("released", -1, (payload,)))
         for replica in (0, 1):
             appended = next(i for i, (kind, r, payloads) in enumerate(events)
@@ -113,15 +119,15 @@ async def test_a_failed_fsync_stops_acknowledging_for_good(
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         with trio.fail_after(10):
-            assert await journal.write([(1, b"before")])
+            await journal.write([(1, ["before"])])
             monkeypatch.setattr("chatd.store._segments.os.fsync",
                                 fsync_failing_once_on_replica_1)
             with pytest.raises(StoreUnavailable):
-                await journal.write([(1, b"during")])
+                await journal.write([(1, ["during"])])
             assert journal.failed is not None
             # The fsync would succeed now; the journal still refuses, without retrying.
             with pytest.raises(StoreUnavailable):
-                await journal.write([(1, b"after")])
+                await journal.write([(1, ["after"])])
         nursery.cancel_scope.cancel()
     assert calls["n"] == 1
     assert logs[1].failed is not None and logs[0].failed is None

@@ -6,19 +6,18 @@ one implementation (``Node(store=...)``, the in-memory store by default).
 
 from ._interface import (
     Accepted,
-    Acknowledged,
     Entry,
     IdConflict,
     Item,
     Message,
     ReceiptItem,
     Store,
+    StoreUnavailable,
 )
 from ._memory import MemoryStore
 
 __all__ = [
     "Accepted",
-    "Acknowledged",
     "Entry",
     "IdConflict",
     "Item",
@@ -26,4 +25,5 @@ __all__ = [
     "Message",
     "ReceiptItem",
     "Store",
+    "StoreUnavailable",
 ]

@@ -20,7 +20,14 @@ import attrs
 import trio
 
 __all__ = [
-    "Accepted", "Acknowledged", "Entry", "IdConflict", "Item", "Message", "ReceiptItem", "Store",
+    "Accepted",
+    "Entry",
+    "IdConflict",
+    "Item",
+    "Message",
+    "ReceiptItem",
+    "Store",
+    "StoreUnavailable",
 ]
 
 
@@ -69,23 +76,20 @@ class Accepted:
     entry: Entry | None
 
 
-@attrs.frozen(slots=True)
-class Acknowledged:
-    """What an acknowledgement changed: ``(sender, id)`` pairs newly delivered and read."""
-
-    delivered: tuple[tuple[str, str], ...] = ()
-    read: tuple[tuple[str, str], ...] = ()
-
-
 class IdConflict(Exception):
     """A sender re-used a message id for a different recipient."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot make a change durable as it promises; nothing was acknowledged."""
 
 
 class Store(Protocol):
     """The interface of the persistence actor.
 
     Every method that changes state returns only once the change is as durable as the
-    store promises (memory: immediately; the durable store: fsync'd on both replicas).
+    store promises (memory: immediately; the durable store: fsync'd on both replicas), and
+    raises :class:`StoreUnavailable` when it cannot be.
     """
 
     async def run(self, *, task_status: trio.TaskStatus[Store] = ...) -> None:
@@ -98,19 +102,19 @@ class Store(Protocol):
             IdConflict: The sender used this id for another recipient.
         """
 
-    async def enqueue(self, user: str, item: ReceiptItem) -> Entry:
-        """Queue a receipt for ``user``."""
-
     async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
         """Up to ``limit`` queued entries of ``user`` with ``seq > after``, in order."""
 
     async def acknowledge(self, user: str, status: str, upto: int,
-                          peer: str | None = None) -> Acknowledged:
-        """Acknowledge ``user``'s items up to ``upto``.
+                          peer: str | None = None) -> list[tuple[str, Entry]]:
+        """Acknowledge ``user``'s items up to ``upto`` and queue the receipts that follow.
 
         ``delivered`` removes every queued item with ``seq <= upto``. ``read`` does the
         same, then marks read the delivered messages with ``seq <= upto`` (only those from
-        ``peer`` when given).
+        ``peer`` when given). The acknowledgement and its receipts are one change.
+
+        Returns:
+            The receipt entries queued, each with the user (a sender) it is queued for.
         """
 
     def last_seq(self, user: str) -> int:

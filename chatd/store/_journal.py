@@ -1,39 +1,49 @@
 """Group commit: many writers, one write and one fsync per replica per batch.
 
 The :class:`Journal` is the writing half of the persistence actor. Writers hand it records
-through its mailbox and wait; the actor takes every request that is waiting, appends all
-their records to each replica's :class:`SegmentLog` in one batch, fsyncs every replica
-(the replicas in parallel, each in a worker thread), and only then releases the writers.
-Requests that arrive while an fsync runs wait for the next batch, so under load one fsync
-covers many writers, and no writer is released before an fsync that started after its
-records were written.
+through its mailbox and wait; the actor takes every request that is waiting, gives each
+record the next *log sequence number* (LSN), appends all of them to each replica's
+:class:`SegmentLog` in one batch, fsyncs every replica (the replicas in parallel, each in a
+worker thread), runs each request's ``apply`` hook in order, and only then releases the
+writers. Requests that arrive while an fsync runs wait for the next batch, so under load one
+fsync covers many writers, and no writer is released before an fsync that started after its
+records were written. The same record has the same LSN on every replica, which is how
+recovery merges replicas.
 
-Two replicas are both required. If either one fails (an I/O error from write or fsync), the
-journal stops acknowledging: the batch in flight and every later request fail with
+A *checkpoint* request is committed alone, between batches: the journal asks the store for
+a snapshot of its live state at that moment, writes it to a fresh segment of every replica,
+fsyncs, and deletes every older segment. That is how disk space is given back.
+
+Two replicas are both required. If either one fails (an I/O error), the journal stops
+acknowledging: the batch in flight and every later request fail with
 :class:`StoreUnavailable`, and nothing is retried, because a promise of "on both replicas"
-can no longer be kept. Reads from the surviving replica are the store's business.
+can no longer be kept.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
+import cbor2
 import trio
 
 from chatd.actors import ActorTable, Mailbox
 from chatd.logs import EventLog
 
-from ._segments import Position, ReplicaFailed, SegmentLog
+from ._interface import StoreUnavailable
+from ._segments import ReplicaFailed, SegmentLog
 
 __all__ = ["Journal", "JournalStats", "StoreUnavailable"]
 
 logger = logging.getLogger(__name__)
 
-
-class StoreUnavailable(Exception):
-    """A write could not be made durable on every replica; it was not acknowledged."""
+#: A record to write: its type and the CBOR-able fields that follow its LSN.
+Body = tuple[int, list[Any]]
+#: Builds a checkpoint: given the last LSN it covers, the records that restore the state.
+Snapshot = Callable[[int], list[Body]]
 
 
 @attrs.define
@@ -43,16 +53,19 @@ class JournalStats:
     batches: int = 0
     records: int = 0
     fsyncs: int = 0
+    checkpoints: int = 0
 
 
 class _Request:
-    __slots__ = ("done", "error", "positions", "records")
+    __slots__ = ("apply", "done", "error", "records", "snapshot")
 
-    def __init__(self, records: Sequence[tuple[int, bytes]]) -> None:
+    def __init__(self, records: Sequence[Body], apply: Callable[[], None] | None,
+                 snapshot: Snapshot | None = None) -> None:
         self.records = records
+        self.apply = apply
+        self.snapshot = snapshot
         self.done = trio.Event()
         self.error: StoreUnavailable | None = None
-        self.positions: list[list[Position]] = []
 
 
 class Journal:
@@ -61,15 +74,18 @@ class Journal:
     Args:
         actors: The node's actor table (for the journal's mailbox).
         logs: One recovered :class:`SegmentLog` per replica.
+        next_lsn: The LSN the next record gets (one past the highest recovered).
         capacity: Requests that may wait for the next batch before writers wait to enqueue.
     """
 
-    def __init__(self, actors: ActorTable, logs: Sequence[SegmentLog], *,
+    def __init__(self, actors: ActorTable, logs: Sequence[SegmentLog], *, next_lsn: int = 1,
                  capacity: int = 65536) -> None:
         self._logs = list(logs)
         self._mailbox: Mailbox[_Request] = actors.open("journal", capacity)
         self._log = EventLog(logger, actors.node, "store")
         self._failed: str | None = None
+        self._held: _Request | None = None
+        self.next_lsn = next_lsn
         self.stats = JournalStats()
 
     @property
@@ -77,67 +93,111 @@ class Journal:
         """Why the journal stopped acknowledging, or None while it is healthy."""
         return self._failed
 
-    async def write(self, records: Sequence[tuple[int, bytes]]) -> list[list[Position]]:
-        """Append ``records`` (type, payload) and return once they are fsync'd everywhere.
+    async def write(self, records: Sequence[Body], apply: Callable[[], None] | None = None
+                    ) -> None:
+        """Append ``records`` and return once they are fsync'd on every replica.
 
-        Returns:
-            For each replica, the positions of the records, in order.
+        Args:
+            records: (type, fields) pairs; each is stored as the CBOR array [lsn, *fields].
+            apply: Run after the fsync, before any later request is applied (so the
+                store's state changes in log order).
 
         Raises:
             StoreUnavailable: A replica has failed; the records are not acknowledged.
         """
+        await self._submit(_Request(records, apply))
+
+    async def checkpoint(self, snapshot: Snapshot) -> None:
+        """Write a snapshot of the live state to fresh segments, then drop older segments.
+
+        Raises:
+            StoreUnavailable: A replica has failed.
+        """
+        await self._submit(_Request((), None, snapshot))
+
+    async def _submit(self, request: _Request) -> None:
         if self._failed is not None:
             raise StoreUnavailable(self._failed)
-        request = _Request(records)
         await self._mailbox.deliver(request)
         await request.done.wait()
         if request.error is not None:
             raise request.error
-        return request.positions
 
     async def run(self, *, task_status: trio.TaskStatus[Journal] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The actor loop: batch waiting requests, write, fsync, release."""
+        """The actor loop: batch waiting requests, write, fsync, apply, release."""
         task_status.started(self)
         while True:
-            batch = [await self._mailbox.receive()]
+            first = self._held or await self._mailbox.receive()
+            self._held = None
+            if first.snapshot is not None:
+                await self._commit_checkpoint(first)
+                continue
+            batch = [first]
             while True:
                 try:
-                    batch.append(self._mailbox.receive_nowait())
+                    request = self._mailbox.receive_nowait()
                 except trio.WouldBlock:
                     break
+                if request.snapshot is not None:
+                    self._held = request
+                    break
+                batch.append(request)
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Request]) -> None:
-        records = [record for request in batch for record in request.records]
-        results: list[list[Position]] = [[] for _ in self._logs]
-        if self._failed is None:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for index, log in enumerate(self._logs):
-                        nursery.start_soon(self._write_replica, log, records, results, index)
-            except* ReplicaFailed as group:
-                self._failed = str(group.exceptions[0])
-                self._log.error("replica_failed", error="replica_failed",
-                                reason=self._failed)
+        encoded = []
+        for request in batch:
+            for record_type, fields in request.records:
+                encoded.append((record_type, cbor2.dumps([self.next_lsn, *fields])))
+                self.next_lsn += 1
+        await self._everywhere(lambda log: _append_and_sync(log, encoded))
         self.stats.batches += 1
-        self.stats.records += len(records)
-        start = 0
+        self.stats.records += len(encoded)
+        self._release(batch)
+
+    async def _commit_checkpoint(self, request: _Request) -> None:
+        assert request.snapshot is not None
+        records = [(record_type, cbor2.dumps(fields))
+                   for record_type, fields in request.snapshot(self.next_lsn - 1)]
+        await self._everywhere(lambda log: _rewrite(log, records))
+        self.stats.checkpoints += 1
+        self._release([request])
+
+    async def _everywhere(self, work: Callable[[SegmentLog], None]) -> None:
+        """Run ``work`` on every replica in parallel worker threads, unless failed."""
+        if self._failed is not None:
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for log in self._logs:
+                    nursery.start_soon(trio.to_thread.run_sync, work, log)
+        except* ReplicaFailed as group:
+            self._failed = str(group.exceptions[0])
+            self._log.error("replica_failed", error="replica_failed", reason=self._failed)
+        else:
+            self.stats.fsyncs += len(self._logs)
+
+    def _release(self, batch: list[_Request]) -> None:
         for request in batch:
             if self._failed is not None:
                 request.error = StoreUnavailable(self._failed)
-            else:
-                end = start + len(request.records)
-                request.positions = [positions[start:end] for positions in results]
-                start = end
+            elif request.apply is not None:
+                request.apply()
             request.done.set()
 
-    async def _write_replica(self, log: SegmentLog, records: list[tuple[int, bytes]],
-                             results: list[list[Position]], index: int) -> None:
-        def append_and_sync() -> list[Position]:
-            positions = log.append(records)
-            log.sync()
-            return positions
 
-        results[index] = await trio.to_thread.run_sync(append_and_sync)
-        self.stats.fsyncs += 1
+def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
+    if records:
+        log.append(records)
+        log.sync()
+
+
+def _rewrite(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
+    """Write a checkpoint into a fresh segment, then delete every older segment."""
+    log.start_segment()
+    older = [serial for serial in log.segments() if serial < log.current_segment]
+    log.append(records)
+    log.sync()
+    for serial in older:
+        log.delete(serial)

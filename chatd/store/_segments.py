@@ -219,7 +219,9 @@ class SegmentLog:
         self._guard()
         if not self._recovered:
             raise RuntimeError("recover() must be exhausted before appending")
-        for _, payload in records:
+        for record_type, payload in records:
+            if not 0 < record_type < 256:
+                raise ValueError(f"record type must be 1-255, not {record_type}")
             if len(payload) > self.max_record:
                 raise ValueError(f"record of {len(payload)} bytes exceeds {self.max_record}")
         try:
@@ -257,6 +259,18 @@ class SegmentLog:
         except OSError as exc:
             raise self._fail(exc) from exc
 
+    def start_segment(self) -> None:
+        """Finish the current segment (fsync'd) and append from now on to a new one.
+
+        Raises:
+            ReplicaFailed: The log has failed, or the roll failed (it now has).
+        """
+        self._guard()
+        try:
+            self._roll()
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
     @property
     def current_segment(self) -> int:
         """The serial of the segment being appended to (0 before the first append)."""
@@ -291,6 +305,7 @@ class SegmentLog:
         if end < size:
             os.ftruncate(fd, end)
             os.fsync(fd)
+            _fsync_dir(self.directory)
             self.truncated += size - end
         if end == 0:
             _write_all(fd, MAGIC)

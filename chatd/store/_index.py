@@ -1,0 +1,218 @@
+"""The in-memory state of a store: queues, unread messages, remembered message ids.
+
+Both stores keep this index: the memory store as its only copy, the durable store as the
+state it rebuilds from its log at start-up and updates as records are committed. Every
+method is synchronous and does no I/O, so a caller in trio sees it change atomically.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import operator
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+from chatd.protocol import MAX_RECEIPT_IDS
+
+from ._interface import Entry, IdConflict, Message, ReceiptItem
+
+__all__ = ["Acked", "QueueIndex", "SentId"]
+
+_SEQ = operator.attrgetter("seq")
+
+
+@attrs.frozen(slots=True)
+class SentId:
+    """A remembered message id: its recipient, the message's time, and when to forget it."""
+
+    to: str
+    ts: int
+    expires: int
+
+
+@attrs.frozen(slots=True)
+class Acked:
+    """What an acknowledgement changed, and the receipts it produces for senders."""
+
+    changed: bool
+    receipts: tuple[tuple[str, ReceiptItem], ...]
+
+
+class _Queue:
+    """One user's queue: ``entries[head:]`` in seq order, plus delivered-unread messages."""
+
+    __slots__ = ("entries", "head", "last_seq", "reserved", "unread")
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self.head = 0
+        self.last_seq = 0
+        self.reserved = 0
+        self.unread: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
+
+
+class QueueIndex:
+    """Per-user queues and the message-id memory, in process memory.
+
+    Args:
+        dedup_window: Seconds a message id is remembered for duplicate detection.
+        dedup_max: Most message ids remembered at once; the oldest are forgotten first.
+        max_unread: Most delivered-but-unread messages remembered per user.
+    """
+
+    def __init__(self, *, dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
+                 max_unread: int = 10_000) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self.ids: collections.OrderedDict[tuple[str, str], SentId] = collections.OrderedDict()
+        self.dedup_window_ms = int(dedup_window * 1000)
+        self._dedup_max = dedup_max
+        self._max_unread = max_unread
+        self.pending_total = 0
+
+    def _queue(self, user: str) -> _Queue:
+        queue = self._queues.get(user)
+        if queue is None:
+            queue = self._queues[user] = _Queue()
+        return queue
+
+    # -- message ids -------------------------------------------------------------------
+
+    def seen(self, message: Message, now: int) -> SentId | None:
+        """The remembered id of ``message``'s (sender, id), forgetting expired ids first.
+
+        Raises:
+            IdConflict: The id was used for another recipient.
+        """
+        ids = self.ids
+        while ids and (len(ids) > self._dedup_max or next(iter(ids.values())).expires < now):
+            ids.popitem(last=False)
+        seen = ids.get((message.sender, message.id))
+        if seen is not None and seen.to != message.to:
+            raise IdConflict(message.id)
+        return seen
+
+    def remember(self, sender: str, msg_id: str, to: str, ts: int) -> None:
+        """Remember a message id until ``ts`` plus the dedup window."""
+        self.ids[(sender, msg_id)] = SentId(to, ts, ts + self.dedup_window_ms)
+
+    # -- queues ------------------------------------------------------------------------
+
+    def reserve(self, user: str) -> int:
+        """The next sequence number of ``user``, taken now (never given twice)."""
+        queue = self._queue(user)
+        queue.reserved = max(queue.reserved, queue.last_seq) + 1
+        return queue.reserved
+
+    def add(self, user: str, entry: Entry) -> None:
+        """Queue ``entry`` for ``user`` in its place by seq."""
+        queue = self._queue(user)
+        if queue.entries and queue.entries[-1].seq > entry.seq:
+            bisect.insort(queue.entries, entry, lo=queue.head, key=_SEQ)
+        else:
+            queue.entries.append(entry)
+        queue.last_seq = max(queue.last_seq, entry.seq)
+        queue.reserved = max(queue.reserved, entry.seq)
+        self.pending_total += 1
+
+    def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
+        """Up to ``limit`` queued entries with ``seq > after``, in order."""
+        queue = self._queues.get(user)
+        if queue is None:
+            return ()
+        start = bisect.bisect_right(queue.entries, after, lo=queue.head, key=_SEQ)
+        return queue.entries[start:start + limit]
+
+    def last_seq(self, user: str) -> int:
+        """The highest sequence number committed for ``user`` (0 if none)."""
+        queue = self._queues.get(user)
+        return queue.last_seq if queue else 0
+
+    def queued(self, user: str) -> int:
+        """How many items wait in ``user``'s queue."""
+        queue = self._queues.get(user)
+        return len(queue.entries) - queue.head if queue else 0
+
+    def plan_ack(self, user: str, status: str, upto: int, peer: str | None,
+                 ts: int) -> Acked:
+        """What an acknowledgement would change, without changing anything.
+
+        ``delivered`` covers every queued item with ``seq <= upto``; ``read`` covers the
+        same, then the delivered-but-unread messages with ``seq <= upto`` (only ``peer``'s
+        when given), after the oldest unread beyond ``max_unread`` are forgotten.
+
+        Returns:
+            Whether anything would change, and the receipts it produces, by sender, with at
+            most MAX_RECEIPT_IDS ids each.
+        """
+        queue = self._queues.get(user)
+        if queue is None:
+            return Acked(False, ())
+        entries = queue.entries
+        end = bisect.bisect_right(entries, upto, lo=queue.head, key=_SEQ)
+        newly = [(e.seq, e.item.sender, e.item.id) for e in entries[queue.head:end]
+                 if isinstance(e.item, Message)]
+        delivered = [(sender, msg_id) for _, sender, msg_id in newly]
+        read: list[tuple[str, str]] = []
+        if status == "read":
+            unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
+            unread += newly
+            kept = unread[max(0, len(unread) - self._max_unread):]
+            read = [(sender, msg_id) for seq, sender, msg_id in kept
+                    if seq <= upto and (peer is None or sender == peer)]
+        receipts = tuple(
+            (sender, ReceiptItem(state, user, tuple(ids[i:i + MAX_RECEIPT_IDS]), ts))
+            for state, pairs in (("delivered", delivered), ("read", read))
+            for sender, ids in _by_sender(pairs)
+            for i in range(0, len(ids), MAX_RECEIPT_IDS)
+        )
+        return Acked(end > queue.head or bool(read), receipts)
+
+    def apply_ack(self, user: str, status: str, upto: int, peer: str | None) -> None:
+        """Make the change :meth:`plan_ack` describes."""
+        queue = self._queues.get(user)
+        if queue is None:
+            return
+        entries, head = queue.entries, queue.head
+        end = bisect.bisect_right(entries, upto, lo=head, key=_SEQ)
+        for entry in entries[head:end]:
+            if isinstance(entry.item, Message):
+                queue.unread[entry.seq] = (entry.item.sender, entry.item.id)
+        self.pending_total -= end - head
+        if end > 1024 and end * 2 > len(entries):
+            del entries[:end]
+            end = 0
+        queue.head = end
+        while len(queue.unread) > self._max_unread:
+            queue.unread.popitem(last=False)
+        if status == "read":
+            for seq, (sender, _) in list(queue.unread.items()):
+                if seq > upto:
+                    break
+                if peer is None or sender == peer:
+                    del queue.unread[seq]
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def users(self) -> Iterator[tuple[str, int, Sequence[Entry], list[tuple[int, str, str]]]]:
+        """Every user's (user, last_seq, pending entries, unread [seq, sender, id])."""
+        for user, queue in self._queues.items():
+            unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
+            yield user, queue.last_seq, queue.entries[queue.head:], unread
+
+    def restore_user(self, user: str, last_seq: int,
+                     unread: Sequence[tuple[int, str, str]]) -> None:
+        """Set a user's counters and unread messages from a snapshot."""
+        queue = self._queue(user)
+        queue.last_seq = max(queue.last_seq, last_seq)
+        queue.reserved = max(queue.reserved, last_seq)
+        for seq, sender, msg_id in unread:
+            queue.unread[seq] = (sender, msg_id)
+
+
+def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    grouped: dict[str, list[str]] = {}
+    for sender, msg_id in pairs:
+        grouped.setdefault(sender, []).append(msg_id)
+    return list(grouped.items())
