@@ -42,7 +42,9 @@ def _config(args: argparse.Namespace) -> Config:
                        host=getattr(args, "host", None), port=getattr(args, "port", None),
                        node=getattr(args, "node", None),
                        log_level=getattr(args, "log_level", None),
-                       secret_file=getattr(args, "secret_file", None))
+                       secret_file=getattr(args, "secret_file", None),
+                       store=getattr(args, "store", None),
+                       store_dirs=getattr(args, "store_dir", None))
 
 
 # -- serve ---------------------------------------------------------------------------
@@ -245,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--node", help="node name (default node1)")
     serve.add_argument("--secret-file", type=Path, help="token secret (default DATA_DIR/secret)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--store", choices=["durable", "memory"],
+                       help="where queues live (default durable: two replicas on disk)")
+    serve.add_argument("--store-dir", type=Path, action="append",
+                       help="a replica directory; give it twice (default "
+                            "DATA_DIR/store/0 and DATA_DIR/store/1)")
     serve.set_defaults(run=_serve)
 
     token = commands.add_parser("token", help="print a token for USER")

@@ -23,6 +23,10 @@ class ConfigError(Exception):
     """The configuration is unreadable or names an unknown or ill-typed setting."""
 
 
+def _paths(values: Any) -> tuple[Path, ...]:
+    return tuple(Path(v) for v in values)
+
+
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name} must be positive, not {value}")
@@ -38,6 +42,11 @@ class Config:
     node: str = "node1"
     secret_file: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     log_level: str = "info"
+    store: str = "durable"
+    store_dirs: tuple[Path, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_paths))
+    segment_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    checkpoint_interval: float = attrs.field(default=10.0, validator=_positive)
     auth_timeout: float = attrs.field(default=5.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     ping_interval: float = attrs.field(default=20.0, validator=_positive)
@@ -61,6 +70,17 @@ class Config:
         if not all("\x21" <= ch <= "\x7e" for ch in self.node) or not 0 < len(self.node) <= 32:
             raise ConfigError("node must be 1-32 printable ASCII characters without spaces")
         _check_limits(self.limits)
+        if self.store not in ("durable", "memory"):
+            raise ConfigError(f"store must be 'durable' or 'memory', not {self.store!r}")
+        if self.store_dirs is not None and len(self.store_dirs) != 2:
+            raise ConfigError("store_dirs must name exactly two directories (the replicas)")
+
+    @property
+    def replica_paths(self) -> tuple[Path, ...]:
+        """The durable store's two replica directories."""
+        if self.store_dirs is not None:
+            return self.store_dirs
+        return (self.data_dir / "store" / "0", self.data_dir / "store" / "1")
 
     @property
     def secret_path(self) -> Path:
@@ -98,6 +118,11 @@ def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"unknown setting {where}{key!r}")
         default = field.default
         expected: tuple[type, ...]
+        if key == "store_dirs":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"setting {where}{key!r} must be a list of two paths")
+            out[key] = value
+            continue
         if isinstance(default, bool):
             expected = (bool,)
         elif isinstance(default, int):

@@ -32,7 +32,7 @@ from chatd.presence import PresenceService
 from chatd.registry import Registry
 from chatd.router import Router
 from chatd.session import SessionContext
-from chatd.store import MemoryStore, Store
+from chatd.store import DurableStore, MemoryStore, Store
 
 __all__ = ["Node"]
 
@@ -52,9 +52,7 @@ class Node:
         self.actors = ActorTable(config.node)
         self.registry = Registry(self.actors)
         self.presence = PresenceService(self.actors, threshold=config.online_threshold)
-        self.store: Store = store or MemoryStore(
-            dedup_window=config.dedup_window, dedup_max=config.dedup_max_ids,
-            max_unread=config.max_unread)
+        self.store: Store = store or _make_store(config, self.actors)
         self.router = Router(self.actors, self.registry, self.store)
         self.supervisor = Supervisor("node", node=config.node,
                                      intensity=config.restart_intensity,
@@ -108,3 +106,14 @@ class Node:
                 self._log.warning("shutdown_deadline", sessions=listener.live_sessions)
             nursery.cancel_scope.cancel()
         self._log.info("stopped")
+
+
+def _make_store(config: Config, actors: ActorTable) -> Store:
+    """The store the configuration asks for."""
+    sizes = {"dedup_window": config.dedup_window, "dedup_max": config.dedup_max_ids,
+             "max_unread": config.max_unread}
+    if config.store == "memory":
+        return MemoryStore(**sizes)  # type: ignore[arg-type]
+    return DurableStore(actors, config.replica_paths, segment_bytes=config.segment_bytes,
+                        checkpoint_interval=config.checkpoint_interval,
+                        **sizes)  # type: ignore[arg-type]

@@ -21,11 +21,13 @@ from chatd.logs import EventLog
 from chatd.messages import Deliver
 from chatd.protocol import ErrorCode, ProtocolError, Send, Sent
 from chatd.registry import Registry
-from chatd.store import Entry, IdConflict, Message, Store
+from chatd.store import Entry, IdConflict, Message, Store, StoreUnavailable
 
 __all__ = ["Router"]
 
 logger = logging.getLogger(__name__)
+
+_UNAVAILABLE = "the store cannot keep this durably now; nothing was stored, try again later"
 
 
 class Router:
@@ -50,7 +52,8 @@ class Router:
             The ``sent`` frame for the sender; ``dup`` is set if the id was seen before.
 
         Raises:
-            ProtocolError: ``id_conflict`` if the id was used for another recipient.
+            ProtocolError: ``id_conflict`` if the id was used for another recipient;
+                ``store_unavailable`` if it could not be stored (not accepted: send again).
         """
         message = Message(frame.id, sender, frame.to, frame.body, now_ms())
         try:
@@ -59,14 +62,25 @@ class Router:
             raise ProtocolError(ErrorCode.ID_CONFLICT,
                                 "message id already used for another recipient",
                                 ref=frame.id) from None
+        except StoreUnavailable:
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE,
+                                ref=frame.id) from None
         if accepted.entry is not None:
             self.offer(frame.to, accepted.entry)
         return Sent(frame.id, accepted.ts, accepted.duplicate)
 
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> None:
-        """Apply ``user``'s acknowledgement and route the receipts it produces."""
-        for sender, entry in await self._store.acknowledge(user, status, upto, peer):
+        """Apply ``user``'s acknowledgement and route the receipts it produces.
+
+        Raises:
+            ProtocolError: ``store_unavailable`` if it could not be stored; nothing changed.
+        """
+        try:
+            queued = await self._store.acknowledge(user, status, upto, peer)
+        except StoreUnavailable:
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE) from None
+        for sender, entry in queued:
             self.offer(sender, entry)
 
     def offer(self, user: str, entry: Entry) -> None:

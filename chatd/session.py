@@ -22,6 +22,7 @@ client why in an ``error`` frame and closes with the matching close code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -174,8 +175,9 @@ class Session:
                 await ctx.registry.register(user, address)
                 await ctx.presence.session_up(user, address)
                 if hello.resume:
-                    await ctx.router.acknowledge(user, "delivered",
-                                                 min(hello.resume, ctx.store.last_seq(user)))
+                    with contextlib.suppress(ProtocolError):  # store_unavailable: redeliver
+                        await ctx.router.acknowledge(
+                            user, "delivered", min(hello.resume, ctx.store.last_seq(user)))
                 # Everything before the first pending entry reached the user on an earlier
                 # connection: acknowledgements up to there are legitimate on this one.
                 first = await ctx.store.pending(user, 0, 1)

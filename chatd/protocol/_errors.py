@@ -55,6 +55,7 @@ class ErrorCode(enum.StrEnum):
     IDLE_TIMEOUT = "idle_timeout"
     SLOW_CONSUMER = "slow_consumer"
     ID_CONFLICT = "id_conflict"
+    STORE_UNAVAILABLE = "store_unavailable"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"

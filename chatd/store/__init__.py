@@ -4,6 +4,7 @@ The router and sessions speak only the :class:`Store` interface; the node is bui
 one implementation (``Node(store=...)``, the in-memory store by default).
 """
 
+from ._durable import DurableStore
 from ._interface import (
     Accepted,
     Entry,
@@ -18,6 +19,7 @@ from ._memory import MemoryStore
 
 __all__ = [
     "Accepted",
+    "DurableStore",
     "Entry",
     "IdConflict",
     "Item",

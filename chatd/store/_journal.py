@@ -81,12 +81,17 @@ class Journal:
     def __init__(self, actors: ActorTable, logs: Sequence[SegmentLog], *, next_lsn: int = 1,
                  capacity: int = 65536) -> None:
         self._logs = list(logs)
+        self._actors = actors
         self._mailbox: Mailbox[_Request] = actors.open("journal", capacity)
         self._log = EventLog(logger, actors.node, "store")
         self._failed: str | None = None
         self._held: _Request | None = None
         self.next_lsn = next_lsn
         self.stats = JournalStats()
+
+    def close(self) -> None:
+        """Release the journal's mailbox (the actor has stopped)."""
+        self._actors.release(self._mailbox)
 
     @property
     def failed(self) -> str | None:
