@@ -27,6 +27,7 @@ from chatd.config import Config, ConfigError, load_config
 from chatd.logs import configure, root_cause
 from chatd.node import Node
 from chatd.protocol import Error, Msg, Receipt, Sent
+from chatd.store import ReplicaFailed
 
 __all__ = ["main"]
 
@@ -62,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         if isinstance(leaf, OSError):
             raise CommandError(f"cannot serve on {config.host}:{config.port}: "
                                f"{leaf.strerror or leaf}") from None
-        if isinstance(leaf, RestartIntensityExceeded | ValueError):
+        if isinstance(leaf, RestartIntensityExceeded | ValueError | ReplicaFailed):
             raise CommandError(str(leaf)) from None
         raise
     if not graceful:

@@ -16,6 +16,7 @@ from ._interface import (
     StoreUnavailable,
 )
 from ._memory import MemoryStore
+from ._segments import ReplicaFailed
 
 __all__ = [
     "Accepted",
@@ -26,6 +27,7 @@ __all__ = [
     "MemoryStore",
     "Message",
     "ReceiptItem",
+    "ReplicaFailed",
     "Store",
     "StoreUnavailable",
 ]

@@ -14,7 +14,8 @@ Records (each a CBOR array, the LSN first):
   [snap, user, last_seq], ``CK_UNREAD`` [snap, user, [[seq, from, id], ...]],
   ``CK_ENTRY`` [snap, user, seq, "m", id, from, body, ts] or [..., "r", status, by, ids,
   ts],
-  ``CK_IDS`` [snap, [[from, id, to, ts], ...]], ``CK_END``.
+  ``CK_IDS`` [snap, [[from, id, to, ts], ...]], ``CK_END`` [snap, count of the records
+  between begin and end].
 
 Recovery reads both replicas, starts from the newest complete checkpoint found on either,
 and replays the union of both replicas' later records in LSN order. Damage, a torn tail, or
@@ -38,7 +39,7 @@ from chatd.clock import now_ms
 from chatd.logs import EventLog
 
 from ._index import QueueIndex
-from ._interface import Accepted, Entry, Message, ReceiptItem, Store
+from ._interface import Accepted, Entry, Message, ReceiptItem, Store, StoreUnavailable
 from ._journal import Body, Journal
 from ._segments import SegmentLog
 
@@ -114,6 +115,7 @@ class DurableStore:
                                users=len(list(self.index.users())))
                 task_status.started(self)
                 await self._checkpointer()
+                await trio.sleep_forever()
         finally:
             journal.close()
             for log in self.logs:
@@ -128,7 +130,12 @@ class DurableStore:
             self._wake = trio.Event()
             written = self.journal.stats.records - self._records_at_checkpoint
             if written and (self.index.pending_total == 0 or self._segment_count() > 4):
-                await self.checkpoint()
+                try:
+                    await self.checkpoint()
+                except StoreUnavailable:
+                    # A replica failed (the journal logged it). The store stays up and
+                    # refuses writes; restarting it would reopen the failed replica.
+                    return
 
     async def checkpoint(self) -> None:
         """Write the live state to fresh segments and delete the older ones now."""
@@ -230,7 +237,8 @@ class DurableStore:
                for (sender, msg_id), sent in self.index.ids.items()]
         for start in range(0, len(ids), _CHUNK):
             records.append((CK_IDS, [snap, ids[start:start + _CHUNK]]))
-        records.append((CK_END, [snap]))
+        # The count lets recovery tell a complete checkpoint from one with a damaged record.
+        records.append((CK_END, [snap, len(records) - 1]))
         return records
 
     # -- recovery (runs in a worker thread, before the actor serves) --------------------
@@ -321,14 +329,19 @@ class DurableStore:
 
 def _latest_checkpoint(records: list[tuple[int, list[Any]]]
                        ) -> tuple[int, list[tuple[int, list[Any]]]] | None:
-    """The newest complete checkpoint (its LSN and records) in one replica's records."""
+    """The newest complete checkpoint (its LSN and records) in one replica's records.
+
+    Complete means its end record was written and every record it counts was read back: a
+    checkpoint with a damaged record inside is not used (the other replica's is).
+    """
     latest = None
     current: list[tuple[int, list[Any]]] | None = None
     for record_type, fields in records:
         if record_type == CK_BEGIN:
             current = []
         elif record_type == CK_END and current is not None:
-            latest = (fields[0], current)
+            if len(fields) == 2 and fields[1] == len(current):
+                latest = (fields[0], current)
             current = None
         elif current is not None and CK_USER <= record_type <= CK_IDS:
             current.append((record_type, fields))

@@ -1,0 +1,1 @@
+"""Benchmarks for chatd; run by hand, never by the test suite."""

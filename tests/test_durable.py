@@ -1,0 +1,571 @@
+"""Tests for :class:`chatd.store.DurableStore`, the persistence actor on two replicas.
+
+Every test runs real stores on real replica directories under ``tmp_path``. A "restart" is
+a clean stop (the store's nursery is cancelled) followed by a fresh ``DurableStore`` on the
+same directories; damage, torn tails and lost replicas are made by editing the segment
+files while the store is stopped. Crashes with SIGKILL are tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cbor2
+import pytest
+import trio
+import trio.testing
+
+from chatd.actors import ActorTable
+from chatd.clock import now_ms
+from chatd.store import (
+    DurableStore,
+    Entry,
+    IdConflict,
+    Message,
+    ReceiptItem,
+    StoreUnavailable,
+)
+from chatd.store._segments import HEADER_BYTES, SegmentLog
+
+# Record types of the durable store (chatd/store/_durable.py).
+MSG, ACK = 1, 2
+CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END = 10, 11, 12, 13, 14, 15
+
+DEADLINE = 10.0  # seconds any single wait in these tests may take
+ALL = 1_000_000  # a limit larger than any queue here
+
+Decoded = list[tuple[int, list[Any]]]
+
+
+# -- fixtures and helpers -----------------------------------------------------------------
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> list[Path]:
+    """The two replica directories of the store under test."""
+    return [tmp_path / "r0", tmp_path / "r1"]
+
+
+@pytest.fixture(autouse=True)
+def _store_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``chatd`` records propagate to caplog even if a test configured JSON logging."""
+    monkeypatch.setattr(logging.getLogger("chatd"), "propagate", True)
+
+
+@asynccontextmanager
+async def running_store(dirs: Sequence[Path], **kw: Any) -> AsyncIterator[DurableStore]:
+    """A DurableStore on ``dirs``, recovered and serving; stopped cleanly on exit."""
+    async with trio.open_nursery() as nursery:
+        store = DurableStore(ActorTable("n1"), list(dirs), **kw)
+        with trio.fail_after(DEADLINE):
+            await nursery.start(store.run)
+        yield store
+        nursery.cancel_scope.cancel()
+
+
+def msg(n: int, to: str, sender: str = "alice", *, body: str | None = None,
+        ts: int | None = None) -> Message:
+    """Message ``m<n>`` from ``sender`` to ``to``."""
+    return Message(f"m{n}", sender, to, body if body is not None else f"body {n} for {to}",
+                   ts if ts is not None else now_ms())
+
+
+class UserState(NamedTuple):
+    """Everything a restart must keep about one user."""
+
+    last_seq: int
+    queued: int
+    pending: tuple[Entry, ...]
+    unread: tuple[tuple[int, str, str], ...]
+
+
+async def snapshot(store: DurableStore, users: Sequence[str]) -> dict[str, UserState]:
+    """The observable state of ``users`` in ``store``, comparable with ``==``."""
+    unread = {user: tuple(u) for user, _, _, u in store.index.users()}
+    return {user: UserState(store.last_seq(user), store.queued(user),
+                            tuple(await store.pending(user, 0, ALL)), unread.get(user, ()))
+            for user in users}
+
+
+async def submit_all(store: DurableStore, messages: Sequence[Message]) -> list[Entry]:
+    """Submit one at a time (one record per batch); the new entries."""
+    entries = []
+    for message in messages:
+        accepted = await store.submit(message)
+        assert not accepted.duplicate and accepted.entry is not None
+        entries.append(accepted.entry)
+    return entries
+
+
+def summary(receipts: Sequence[tuple[str, Entry]]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(sender, status, ids) of receipts returned by ``acknowledge``."""
+    out = []
+    for sender, entry in receipts:
+        assert isinstance(entry.item, ReceiptItem)
+        out.append((sender, entry.item.status, entry.item.ids))
+    return out
+
+
+def segment_files(directory: Path) -> list[Path]:
+    """The segment files of a replica, in serial order."""
+    return sorted(directory.glob("*.seg"))
+
+
+def segment_bytes_total(directory: Path) -> int:
+    return sum(path.stat().st_size for path in segment_files(directory))
+
+
+def recover_clean(directory: Path) -> Decoded:
+    """Recover a stopped replica with a fresh SegmentLog; it must hold no damage."""
+    log = SegmentLog(directory)
+    try:
+        records = [(r.type, cbor2.loads(r.payload)) for r in log.recover()]
+        assert log.damage == []
+        assert log.truncated == 0
+    finally:
+        log.close()
+    return records
+
+
+def record_spans(directory: Path) -> list[tuple[Path, int, int]]:
+    """(file, offset, size) of every record of a cleanly stopped replica, in order."""
+    log = SegmentLog(directory)
+    try:
+        spans = [(directory / f"{r.position.segment:020d}.seg", r.position.offset,
+                  HEADER_BYTES + len(r.payload)) for r in log.recover()]
+        assert log.damage == [] and log.truncated == 0
+    finally:
+        log.close()
+    return spans
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def checkpoint_entries(records: Decoded) -> dict[str, list[tuple[Any, ...]]]:
+    """The queues of the one complete checkpoint in ``records``: user -> [(seq, kind, id)].
+
+    Asserts that ``records`` hold exactly one checkpoint, complete (CK_BEGIN ... CK_END,
+    one snapshot LSN) and nothing else before it.
+    """
+    types = [record_type for record_type, _ in records]
+    assert types.count(CK_BEGIN) == 1 and types.count(CK_END) == 1
+    begin, end = types.index(CK_BEGIN), types.index(CK_END)
+    assert begin == 0 and begin < end
+    snap = records[begin][1][0]
+    queues: dict[str, list[tuple[Any, ...]]] = {}
+    for record_type, fields in records[begin:end + 1]:
+        assert fields[0] == snap
+        if record_type == CK_ENTRY:
+            _, user, seq, kind, *rest = fields
+            queues.setdefault(user, []).append((seq, kind, rest[0] if kind == "m" else rest[3]))
+    return queues
+
+
+def expected_queue(state: UserState) -> list[tuple[Any, ...]]:
+    """``checkpoint_entries`` as it should read for a user in ``state``."""
+    return [(e.seq, "m", e.item.id) if isinstance(e.item, Message) else (e.seq, "r", e.item.ts)
+            for e in state.pending]
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    """The structured fields of every captured record of event ``name``."""
+    return [dict(getattr(r, "chatd_fields", {})) for r in caplog.records if r.msg == name]
+
+
+# -- 1. round trip ------------------------------------------------------------------------
+
+
+async def test_state_round_trips_across_restarts(dirs: list[Path]) -> None:
+    users = ["alice", "erin", "bob", "carol", "dave"]
+    async with running_store(dirs) as store:
+        await submit_all(store, [msg(1, "bob"), msg(2, "bob"), msg(3, "bob"),
+                                 msg(1, "bob", "erin"), msg(4, "carol"), msg(5, "carol"),
+                                 msg(2, "dave", "erin")])
+        # bob: m1, m2 delivered (unread); then read upto 4 from erin only: m3 and e's m1
+        # delivered, e's m1 read; m1..m3 stay unread.
+        receipts = await store.acknowledge("bob", "delivered", 2)
+        assert summary(receipts) == [
+            ("alice", "delivered", ("m1", "m2"))]
+        receipts = await store.acknowledge("bob", "read", 4, "erin")
+        assert summary(receipts) == [
+            ("alice", "delivered", ("m3",)), ("erin", "delivered", ("m1",)),
+            ("erin", "read", ("m1",))]
+        # carol: read upto 1 with no peer; m5 stays queued.
+        receipts = await store.acknowledge("carol", "read", 1)
+        assert summary(receipts) == [
+            ("alice", "delivered", ("m4",)), ("alice", "read", ("m4",))]
+        before = await snapshot(store, users)
+    assert before["bob"].queued == 0 and before["bob"].unread == (
+        (1, "alice", "m1"), (2, "alice", "m2"), (3, "alice", "m3"))
+    assert before["carol"].queued == 1 and before["dave"].queued == 1
+    assert before["alice"].queued == 4 and before["erin"].queued == 2
+    assert all(isinstance(e.item, ReceiptItem) and e.item.by in ("bob", "carol")
+               for e in before["alice"].pending + before["erin"].pending)
+
+    async with running_store(dirs) as store:  # restored by replaying the log
+        assert await snapshot(store, users) == before
+        await store.checkpoint()
+    async with running_store(dirs) as store:  # restored from the checkpoint
+        assert await snapshot(store, users) == before
+        # bob's m1..m3 were delivered before the restarts: reading them now yields the
+        # READ receipt for alice, queued after her existing receipts.
+        receipts = await store.acknowledge("bob", "read", 3)
+        assert len(receipts) == 1
+        sender, entry = receipts[0]
+        assert sender == "alice" and entry.seq == before["alice"].last_seq + 1
+        assert isinstance(entry.item, ReceiptItem)
+        assert (entry.item.status, entry.item.by, entry.item.ids) == (
+            "read", "bob", ("m1", "m2", "m3"))
+        after = await snapshot(store, ["bob"])
+        assert after["bob"].unread == ()
+        assert await store.acknowledge("bob", "read", 3) == []
+
+
+# -- 2. idempotency -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["replayed", "checkpointed"])
+async def test_idempotency_survives_restart(dirs: list[Path], checkpointed: bool) -> None:
+    original = msg(1, "bob", ts=now_ms() - 5000)
+    async with running_store(dirs) as store:
+        await submit_all(store, [original])
+        if checkpointed:
+            await store.checkpoint()
+
+    async with running_store(dirs) as store:
+        retry = msg(1, "bob", body="a different body", ts=now_ms())
+        accepted = await store.submit(retry)
+        assert accepted.duplicate and accepted.entry is None
+        assert accepted.ts == original.ts
+        assert store.queued("bob") == 1 and store.last_seq("bob") == 1
+        with pytest.raises(IdConflict):
+            await store.submit(msg(1, "carol"))
+        assert store.queued("carol") == 0 and store.last_seq("carol") == 0
+
+        # The same new id submitted by several tasks at once is queued exactly once.
+        results = []
+        ts = now_ms()
+
+        async def send() -> None:
+            results.append(await store.submit(msg(2, "bob", ts=ts)))
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(send)
+        assert sorted(r.duplicate for r in results) == [False] + [True] * 7
+        assert {r.ts for r in results} == {ts}
+        assert store.queued("bob") == 2 and store.last_seq("bob") == 2
+        pending = await store.pending("bob", 0, ALL)
+        assert [e.item.id for e in pending if isinstance(e.item, Message)] == ["m1", "m2"]
+        assert pending[0].item == original
+
+
+# -- 3. sequence numbers ------------------------------------------------------------------
+
+
+async def test_sequence_numbers_never_go_back(dirs: list[Path]) -> None:
+    async with running_store(dirs) as store:
+        await submit_all(store, [msg(n, "bob") for n in range(3)] +
+                         [msg(n, "carol") for n in range(3, 5)])
+        await store.acknowledge("bob", "read", 3)
+        await store.acknowledge("carol", "delivered", 2)
+        await store.acknowledge("alice", "delivered", store.last_seq("alice"))
+        last = {user: store.last_seq(user) for user in ("alice", "bob", "carol")}
+        assert last == {"alice": 3, "bob": 3, "carol": 2}
+        assert store.index.pending_total == 0
+        await store.checkpoint()
+        assert [len(segment_files(d)) for d in dirs] == [1, 1]
+    for directory in dirs:  # the MSG/ACK records are gone: only the checkpoint holds seqs
+        records = recover_clean(directory)
+        assert {t for t, _ in records} <= {CK_BEGIN, CK_USER, CK_UNREAD, CK_IDS, CK_END}
+        assert checkpoint_entries(records) == {}
+
+    async with running_store(dirs) as store:
+        assert {user: store.last_seq(user) for user in last} == last
+        entry = (await store.submit(msg(10, "bob"))).entry
+        assert entry is not None and entry.seq == last["bob"] + 1
+        receipts = await store.acknowledge("bob", "delivered", entry.seq)
+        assert [(s, e.seq) for s, e in receipts] == [("alice", last["alice"] + 1)]
+        entry = (await store.submit(msg(11, "carol"))).entry
+        assert entry is not None and entry.seq == last["carol"] + 1
+
+
+# -- 4. segments are given back ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["explicit", "checkpointer"])
+async def test_segments_removed_once_all_acknowledged(dirs: list[Path], how: str) -> None:
+    # 40 records of ~340 bytes make 4 segments of 4096 bytes: not more, so that the
+    # checkpointer's other rule (more than 4 segments) does not compact before the acks.
+    interval = 0.05 if how == "checkpointer" else 3600.0
+    count = 40
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=interval) as store:
+        await submit_all(store, [msg(n, "bob", body=f"{n:04d}" + "x" * 300)
+                                 for n in range(count)])
+        before = [segment_bytes_total(d) for d in dirs]
+        segments = [len(segment_files(d)) for d in dirs]
+        assert min(segments) >= 4
+        await store.acknowledge("bob", "read", count)
+        await store.acknowledge("alice", "delivered", store.last_seq("alice"))
+        assert store.index.pending_total == 0
+        if how == "explicit":
+            await store.checkpoint()
+        else:
+            with trio.fail_after(DEADLINE):
+                while not (store.journal is not None and store.journal.stats.checkpoints
+                           and all(len(segment_files(d)) == 1 for d in dirs)):
+                    await trio.sleep(0.01)
+        after = [segment_bytes_total(d) for d in dirs]
+        assert [len(segment_files(d)) for d in dirs] == [1, 1]
+        print(f"{how}: bytes per replica before {before} in {segments} segments, "
+              f"after {after} in 1")
+        assert all(a * 10 < b for a, b in zip(after, before, strict=True))
+        last_alice = store.last_seq("alice")
+
+    async with running_store(dirs, segment_bytes=4096) as store:
+        assert store.last_seq("bob") == count and store.last_seq("alice") == last_alice
+        assert store.queued("bob") == 0
+        assert (await store.submit(msg(7, "bob"))).duplicate
+        entry = (await store.submit(msg(count + 1, "bob"))).entry
+        assert entry is not None and entry.seq == count + 1
+
+
+async def test_checkpointer_compacts_a_long_log_with_messages_pending(
+        dirs: list[Path]) -> None:
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=0.05) as store:
+        await submit_all(store, [msg(n, "bob", body="y" * 300) for n in range(70)])
+        assert store.journal is not None
+        stats = store.journal.stats
+        with trio.fail_after(DEADLINE):
+            while not (stats.checkpoints and all(len(segment_files(d)) <= 4 for d in dirs)):
+                await trio.sleep(0.01)
+        before = await snapshot(store, ["bob"])
+    async with running_store(dirs, segment_bytes=4096) as store:
+        assert await snapshot(store, ["bob"]) == before
+        assert before["bob"].queued == 70
+
+
+# -- 5. repair from the other replica -----------------------------------------------------
+
+
+async def _fill(dirs: list[Path], count: int = 11) -> dict[str, UserState]:
+    """A store with ``count`` messages to bob and carol, one record each; its state."""
+    async with running_store(dirs) as store:
+        await submit_all(store, [msg(n, "bob" if n % 2 else "carol") for n in range(count)])
+        return await snapshot(store, ["bob", "carol"])
+
+
+async def _assert_repaired(dirs: list[Path], before: dict[str, UserState]) -> None:
+    """After the repair, both replicas hold a clean, complete checkpoint of ``before``,
+    and a further restart still shows ``before``."""
+    for directory in dirs:
+        records = recover_clean(directory)
+        assert checkpoint_entries(records) == {
+            user: expected_queue(state) for user, state in before.items()}
+    async with running_store(dirs) as store:
+        assert await snapshot(store, ["bob", "carol"]) == before
+
+
+async def test_damaged_record_repaired_from_other_replica(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    before = await _fill(dirs)
+    spans = record_spans(dirs[0])
+    path, offset, size = spans[len(spans) // 2]
+    flip_byte(path, offset + size // 2)
+
+    async with running_store(dirs) as store:
+        assert await snapshot(store, ["bob", "carol"]) == before
+    damaged = events(caplog, "replica_damaged")
+    assert len(damaged) == 1
+    assert damaged[0]["error"] == "replica_damaged"
+    assert damaged[0]["replica"] == str(dirs[0]) and damaged[0]["start"] == offset
+    assert events(caplog, "replicas_repaired")
+    assert not events(caplog, "records_lost")
+    await _assert_repaired(dirs, before)
+
+
+@pytest.mark.parametrize("keep", [1, 5, 9, 20, -1])
+async def test_torn_tail_on_one_replica_loses_nothing(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture, keep: int) -> None:
+    before = await _fill(dirs)
+    path, offset, size = record_spans(dirs[0])[-1]
+    cut = offset + (keep if keep >= 0 else size + keep)
+    os.truncate(path, cut)
+
+    async with running_store(dirs) as store:
+        assert await snapshot(store, ["bob", "carol"]) == before
+    torn = events(caplog, "torn_tail_truncated")
+    assert [(t["replica"], t["bytes"]) for t in torn] == [(str(dirs[0]), cut - offset)]
+    assert not events(caplog, "replica_damaged")
+    await _assert_repaired(dirs, before)
+
+
+@pytest.mark.parametrize("record_type", [CK_ENTRY, CK_USER], ids=["CK_ENTRY", "CK_USER"])
+async def test_damaged_checkpoint_record_repaired_from_other_replica(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture, record_type: int) -> None:
+    async with running_store(dirs) as store:
+        await submit_all(store, [msg(n, "bob") for n in range(5)] + [msg(9, "dave")])
+        await store.acknowledge("dave", "delivered", 1)  # dave: last_seq 1, queue empty
+        await store.checkpoint()
+        before = await snapshot(store, ["alice", "bob", "dave"])
+    records = recover_clean(dirs[0])
+    spans = record_spans(dirs[0])
+    candidates = [span for span, (t, fields) in zip(spans, records, strict=True)
+                  if t == record_type and fields[1] == ("bob" if t == CK_ENTRY else "dave")]
+    path, offset, size = candidates[len(candidates) // 2]
+    flip_byte(path, offset + size // 2)
+
+    async with running_store(dirs) as store:
+        assert events(caplog, "replica_damaged")
+        assert await snapshot(store, ["alice", "bob", "dave"]) == before
+
+
+# -- 6. a lost replica --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lost", [0, 1])
+async def test_deleted_replica_repopulated(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture, lost: int) -> None:
+    before = await _fill(dirs)
+    shutil.rmtree(dirs[lost])
+
+    async with running_store(dirs) as store:
+        assert await snapshot(store, ["bob", "carol"]) == before
+        assert all(segment_files(d) for d in dirs)
+    assert events(caplog, "replicas_repaired")
+    await _assert_repaired(dirs, before)
+
+
+# -- 7. the same torn tail on both replicas -----------------------------------------------
+
+
+async def test_torn_tail_on_both_replicas(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    # The last message stands for a write whose fsync completed on neither replica before
+    # a crash: its submit was never acknowledged. The earlier ones (seq 1-4) were.
+    async with running_store(dirs) as store:
+        entries = await submit_all(store, [msg(n, "bob") for n in range(5)])
+        before = await snapshot(store, ["bob"])
+    acknowledged = max(e.seq for e in entries[:-1])
+    for directory in dirs:
+        path, offset, size = record_spans(directory)[-1]
+        os.truncate(path, offset + size // 2)
+
+    async with running_store(dirs) as store:
+        assert len(events(caplog, "torn_tail_truncated")) == 2
+        assert not events(caplog, "records_lost")
+        assert tuple(await store.pending("bob", 0, ALL)) == before["bob"].pending[:-1]
+        assert store.last_seq("bob") == acknowledged
+        # The lost id is free again, so the sender's retry is a new message.
+        retried = await store.submit(msg(4, "bob", body="retried"))
+        fresh = await store.submit(msg(5, "bob"))
+        assert retried.entry is not None and fresh.entry is not None
+        assert acknowledged < retried.entry.seq < fresh.entry.seq
+        after = await snapshot(store, ["bob"])
+    async with running_store(dirs) as store:
+        assert await snapshot(store, ["bob"]) == after
+    for directory in dirs:
+        recover_clean(directory)
+
+
+# -- 8. a failed replica ------------------------------------------------------------------
+
+
+async def test_failed_replica_stops_acknowledging(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    failing = dirs[1].resolve()
+
+    def fsync(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(failing):
+            raise OSError(errno.EIO, "injected I/O error")
+        real_fsync(fd)
+
+    async with running_store(dirs) as store:
+        entries = await submit_all(store, [msg(n, "bob") for n in range(3)])
+        with monkeypatch.context() as patch:
+            patch.setattr("chatd.store._segments.os.fsync", fsync)
+            with pytest.raises(StoreUnavailable):
+                await store.submit(msg(3, "bob"))
+        assert os.fsync is real_fsync
+        with pytest.raises(StoreUnavailable):
+            await store.submit(msg(4, "bob"))
+        with pytest.raises(StoreUnavailable):
+            await store.submit(msg(5, "carol"))
+        with pytest.raises(StoreUnavailable):
+            await store.acknowledge("bob", "delivered", 1)
+        with pytest.raises(StoreUnavailable):
+            await store.checkpoint()
+        assert store.journal is not None and store.journal.failed
+        failed = events(caplog, "replica_failed")
+        assert len(failed) == 1 and failed[0]["error"] == "replica_failed"
+        assert str(dirs[1]) in failed[0]["reason"]
+        assert tuple(await store.pending("bob", 0, ALL)) == tuple(entries)
+        assert store.queued("carol") == 0 and store.last_seq("bob") == 3
+
+
+async def test_failed_replica_during_background_checkpoint_keeps_store_up(
+        dirs: list[Path], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    # Only the checkpoint's fresh segment on replica 1 fails: the acks themselves commit.
+    fresh_segment = (dirs[1] / f"{2:020d}.seg").resolve()
+
+    def fsync(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) == fresh_segment:
+            raise OSError(errno.EIO, "injected I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr("chatd.store._segments.os.fsync", fsync)
+    async with running_store(dirs) as store:
+        await submit_all(store, [msg(n, "bob") for n in range(3)])
+        assert len(segment_files(dirs[1])) == 1
+        await store.acknowledge("bob", "delivered", 3)
+        await store.acknowledge("alice", "delivered", 1)  # queues empty: checkpointer runs
+        with trio.fail_after(DEADLINE):
+            while not events(caplog, "replica_failed"):
+                await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the checkpointer has seen it fail
+        with pytest.raises(StoreUnavailable):
+            await store.submit(msg(9, "bob"))
+        assert store.queued("bob") == 0
+
+
+# -- 9. group commit ----------------------------------------------------------------------
+
+
+async def test_concurrent_submits_share_fsyncs(dirs: list[Path]) -> None:
+    count = 200
+    async with running_store(dirs) as store:
+        assert store.journal is not None
+        stats = store.journal.stats
+        start = (stats.batches, stats.fsyncs, stats.records)
+        accepted = {}
+
+        async def send(n: int) -> None:
+            accepted[n] = await store.submit(msg(n, f"user{n}"))
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for n in range(count):
+                    nursery.start_soon(send, n)
+        batches, fsyncs = stats.batches - start[0], stats.fsyncs - start[1]
+        print(f"{count} concurrent submits: {batches} batches, {fsyncs} fsyncs")
+        assert stats.records - start[2] == count
+        assert 1 <= batches <= 20 and fsyncs == 2 * batches
+        assert all(a.entry is not None and a.entry.seq == 1 for a in accepted.values())
+        assert all(store.last_seq(f"user{n}") == 1 for n in range(count))
+
