@@ -190,8 +190,12 @@ class Client:
         async for event in self._events_out:
             yield event
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, first: list[Frame]) -> None:
+        """Dispatch ``first`` (what came with the welcome), then every later message, in
+        order: one task, so frames reach the application in the order the server sent them."""
         try:
+            for frame in first:
+                await self._dispatch(frame)
             while True:
                 data = await self._ws.get_message()
                 for frame in self._conn.receive(data):
@@ -291,9 +295,7 @@ async def connect(url: str, token: str, *, resume: int = 0, timeout: float = 10.
         client.last_seq = resume
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read_loop)
-                for frame in frames[1:]:
-                    await client._dispatch(frame)
+                nursery.start_soon(client._read_loop, frames[1:])
                 try:
                     yield client
                 finally:

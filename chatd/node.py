@@ -44,7 +44,8 @@ class Node:
 
     Args:
         config: The node's configuration.
-        store: The store to use; defaults to a :class:`MemoryStore` sized by ``config``.
+        store: The store to use; defaults to the one ``config.store`` names (durable or
+            memory), sized by ``config``.
     """
 
     def __init__(self, config: Config, *, store: Store | None = None) -> None:

@@ -1,7 +1,8 @@
 """The persistence actor's interface and its implementations.
 
 The router and sessions speak only the :class:`Store` interface; the node is built with
-one implementation (``Node(store=...)``, the in-memory store by default).
+one implementation: :class:`DurableStore` (two replicated logs, the default) or
+:class:`MemoryStore`, as ``config.store`` says, or any given as ``Node(store=...)``.
 """
 
 from ._durable import DurableStore
