@@ -10,49 +10,13 @@ import json
 import os
 import signal
 import stat
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-
-CHATD = [sys.executable, "-m", "chatd"]
-DEADLINE = 20
-
-
-class Daemon:
-    """A running ``chatd serve`` process and the log records it has written."""
-
-    def __init__(self, process: trio.Process, data_dir: Path) -> None:
-        self.process = process
-        self.data_dir = data_dir
-        self.records: list[dict[str, Any]] = []
-        self.url = ""
-        self._listening = trio.Event()
-
-    async def read_logs(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        async for chunk in self.process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                record = json.loads(line)
-                self.records.append(record)
-                if record.get("event") == "listening":
-                    self.url = record["url"]
-                    self._listening.set()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("event") == name]
-
-    def token(self, user: str) -> str:
-        result = run_sync(["token", user, "--data-dir", str(self.data_dir)])
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
+from daemons import CHATD, DEADLINE, Daemon, run, serve
 
 
 def run_sync(args: list[str], **kwargs: Any) -> Any:
@@ -62,37 +26,17 @@ def run_sync(args: list[str], **kwargs: Any) -> Any:
                           **kwargs)
 
 
-@asynccontextmanager
-async def daemon(tmp_path: Path, *args: str, cwd: Path | None = None) -> AsyncIterator[Daemon]:
-    """Start ``chatd serve`` on a free port; SIGTERM it on exit and expect status 0."""
-    data_dir = tmp_path / "data"
-    argv = [*CHATD, "serve", "--port", "0", *args]
-    if cwd is None:
-        argv += ["--data-dir", str(data_dir)]
-    else:
-        data_dir = cwd / "chatd-data"
-    async with trio.open_nursery() as nursery:
-        process = await trio.lowlevel.open_process(argv, stderr=-1, cwd=cwd)
-        server = Daemon(process, data_dir)
-        nursery.start_soon(server.read_logs)
-        try:
-            with trio.fail_after(DEADLINE):
-                await server._listening.wait()
-            yield server
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            with trio.fail_after(DEADLINE):
-                status = await process.wait()
-        assert status == 0
+def token(server: Daemon, user: str) -> str:
+    """A token minted by `chatd token` itself, with the daemon's data directory."""
+    result = run_sync(["token", user, "--data-dir", str(server.data_dir)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
 
 
-async def run(args: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
-    """Run a client command to completion; (status, stdout, stderr)."""
-    with trio.fail_after(DEADLINE):
-        result = await trio.run_process([*CHATD, *args], stdin=stdin, capture_stdout=True,
-                                        capture_stderr=True, check=False)
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+def daemon(tmp_path: Path, *args: str, cwd: Path | None = None
+           ) -> AbstractAsyncContextManager[Daemon]:
+    """`chatd serve` on a free port; SIGTERM at the end, which must exit 0."""
+    return serve(tmp_path / "data", *args, cwd=cwd, graceful=True)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -101,7 +45,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 async def test_send_and_listen_show_sent_delivered_read(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        alice, bob = server.token("alice"), server.token("bob")
+        alice, bob = token(server, "alice"), token(server, "bob")
         listen: list[tuple[int, str, str]] = []
 
         async def listen_as_bob() -> None:
@@ -127,7 +71,7 @@ async def test_send_and_listen_show_sent_delivered_read(tmp_path: Path) -> None:
 async def test_offline_user_gets_piped_lines_once_in_order(tmp_path: Path) -> None:
     lines = [f"line {i}" for i in range(50)]
     async with daemon(tmp_path) as server:
-        alice, carol = server.token("alice"), server.token("carol")
+        alice, carol = token(server, "alice"), token(server, "carol")
         status, out, err = await run(["send", "--url", server.url, "--token", alice,
                                       "--to", "carol", "-"],
                                      stdin="\n".join(lines).encode() + b"\n")
@@ -146,7 +90,7 @@ async def test_offline_user_gets_piped_lines_once_in_order(tmp_path: Path) -> No
 
 async def test_lastseen_prints_presence(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        alice = server.token("alice")
+        alice = token(server, "alice")
         status, out, err = await run(["lastseen", "--url", server.url, "--token", alice,
                                       "dave"])
         assert status == 0, err
@@ -202,7 +146,7 @@ async def test_port_in_use_exits_1(tmp_path: Path) -> None:
 
 async def test_sigterm_closes_sessions_with_1001_and_exits_0(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        bob = server.token("bob")
+        bob = token(server, "bob")
         async with trio.open_nursery() as nursery:
             results: list[tuple[int, str, str]] = []
 
@@ -210,7 +154,7 @@ async def test_sigterm_closes_sessions_with_1001_and_exits_0(tmp_path: Path) -> 
                 results.append(await run(["listen", "--url", server.url, "--token", bob]))
 
             nursery.start_soon(listen)
-            alice = server.token("alice")
+            alice = token(server, "alice")
             with trio.fail_after(DEADLINE):
                 # Wait until bob's session exists: lastseen says he is online.
                 while True:
@@ -230,7 +174,7 @@ async def test_sigterm_closes_sessions_with_1001_and_exits_0(tmp_path: Path) -> 
 async def test_send_leaves_messages_for_the_sender_queued(tmp_path: Path) -> None:
     """`chatd send` consumes its receipts but never acknowledges away a message to it."""
     async with daemon(tmp_path) as server:
-        alice, bob = server.token("alice"), server.token("bob")
+        alice, bob = token(server, "alice"), token(server, "bob")
         status, _, err = await run(["send", "--url", server.url, "--token", bob,
                                     "--to", "alice", "for alice"])
         assert status == 0, err
@@ -252,7 +196,7 @@ async def test_send_leaves_messages_for_the_sender_queued(tmp_path: Path) -> Non
 
 async def test_send_stdin_edge_cases(tmp_path: Path) -> None:
     async with daemon(tmp_path) as server:
-        alice = server.token("alice")
+        alice = token(server, "alice")
         base = ["send", "--url", server.url, "--token", alice, "--to", "bob"]
         assert await run([*base, "-"], stdin=b"") == (0, "", "")
         status, _, err = await run([*base, "--id", "m1", "-"], stdin=b"a\nb\n")

@@ -23,29 +23,21 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import signal
 import struct
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
 import trio
+from daemons import DEADLINE, Daemon, run, serve
 from trio_websocket import ConnectionClosed
 
-from chatd.auth import mint_token, read_secret
 from chatd.client import Client, connect
 from chatd.protocol import Error, Msg, Receipt, Sent
 
 pytestmark = pytest.mark.slow
 
-CHATD = [sys.executable, "-m", "chatd"]
-DEADLINE = 20
 #: How long a recipient keeps reading after its probe arrived, to catch late repeats.
 QUIET = 0.3
 #: A recipient acknowledges after this many messages (and at its probe).
@@ -54,93 +46,6 @@ ACK_EVERY = 64
 CONNECTION_LOST = (ConnectionClosed, trio.BrokenResourceError, OSError)
 PROBE = "probe"
 SEGMENT = struct.Struct(">IBI")  # length, type, crc: the header of a log record
-
-
-# -- the daemon --------------------------------------------------------------------------
-
-
-class Daemon:
-    """A running ``chatd serve`` process and the JSON log records it has written."""
-
-    def __init__(self, process: trio.Process, data_dir: Path) -> None:
-        self.process = process
-        self.data_dir = data_dir
-        self.records: list[dict[str, Any]] = []
-        self.url = ""
-        self._ready = trio.Event()
-
-    async def read_logs(self) -> None:
-        """Collect stderr lines until EOF; wake :meth:`wait_listening` either way."""
-        assert self.process.stderr is not None
-        buffer = b""
-        try:
-            async for chunk in self.process.stderr:
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self._record(line)
-        finally:
-            self._ready.set()
-
-    def _record(self, line: bytes) -> None:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {"event": "not_json", "line": line.decode(errors="replace")}
-        self.records.append(record)
-        if record.get("event") == "listening":
-            self.url = record["url"]
-            self._ready.set()
-
-    async def wait_listening(self) -> None:
-        with trio.fail_after(DEADLINE):
-            await self._ready.wait()
-        assert self.url, f"chatd serve did not start: {self.records}"
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("event") == name]
-
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("level") == "error"]
-
-    def token(self, user: str) -> str:
-        return mint_token(read_secret(self.data_dir / "secret"), user, 3600.0)
-
-    async def crash(self) -> None:
-        """SIGKILL the daemon and reap it."""
-        self.process.kill()
-        with trio.fail_after(DEADLINE):
-            status = await self.process.wait()
-        assert status == -signal.SIGKILL
-
-
-@asynccontextmanager
-async def serve(data_dir: Path, *args: str) -> AsyncIterator[Daemon]:
-    """Run ``chatd serve`` on a free port with ``data_dir``; SIGKILL it on the way out."""
-    argv = [*CHATD, "serve", "--port", "0", "--data-dir", str(data_dir), *args]
-    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
-    server = Daemon(process, data_dir)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.read_logs)
-            try:
-                await server.wait_listening()
-                yield server
-            finally:
-                await _reap(process)  # also ends read_logs (EOF)
-    finally:
-        await _reap(process)
-        assert process.stderr is not None
-        await process.stderr.aclose()
-
-
-async def _reap(process: trio.Process) -> None:
-    """SIGKILL ``process`` unless it has exited, and wait for it."""
-    if process.poll() is None:
-        process.kill()
-    with trio.fail_after(DEADLINE) as scope:
-        scope.shield = True
-        await process.wait()
 
 
 # -- clients -----------------------------------------------------------------------------
@@ -441,14 +346,6 @@ async def test_sigkill_mid_burst_loses_no_sent_message(tmp_path: Path, kill: Kil
 
 
 # -- 2. the command line -----------------------------------------------------------------
-
-
-async def run(args: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
-    """Run a client command to completion; (status, stdout, stderr)."""
-    with trio.fail_after(DEADLINE):
-        result = await trio.run_process([*CHATD, *args], stdin=stdin, capture_stdout=True,
-                                        capture_stderr=True, check=False)
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
 async def listen(server: Daemon, user: str, count: int, timeout: float = DEADLINE - 5

@@ -38,7 +38,7 @@ from chatd.actors import ActorTable
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 
-from ._index import QueueIndex
+from ._index import IndexedStore, QueueIndex
 from ._interface import Accepted, Entry, Message, ReceiptItem, Store, StoreUnavailable
 from ._journal import Body, Journal
 from ._segments import SegmentLog
@@ -62,7 +62,7 @@ class _Replay:
     repair: list[str] = attrs.field(factory=list)
 
 
-class DurableStore:
+class DurableStore(IndexedStore):
     """The :class:`Store` on two replicas of a segment log.
 
     Args:
@@ -207,18 +207,6 @@ class DurableStore:
         receipts = [[sender, entry.seq, *_receipt_fields(entry)] for sender, entry in queued]
         await self.journal.write([(ACK, [user, status, upto, peer, receipts])], apply)
         return queued
-
-    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
-        """Up to ``limit`` queued entries with ``seq > after``, in order."""
-        return self.index.pending(user, after, limit)
-
-    def last_seq(self, user: str) -> int:
-        """The highest sequence number committed for ``user`` (0 if none)."""
-        return self.index.last_seq(user)
-
-    def queued(self, user: str) -> int:
-        """How many items wait in ``user``'s queue (for tests and metrics)."""
-        return self.index.queued(user)
 
     # -- checkpoints ---------------------------------------------------------------------
 

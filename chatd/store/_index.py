@@ -18,7 +18,7 @@ from chatd.protocol import MAX_RECEIPT_IDS
 
 from ._interface import Entry, IdConflict, Message, ReceiptItem
 
-__all__ = ["Acked", "QueueIndex", "SentId"]
+__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId"]
 
 _SEQ = operator.attrgetter("seq")
 
@@ -216,3 +216,21 @@ def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     for sender, msg_id in pairs:
         grouped.setdefault(sender, []).append(msg_id)
     return list(grouped.items())
+
+
+class IndexedStore:
+    """The read side of a store, answered from its :class:`QueueIndex` without waiting."""
+
+    index: QueueIndex
+
+    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
+        """Up to ``limit`` queued entries with ``seq > after``, in order."""
+        return self.index.pending(user, after, limit)
+
+    def last_seq(self, user: str) -> int:
+        """The highest sequence number committed for ``user`` (0 if none)."""
+        return self.index.last_seq(user)
+
+    def queued(self, user: str) -> int:
+        """How many items wait in ``user``'s queue (for tests and metrics)."""
+        return self.index.queued(user)

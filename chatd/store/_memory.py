@@ -7,19 +7,17 @@ persistence "actor" here has no mailbox: its ``run`` only marks it started.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import trio
 
 from chatd.clock import now_ms
 
-from ._index import QueueIndex
+from ._index import IndexedStore, QueueIndex
 from ._interface import Accepted, Entry, Message, Store
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore:
+class MemoryStore(IndexedStore):
     """Queues and message-id memory in process memory.
 
     Args:
@@ -63,15 +61,3 @@ class MemoryStore:
             index.add(sender, entry)
             queued.append((sender, entry))
         return queued
-
-    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
-        """Up to ``limit`` queued entries with ``seq > after``, in order."""
-        return self.index.pending(user, after, limit)
-
-    def last_seq(self, user: str) -> int:
-        """The highest sequence number given to ``user`` (0 if none)."""
-        return self.index.last_seq(user)
-
-    def queued(self, user: str) -> int:
-        """How many items wait in ``user``'s queue (for tests and metrics)."""
-        return self.index.queued(user)

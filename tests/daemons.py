@@ -1,0 +1,142 @@
+"""Real ``chatd serve`` processes for tests: start on a free port, read their JSON logs.
+
+Shared by the command-line tests and the crash tests.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chatd.auth import mint_token, read_secret
+
+__all__ = ["CHATD", "DEADLINE", "Daemon", "run", "serve"]
+
+CHATD = [sys.executable, "-m", "chatd"]
+#: Seconds any single wait on a daemon may take.
+DEADLINE = 20
+
+
+class Daemon:
+    """A running ``chatd serve`` process and the JSON log records it has written."""
+
+    def __init__(self, process: trio.Process, data_dir: Path) -> None:
+        self.process = process
+        self.data_dir = data_dir
+        self.records: list[dict[str, Any]] = []
+        self.url = ""
+        self._ready = trio.Event()
+
+    async def read_logs(self) -> None:
+        """Collect stderr lines until EOF; wake :meth:`wait_listening` either way."""
+        assert self.process.stderr is not None
+        buffer = b""
+        try:
+            async for chunk in self.process.stderr:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._record(line)
+        finally:
+            self._ready.set()
+
+    def _record(self, line: bytes) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = {"event": "not_json", "line": line.decode(errors="replace")}
+        self.records.append(record)
+        if record.get("event") == "listening":
+            self.url = record["url"]
+            self._ready.set()
+
+    async def wait_listening(self) -> None:
+        with trio.fail_after(DEADLINE):
+            await self._ready.wait()
+        assert self.url, f"chatd serve did not start: {self.records}"
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == name]
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("level") == "error"]
+
+    def token(self, user: str) -> str:
+        return mint_token(read_secret(self.data_dir / "secret"), user, 3600.0)
+
+    async def crash(self) -> None:
+        """SIGKILL the daemon and reap it."""
+        self.process.kill()
+        with trio.fail_after(DEADLINE):
+            status = await self.process.wait()
+        assert status == -signal.SIGKILL
+
+
+@asynccontextmanager
+async def serve(data_dir: Path, *args: str, cwd: Path | None = None,
+                graceful: bool = False) -> AsyncIterator[Daemon]:
+    """Run ``chatd serve`` on a free port until the block ends.
+
+    Args:
+        data_dir: The data directory; passed as ``--data-dir`` unless ``cwd`` is given,
+            in which case the daemon runs there on its default (``cwd/chatd-data``).
+        args: More ``chatd serve`` options.
+        graceful: End with SIGTERM and expect exit status 0 (else SIGKILL).
+    """
+    argv = [*CHATD, "serve", "--port", "0", *args]
+    if cwd is None:
+        argv += ["--data-dir", str(data_dir)]
+    else:
+        data_dir = cwd / "chatd-data"
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE, cwd=cwd)
+    server = Daemon(process, data_dir)
+    status: int | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.read_logs)
+            try:
+                await server.wait_listening()
+                yield server
+                if graceful:
+                    status = await _stop(process)
+            finally:
+                await _reap(process)  # also ends read_logs (EOF)
+    finally:
+        await _reap(process)
+        assert process.stderr is not None
+        await process.stderr.aclose()
+    if graceful:
+        assert status == 0, f"chatd serve exited {status}"
+
+
+async def _stop(process: trio.Process) -> int:
+    """SIGTERM ``process`` unless it has exited, and wait for its status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    with trio.fail_after(DEADLINE):
+        return await process.wait()
+
+
+async def _reap(process: trio.Process) -> None:
+    """SIGKILL ``process`` unless it has exited, and wait for it."""
+    if process.poll() is None:
+        process.kill()
+    with trio.fail_after(DEADLINE) as scope:
+        scope.shield = True
+        await process.wait()
+
+
+async def run(args: list[str], stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run a ``chatd`` client command to completion; (status, stdout, stderr)."""
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process([*CHATD, *args], stdin=stdin, capture_stdout=True,
+                                        capture_stderr=True, check=False)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
