@@ -26,7 +26,7 @@ from chatd.client import ChatError, Client, close_info, connect, new_id
 from chatd.config import Config, ConfigError, load_config
 from chatd.logs import configure, root_cause
 from chatd.node import Node
-from chatd.protocol import Error, Msg, Receipt, Sent
+from chatd.protocol import Error, ErrorCode, Msg, Receipt, Sent
 from chatd.store import ReplicaFailed
 
 __all__ = ["main"]
@@ -175,7 +175,8 @@ async def _send_body(args: argparse.Namespace, client: Client) -> None:
                     await client.ack(seq)
             case Msg():
                 may_ack = False
-            case Error(code=code, message=message, ref=ref) if ref in pending or ref is None:
+            case Error(code=code, message=message, ref=ref) if (
+                    ref in pending or ErrorCode.is_fatal(code)):
                 raise CommandError(f"refused: {code}: {message}")
             case _:
                 continue
@@ -210,7 +211,7 @@ async def _listen_body(args: argparse.Namespace, client: Client) -> None:
                     return
             case Receipt(seq=seq):
                 await client.ack(seq)
-            case Error(code=code, message=message):
+            case Error(code=code, message=message) if ErrorCode.is_fatal(code):
                 raise CommandError(f"refused: {code}: {message}")
             case _:
                 continue

@@ -243,7 +243,8 @@ class Client:
                 if not self._queries[user]:
                     del self._queries[user]
             case Error():
-                self._last_error = frame
+                if ErrorCode.is_fatal(frame.code):
+                    self._last_error = frame
                 await self._events_in.send(frame)
             case Sent() | Presence():
                 await self._events_in.send(frame)

@@ -54,6 +54,9 @@ class Config:
     mailbox_capacity: int = attrs.field(default=1024, validator=_positive)
     online_threshold: float = attrs.field(default=60.0, validator=_positive)
     max_subscriptions: int = attrs.field(default=1000, validator=_positive)
+    rate_limit: float = attrs.field(default=500.0, validator=_positive)
+    rate_burst: int = attrs.field(default=2000, validator=_positive)
+    max_unauthenticated_per_address: int = attrs.field(default=64, validator=_positive)
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
     dedup_window: float = attrs.field(default=86400.0, validator=_positive)
     dedup_max_ids: int = attrs.field(default=1_000_000, validator=_positive)
@@ -70,6 +73,8 @@ class Config:
         if not all("\x21" <= ch <= "\x7e" for ch in self.node) or not 0 < len(self.node) <= 32:
             raise ConfigError("node must be 1-32 printable ASCII characters without spaces")
         _check_limits(self.limits)
+        if self.rate_burst < self.limits.max_frames:
+            raise ConfigError("rate_burst must be at least limits.max_frames (one full message)")
         if self.store not in ("durable", "memory"):
             raise ConfigError(f"store must be 'durable' or 'memory', not {self.store!r}")
         if self.store_dirs is not None and len(self.store_dirs) != 2:

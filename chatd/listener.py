@@ -12,14 +12,20 @@ up to a deadline, for them to finish.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 
 from chatd.logs import EventLog, root_cause
-from chatd.protocol import ErrorCode
+from chatd.protocol import ErrorCode, ProtocolError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
 
 __all__ = ["Listener"]
@@ -40,6 +46,7 @@ class Listener:
         self._accept_scope = trio.CancelScope()
         self._sessions: set[Session] = set()
         self._draining = False
+        self._unauthenticated: collections.Counter[str] = collections.Counter()
         self._idle = trio.Event()
         self.url = ""
 
@@ -99,7 +106,24 @@ class Listener:
             ws = await request.accept()
         except ConnectionClosed:
             return
-        session = Session(self._ctx, ws)
+        address = _address(ws)
+        if self._unauthenticated[address] >= self._ctx.config.max_unauthenticated_per_address:
+            await Session(self._ctx, ws).refuse(ProtocolError(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                "too many connections from this address are waiting to authenticate"))
+            return
+        self._unauthenticated[address] += 1
+        waiting = True
+
+        def authenticated() -> None:
+            nonlocal waiting
+            if waiting:
+                waiting = False
+                self._unauthenticated[address] -= 1
+                if not self._unauthenticated[address]:
+                    del self._unauthenticated[address]
+
+        session = Session(self._ctx, ws, on_authenticated=authenticated)
         if self._draining:
             session.stop(ErrorCode.SHUTTING_DOWN)
         self._sessions.add(session)
@@ -113,6 +137,13 @@ class Listener:
                 with contextlib.suppress(ConnectionClosed):
                     await ws.aclose(1011, ErrorCode.INTERNAL.value)
         finally:
+            authenticated()
             self._sessions.discard(session)
             if not self._sessions:
                 self._idle.set()
+
+
+def _address(ws: WebSocketConnection) -> str:
+    """The peer's network address (without the port), for per-address limits."""
+    remote = ws.remote
+    return str(getattr(remote, "address", remote))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import cbor2
@@ -95,14 +95,16 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_auth_scope", "_conn", "_ctx", "_ending", "_fatal", "_log", "_mailbox",
-                 "_open_scope", "_reader_scope", "_reported", "_sent_seq", "_stop_reason",
-                 "_torn", "_user", "_watching", "_writer_scope", "_writing", "_ws",
-                 "last_heard")
+    __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_ending", "_fatal", "_limited_at",
+                 "_log", "_mailbox", "_on_authenticated", "_open_scope", "_reader_scope",
+                 "_refilled", "_reported", "_sent_seq", "_stop_reason", "_torn", "_user",
+                 "_watching", "_writer_scope", "_writing", "_ws", "last_heard")
 
-    def __init__(self, ctx: SessionContext, ws: WebSocketConnection) -> None:
+    def __init__(self, ctx: SessionContext, ws: WebSocketConnection, *,
+                 on_authenticated: Callable[[], None] | None = None) -> None:
         self._ctx = ctx
         self._ws = ws
+        self._on_authenticated = on_authenticated
         self._conn = ServerConnection(ctx.config.limits)
         self._log = EventLog(logger, ctx.actors.node, "session")
         self._user = ""
@@ -121,6 +123,9 @@ class Session:
         self._watching: set[str] = set()
         self._reported = 0.0
         self.last_heard = trio.current_time()
+        self._budget = float(ctx.config.rate_burst)
+        self._refilled = self.last_heard
+        self._limited_at = -1e9
 
     @property
     def user(self) -> str:
@@ -154,6 +159,10 @@ class Session:
                                               trio.current_time() + CLOSE_TIMEOUT)
         else:
             self._writer_scope.cancel()
+
+    async def refuse(self, err: ProtocolError) -> None:
+        """Close a connection that will not be served, telling the client why."""
+        await self._close(err)
 
     async def run(self) -> None:
         """Serve the connection until either side ends it."""
@@ -219,6 +228,8 @@ class Session:
                 raise ProtocolError(ErrorCode(err.code), err.message) from None
             self._user = claims.sub
             self.last_heard = trio.current_time()
+            if self._on_authenticated is not None:
+                self._on_authenticated()
             return hello, frames[1:]
         if self._stop_reason is not None:
             raise ProtocolError(self._stop_reason, _EXIT_MESSAGES[self._stop_reason])
@@ -242,9 +253,35 @@ class Session:
                 except ProtocolError as err:
                     self._fatal = err
                     return
+                await self._throttle(len(frames))
                 await self._handle(frames)
         except ConnectionClosed:
             return
+
+    async def _throttle(self, frames: int) -> None:
+        """Spend ``frames`` from the connection's budget, waiting for it if need be.
+
+        The budget holds at most ``rate_burst`` frames and refills at ``rate_limit`` frames
+        per second. A message the budget cannot cover is not dropped: the client is told
+        ``rate_limited`` (at most once a second) and the session stops reading this
+        connection until the budget covers it, so a flood slows only its own sender.
+        """
+        config = self._ctx.config
+        now = trio.current_time()
+        self._budget = min(float(config.rate_burst),
+                           self._budget + (now - self._refilled) * config.rate_limit)
+        self._refilled = now
+        self._budget -= frames
+        if self._budget >= 0:
+            return
+        if now - self._limited_at >= 1.0:
+            self._limited_at = now
+            self._log.warning("rate_limited", user=self._user)
+            self._reply((Error(ErrorCode.RATE_LIMITED.value,
+                               f"more than {config.rate_limit:g} frames per second; "
+                               "reading paused"),))
+        await trio.sleep(-self._budget / config.rate_limit)
+        self.last_heard = trio.current_time()
 
     async def _handle(self, frames: Iterable[Frame]) -> None:
         replies: list[Frame] = []

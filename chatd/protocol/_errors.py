@@ -28,6 +28,7 @@ class CloseCode(enum.IntEnum):
     IDLE_TIMEOUT = 4410
     SLOW_CONSUMER = 4420
     UNSUPPORTED_VERSION = 4426
+    TOO_MANY_CONNECTIONS = 4429
 
 
 class ErrorCode(enum.StrEnum):
@@ -56,9 +57,22 @@ class ErrorCode(enum.StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     ID_CONFLICT = "id_conflict"
     STORE_UNAVAILABLE = "store_unavailable"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+
+    @classmethod
+    def is_fatal(cls, code: str) -> bool:
+        """Whether an error frame with ``code`` announces the end of the connection.
+
+        Codes this implementation does not know are taken as fatal.
+        """
+        try:
+            return cls(code) in _FATAL
+        except ValueError:
+            return True
 
 
 # Errors that end the connection, with the close code that ends it. Any code not listed
@@ -86,6 +100,7 @@ _FATAL: dict[ErrorCode, CloseCode] = {
     ErrorCode.IDLE_TIMEOUT: CloseCode.IDLE_TIMEOUT,
     ErrorCode.SLOW_CONSUMER: CloseCode.SLOW_CONSUMER,
     ErrorCode.SHUTTING_DOWN: CloseCode.GOING_AWAY,
+    ErrorCode.TOO_MANY_CONNECTIONS: CloseCode.TOO_MANY_CONNECTIONS,
     ErrorCode.INTERNAL: CloseCode.INTERNAL_ERROR,
 }
 
