@@ -57,9 +57,14 @@ def _b64encode(data: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
+    """Decode unpadded base64url, refusing any text that is not the canonical encoding
+    (so a token has exactly one spelling and cannot be altered without breaking it)."""
     if not text or len(text) % 4 == 1 or not text.isascii():
         raise ValueError("bad base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(data) != text:
+        raise ValueError("non-canonical base64url")
+    return data
 
 
 def _sign(secret: bytes, signing_input: bytes) -> bytes:

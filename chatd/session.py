@@ -97,7 +97,8 @@ class Session:
 
     __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_ending", "_fatal", "_limited_at",
                  "_log", "_mailbox", "_on_authenticated", "_open_scope", "_reader_scope",
-                 "_refilled", "_reported", "_sent_seq", "_stop_reason", "_torn", "_user",
+                 "_refilled", "_reported", "_sent_seq", "_stop_reason", "_throttled", "_torn",
+                 "_user",
                  "_watching", "_writer_scope", "_writing", "_ws", "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocketConnection, *,
@@ -126,6 +127,7 @@ class Session:
         self._budget = float(ctx.config.rate_burst)
         self._refilled = self.last_heard
         self._limited_at = -1e9
+        self._throttled = False
 
     @property
     def user(self) -> str:
@@ -241,6 +243,7 @@ class Session:
     async def _reader(self, frames: list[Frame]) -> None:
         """Act on client frames until the client leaves or breaks the protocol."""
         try:
+            await self._throttle(len(frames) + 1)  # the hello and what came with it
             await self._handle(frames)
             while True:
                 data = await self._ws.get_message()
@@ -280,7 +283,12 @@ class Session:
             self._reply((Error(ErrorCode.RATE_LIMITED.value,
                                f"more than {config.rate_limit:g} frames per second; "
                                "reading paused"),))
-        await trio.sleep(-self._budget / config.rate_limit)
+        # The client is alive (it is the server that is not reading): keepalive waits.
+        self._throttled = True
+        try:
+            await trio.sleep(-self._budget / config.rate_limit)
+        finally:
+            self._throttled = False
         self.last_heard = trio.current_time()
 
     async def _handle(self, frames: Iterable[Frame]) -> None:
@@ -341,8 +349,10 @@ class Session:
                     with trio.move_on_at(self.last_heard + ping_interval) as quiet:
                         message = await mailbox.receive()
                     if quiet.cancelled_caught:
+                        if self._throttled:
+                            self.last_heard = trio.current_time()
                         if trio.current_time() < self.last_heard + ping_interval:
-                            continue  # the client spoke while we waited
+                            continue  # the client spoke, or waits on us, meanwhile
                         if not await self._keepalive():
                             break
                         continue
