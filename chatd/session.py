@@ -443,6 +443,9 @@ class Session:
         gets CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), then stops. A write that is
         cancelled part-way leaves the stream *torn*, and no error frame follows it.
         """
+        # Told to stop before this write began (woken with a message an instant before the
+        # exit signal): nothing is on the wire, so the stream is not torn.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._writing = True
         try:
             await self._ws.send_message(data)
