@@ -357,11 +357,7 @@ async def listen(server: Daemon, user: str, count: int, timeout: float = DEADLIN
     return status, [json.loads(line)["body"] for line in out.splitlines()], err
 
 
-def test_cli_send_survives_sigkill(tmp_path: Path) -> None:
-    trio.run(cli_send_survives_sigkill, tmp_path)
-
-
-async def cli_send_survives_sigkill(tmp_path: Path) -> None:
+async def test_cli_send_survives_sigkill(tmp_path: Path) -> None:
     """1,000 piped lines SENT, SIGKILL, restart: `listen` prints each once, in order."""
     data = tmp_path / "data"
     lines = [f"line {i:04d} of the piped burst" for i in range(1000)]
@@ -559,21 +555,12 @@ async def test_sigkill_while_checkpoints_run_loses_nothing(tmp_path: Path) -> No
 # -- the client library's backlog order --------------------------------------------------
 
 
-# The scenarios below run in their own trio loop (trio.run) and raise their verdict outside
-# any nursery, so that it reaches pytest as itself rather than inside an ExceptionGroup.
-# (test_cli_send_survives_sigkill does the same.)
-
-
 #: The bug these guard against was a race that showed on most connections, not all: these
 #: tests try a few times.
 TRIALS = 5
 
 
-def test_backlog_reaches_the_application_in_order(tmp_path: Path) -> None:
-    trio.run(backlog_reaches_the_application_in_order, tmp_path)
-
-
-async def backlog_reaches_the_application_in_order(tmp_path: Path) -> None:
+async def test_backlog_reaches_the_application_in_order(tmp_path: Path) -> None:
     """After a crash, bob's backlog of 300 comes to the application in seq order."""
     data = tmp_path / "data"
     async with serve(data) as first:
@@ -587,11 +574,8 @@ async def backlog_reaches_the_application_in_order(tmp_path: Path) -> None:
         assert_arrival_order(got)
 
 
-def test_listener_stopping_part_way_through_a_backlog_loses_nothing(tmp_path: Path) -> None:
-    trio.run(listener_stopping_part_way_through_a_backlog_loses_nothing, tmp_path)
-
-
-async def listener_stopping_part_way_through_a_backlog_loses_nothing(tmp_path: Path) -> None:
+async def test_listener_stopping_part_way_through_a_backlog_loses_nothing(
+        tmp_path: Path) -> None:
     """After a crash, `listen --count 10`, then a fresh reader gets all the other 290."""
     data = tmp_path / "data"
     users = [f"bob{i}" for i in range(TRIALS)]
