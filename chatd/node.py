@@ -111,10 +111,10 @@ class Node:
 
 def _make_store(config: Config, actors: ActorTable) -> Store:
     """The store the configuration asks for."""
-    sizes = {"dedup_window": config.dedup_window, "dedup_max": config.dedup_max_ids,
-             "max_unread": config.max_unread}
     if config.store == "memory":
-        return MemoryStore(**sizes)  # type: ignore[arg-type]
+        return MemoryStore(dedup_window=config.dedup_window, dedup_max=config.dedup_max_ids,
+                           max_unread=config.max_unread)
     return DurableStore(actors, config.replica_paths, segment_bytes=config.segment_bytes,
                         checkpoint_interval=config.checkpoint_interval,
-                        **sizes)  # type: ignore[arg-type]
+                        dedup_window=config.dedup_window, dedup_max=config.dedup_max_ids,
+                        max_unread=config.max_unread)

@@ -25,6 +25,7 @@ the merged state to both at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,9 +85,9 @@ class DurableStore(IndexedStore):
         self.directories = list(directories)
         self.segment_bytes = segment_bytes
         self.checkpoint_interval = checkpoint_interval
-        self._index_args = {"dedup_window": dedup_window, "dedup_max": dedup_max,
-                            "max_unread": max_unread}
-        self.index = QueueIndex(**self._index_args)  # type: ignore[arg-type]
+        self._new_index = functools.partial(QueueIndex, dedup_window=dedup_window,
+                                            dedup_max=dedup_max, max_unread=max_unread)
+        self.index = self._new_index()
         self.logs: list[SegmentLog] = []
         self.journal: Journal | None = None
         self._log = EventLog(logger, actors.node, "store")
@@ -100,7 +101,7 @@ class DurableStore(IndexedStore):
     async def run(self, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Recover both replicas, repair them if needed, then serve and checkpoint."""
-        self.index = QueueIndex(**self._index_args)  # type: ignore[arg-type]
+        self.index = self._new_index()
         self.logs = [SegmentLog(d, segment_bytes=self.segment_bytes) for d in self.directories]
         replay = await trio.to_thread.run_sync(self._recover)
         journal = self.journal = Journal(self._actors, self.logs, next_lsn=replay.last_lsn + 1)
