@@ -2,8 +2,10 @@
 
 Sessions are temporary children of the listener: a session that crashes is logged (a
 normalized ``session_crashed`` error), its client gets close code 1011, and it is not
-restarted; no other session notices. Each session runs in the task trio-websocket gives
-its connection, so a connection costs no extra supervision task.
+restarted; no other session notices. The accept loop waits on the listening sockets with
+``trio.lowlevel.wait_readable`` and accepts what is ready in bursts; each connection gets
+one task, which performs the WebSocket handshake (bounded by ``handshake_timeout``) and
+then runs the session, so a connection costs no extra supervision task.
 
 Shutdown comes in layers, driven by the node: :meth:`Listener.stop_accepting` closes the
 listening sockets; :meth:`Listener.drain` asks every session to close with 1001 and waits,
@@ -15,22 +17,24 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import socket
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
-)
 
 from chatd.logs import EventLog, root_cause
 from chatd.protocol import ErrorCode, ProtocolError
+from chatd.protocol.websocket import HandshakeError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
+from chatd.transport import ConnectionClosed, WebSocket, is_fd_exhaustion
 
-__all__ = ["Listener"]
+__all__ = ["Listener", "open_listening_sockets"]
 
 logger = logging.getLogger(__name__)
+
+#: Connections accepted per wake-up of the accept loop before it yields.
+_ACCEPT_BURST = 64
+#: Seconds the accept loop pauses when the process is out of file descriptors.
+_EXHAUSTED_PAUSE = 0.1
 
 
 class Listener:
@@ -64,23 +68,38 @@ class Listener:
                   ) -> None:
         """Listen, start a session per connection, and serve until cancelled."""
         config = self._ctx.config
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-        host, port = listeners[0].socket.getsockname()[:2]
+        sockets = open_listening_sockets(config.host, config.port)
+        host, port = sockets[0].getsockname()[:2]
         self.url = f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
-        async with trio.open_nursery() as sessions:
-            server = WebSocketServer(
-                self._serve, listeners, handler_nursery=sessions,
-                max_message_size=config.limits.max_frame_bytes,
-                connect_timeout=config.handshake_timeout, disconnect_timeout=CLOSE_TIMEOUT)
-            self._accept_scope = trio.CancelScope()
-            sessions.start_soon(self._accept, server)
-            self._log.info("listening", url=self.url)
-            task_status.started(self)
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as sessions:
+                self._accept_scope = trio.CancelScope()
+                for sock in sockets:
+                    sessions.start_soon(self._accept, sock, sessions)
+                self._log.info("listening", url=self.url)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            _close_all(sockets)
 
-    async def _accept(self, server: WebSocketServer) -> None:
+    async def _accept(self, listening: socket.socket, sessions: trio.Nursery) -> None:
         with self._accept_scope:
-            await server.run()
+            while True:
+                await trio.lowlevel.wait_readable(listening)
+                for _ in range(_ACCEPT_BURST):
+                    try:
+                        sock, _ = listening.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if not is_fd_exhaustion(exc):
+                            raise
+                        self._log.warning("accept_paused", error="too_many_open_files",
+                                          errno=exc.errno)
+                        await trio.sleep(_EXHAUSTED_PAUSE)
+                        break
+                    sessions.start_soon(self._serve, sock)
+        _close_all([listening])
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; sessions already open keep running."""
@@ -101,12 +120,22 @@ class Listener:
                 await self._idle.wait()
         return not self._sessions
 
-    async def _serve(self, request: WebSocketRequest) -> None:
+    async def _serve(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ws = WebSocket(sock, self._ctx.config.limits.max_frame_bytes)
         try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            return
-        address = _address(ws)
+            with trio.move_on_after(self._ctx.config.handshake_timeout) as opening:
+                await ws.handshake()
+            if not opening.cancelled_caught:
+                await self._session(ws)
+        except (HandshakeError, ConnectionClosed):
+            pass
+        finally:
+            ws.abort()
+
+    async def _session(self, ws: WebSocket) -> None:
+        address = ws.remote
         if self._unauthenticated[address] >= self._ctx.config.max_unauthenticated_per_address:
             await Session(self._ctx, ws).refuse(ProtocolError(
                 ErrorCode.TOO_MANY_CONNECTIONS,
@@ -132,10 +161,7 @@ class Listener:
         except Exception as exc:
             self._log.error("session_crashed", error="session_crashed", user=session.user,
                             exception=type(root_cause(exc)).__name__, exc_info=True)
-            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.aclose(1011, ErrorCode.INTERNAL.value)
+            await ws.close(1011, ErrorCode.INTERNAL.value, timeout=CLOSE_TIMEOUT)
         finally:
             authenticated()
             self._sessions.discard(session)
@@ -143,7 +169,37 @@ class Listener:
                 self._idle.set()
 
 
-def _address(ws: WebSocketConnection) -> str:
-    """The peer's network address (without the port), for per-address limits."""
-    remote = ws.remote
-    return str(getattr(remote, "address", remote))
+def open_listening_sockets(host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, non-blocking.
+
+    With port 0 the first socket picks a free port and the others use the same one.
+
+    Raises:
+        OSError: An address cannot be bound (in use, not local, ...).
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        _close_all(sockets)
+        raise
+    return sockets
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        if sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()

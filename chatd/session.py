@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 import attrs
 import cbor2
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from chatd.actors import ActorTable, Mailbox
 from chatd.auth import TokenError, verify_token
@@ -54,9 +53,11 @@ from chatd.protocol import (
     Unsubscribe,
     Welcome,
 )
+from chatd.protocol.websocket import WebSocketError
 from chatd.registry import Registry
 from chatd.router import Router
 from chatd.store import Entry, Message, Store
+from chatd.transport import ConnectionClosed, WebSocket
 
 __all__ = ["CATCH_UP_BATCH", "Session", "SessionContext"]
 
@@ -95,13 +96,13 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_ending", "_fatal", "_limited_at",
-                 "_log", "_mailbox", "_on_authenticated", "_open_scope", "_reader_scope",
-                 "_refilled", "_reported", "_sent_seq", "_stop_reason", "_throttled", "_torn",
-                 "_user",
-                 "_watching", "_writer_scope", "_writing", "_ws", "last_heard")
+    __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_ending", "_fatal", "_inbox",
+                 "_limited_at", "_log", "_mailbox", "_on_authenticated", "_open_scope",
+                 "_reader_scope", "_refilled", "_reported", "_sent_seq", "_stop_reason",
+                 "_throttled", "_user", "_watching", "_writer_scope", "_writing", "_ws",
+                 "_ws_error", "last_heard")
 
-    def __init__(self, ctx: SessionContext, ws: WebSocketConnection, *,
+    def __init__(self, ctx: SessionContext, ws: WebSocket, *,
                  on_authenticated: Callable[[], None] | None = None) -> None:
         self._ctx = ctx
         self._ws = ws
@@ -118,8 +119,9 @@ class Session:
         self._stop_reason: ErrorCode | None = None
         self._writing = False
         self._ending = False
-        self._torn = False
         self._fatal: ProtocolError | None = None
+        self._ws_error: WebSocketError | None = None
+        self._inbox: list[bytes | str] = []
         self._sent_seq = 0
         self._watching: set[str] = set()
         self._reported = 0.0
@@ -173,6 +175,9 @@ class Session:
         except ProtocolError as err:
             await self._close(err)
             return
+        except WebSocketError as err:
+            await self._ws.close(err.code, err.reason, timeout=CLOSE_TIMEOUT)
+            return
         except ConnectionClosed:
             return
         ctx = self._ctx
@@ -198,8 +203,9 @@ class Session:
                                   now_ms(), ctx.config.limits.max_frame_bytes,
                                   ctx.config.limits.max_string_bytes)
                 self._log.debug("session_opened", user=user, session=str(address))
+                self._encode([welcome])  # first, before any answer the reader may send
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer, welcome)
+                    nursery.start_soon(self._writer)
                     with self._reader_scope:
                         await self._reader(rest)
                     self._stop_writer()
@@ -215,12 +221,17 @@ class Session:
             self._fatal = ProtocolError(reason, _EXIT_MESSAGES.get(reason, reason.value))
         if self._fatal is not None:
             await self._close(self._fatal)
+        elif self._ws_error is not None:
+            await self._ws.close(self._ws_error.code, self._ws_error.reason,
+                                 timeout=CLOSE_TIMEOUT)
+        else:
+            await self._ws.close(1000, timeout=CLOSE_TIMEOUT)
 
     # -- opening ---------------------------------------------------------------------
 
     async def _authenticate(self) -> tuple[Hello, list[Frame]]:
         with self._auth_scope:
-            data = await self._ws.get_message()
+            data = await self._next_message()
             frames = self._conn.receive(data)
             hello = frames[0]
             assert isinstance(hello, Hello)
@@ -240,24 +251,37 @@ class Session:
 
     # -- inbound -----------------------------------------------------------------------
 
+    async def _next_message(self) -> bytes | str:
+        if not self._inbox:
+            self._inbox = await self._ws.receive()
+            self._inbox.reverse()
+        return self._inbox.pop()
+
     async def _reader(self, frames: list[Frame]) -> None:
         """Act on client frames until the client leaves or breaks the protocol."""
+        ws = self._ws
         try:
             await self._throttle(len(frames) + 1)  # the hello and what came with it
-            await self._handle(frames)
+            self._answer(await self._handle(frames))
             while True:
-                data = await self._ws.get_message()
+                if self._inbox:
+                    batch, self._inbox = self._inbox[::-1], []
+                else:
+                    batch = await ws.receive()
                 self.last_heard = now = trio.current_time()
                 if now - self._reported >= self._ctx.presence.report_interval:
                     self._reported = now
                     self._ctx.presence.active(self._user)
-                try:
-                    frames = self._conn.receive(data)
-                except ProtocolError as err:
-                    self._fatal = err
-                    return
-                await self._throttle(len(frames))
-                await self._handle(frames)
+                for data in batch:
+                    try:
+                        frames = self._conn.receive(data)
+                    except ProtocolError as err:
+                        self._fatal = err
+                        return
+                    await self._throttle(len(frames))
+                    self._answer(await self._handle(frames))
+        except WebSocketError as err:
+            self._ws_error = err
         except ConnectionClosed:
             return
 
@@ -280,9 +304,9 @@ class Session:
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
-            self._reply((Error(ErrorCode.RATE_LIMITED.value,
-                               f"more than {config.rate_limit:g} frames per second; "
-                               "reading paused"),))
+            self._answer([Error(ErrorCode.RATE_LIMITED.value,
+                                f"more than {config.rate_limit:g} frames per second; "
+                                "reading paused")])
         # The client is alive (it is the server that is not reading): keepalive waits.
         self._throttled = True
         try:
@@ -291,7 +315,8 @@ class Session:
             self._throttled = False
         self.last_heard = trio.current_time()
 
-    async def _handle(self, frames: Iterable[Frame]) -> None:
+    async def _handle(self, frames: Iterable[Frame]) -> list[Frame]:
+        """Act on one client message's frames; returns the answers, in order."""
         replies: list[Frame] = []
         ctx = self._ctx
         for frame in frames:
@@ -314,15 +339,29 @@ class Session:
                             await ctx.presence.watch(self._mailbox.address, gone, add=False)
             except ProtocolError as err:
                 replies.append(Error(err.code.value, err.message, err.ref))
-        if replies:
-            self._reply(tuple(replies))
+        return replies
 
-    def _reply(self, frames: tuple[Frame, ...]) -> None:
-        """Queue answers for the writer, like any other frames for this client."""
+    def _answer(self, frames: list[Frame]) -> None:
+        """Send answers now if nothing waits to be written, else queue them for the writer.
+
+        Answers and items are independent streams (docs/protocol.md 4.7), so an answer
+        need not wait behind items the writer has not sent yet; but it never overtakes
+        bytes already waiting for the socket, and a client that does not read gets its
+        answers through the mailbox, whose bound makes it a slow consumer.
+        """
+        if not frames:
+            return
         assert self._mailbox is not None
-        if not self._mailbox.deliver_nowait(Push(frames)) and not self._mailbox.exiting:
-            self._log.warning("slow_consumer", user=self._user)
-            self._mailbox.exit(ErrorCode.SLOW_CONSUMER)
+        ws = self._ws
+        if ws.buffered or self._writing:
+            if not self._mailbox.deliver_nowait(Push(tuple(frames))) and (
+                    not self._mailbox.exiting):
+                self._log.warning("slow_consumer", user=self._user)
+                self._mailbox.exit(ErrorCode.SLOW_CONSUMER)
+            return
+        self._encode(frames)
+        if self._ws.buffered:  # the socket is full: wake the writer to wait on it
+            self._mailbox.deliver_nowait(Push(()))  # the writer takes over the rest
 
     async def _subscribe(self, users: Sequence[str]) -> None:
         new = tuple(set(users) - self._watching)
@@ -337,48 +376,49 @@ class Session:
 
     # -- outbound ----------------------------------------------------------------------
 
-    async def _writer(self, welcome: Welcome) -> None:
-        """Send the welcome and the backlog, then whatever the mailbox brings."""
+    async def _writer(self) -> None:
+        """Send the backlog, then whatever the mailbox brings."""
         assert self._mailbox is not None
         mailbox = self._mailbox
-        ping_interval = self._ctx.config.ping_interval
+        ws = self._ws
+        config = self._ctx.config
+        pinged: float | None = None  # the last sign of life when we pinged
         with self._writer_scope:
             try:
-                await self._catch_up([welcome])
+                await self._catch_up([])
                 while True:
-                    with trio.move_on_at(self.last_heard + ping_interval) as quiet:
+                    heard = max(self.last_heard, ws.pong_at)
+                    if pinged is not None and heard > pinged:
+                        pinged = None
+                    deadline = (heard + config.ping_interval if pinged is None
+                                else pinged + config.idle_timeout)
+                    with trio.move_on_at(deadline) as quiet:
                         message = await mailbox.receive()
                     if quiet.cancelled_caught:
-                        if self._throttled:
+                        if self._throttled:  # the client waits on us, not the reverse
                             self.last_heard = trio.current_time()
-                        if trio.current_time() < self.last_heard + ping_interval:
-                            continue  # the client spoke, or waits on us, meanwhile
-                        if not await self._keepalive():
+                        elif pinged is None:
+                            if trio.current_time() >= heard + config.ping_interval:
+                                ws.ping()
+                                pinged = heard
+                                await self._flush()
+                        elif max(self.last_heard, ws.pong_at) <= pinged:
+                            self._fatal = ProtocolError(
+                                ErrorCode.IDLE_TIMEOUT,
+                                f"no sign of life for {config.idle_timeout} s")
                             break
                         continue
                     frames: list[Frame] = []
                     gap = self._take(message, frames) | self._drain(frames)
                     if gap:
                         await self._catch_up(frames)
-                    elif frames:
-                        await self._send(frames)
+                    else:
+                        self._encode(frames)
+                        await self._flush()
             except ConnectionClosed:
                 pass
         # The writer is done (connection lost, idle, or told to stop): so is the session.
         self._reader_scope.cancel()
-
-    async def _keepalive(self) -> bool:
-        """Ping a quiet client; False if it showed no sign of life in time."""
-        idle_timeout = self._ctx.config.idle_timeout
-        with trio.move_on_at(self.last_heard + idle_timeout):
-            await self._ws.ping()
-            self.last_heard = trio.current_time()
-            return True
-        if trio.current_time() < self.last_heard + idle_timeout:
-            return True  # no pong yet, but the client sent data meanwhile
-        self._fatal = ProtocolError(ErrorCode.IDLE_TIMEOUT,
-                                    f"no sign of life for {idle_timeout} s")
-        return False
 
     def _take(self, message: Deliver | Push, frames: list[Frame]) -> bool:
         """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
@@ -414,44 +454,44 @@ class Session:
                 frames.extend(_frame(entry) for entry in entries)
             self._drain(frames)
             if frames:
-                await self._send(frames)
+                self._encode(frames)
+                await self._flush()
                 frames = []
             if not entries:
                 return
 
-    async def _send(self, frames: Sequence[Frame]) -> None:
+    def _encode(self, frames: Sequence[Frame]) -> None:
         """Send frames in as few WebSocket messages as the limits allow."""
         limits = self._ctx.config.limits
         to_wire = self._conn.codec.to_wire
+        send = self._ws.send
         batch: list[bytes] = []
         size = 0
         for frame in frames:
             data = cbor2.dumps(to_wire(frame))
             if batch and (size + len(data) > limits.max_frame_bytes
                           or len(batch) == limits.max_frames):
-                await self._write(b"".join(batch))
+                send(b"".join(batch))
                 batch, size = [], 0
             batch.append(data)
             size += len(data)
         if batch:
-            await self._write(b"".join(batch))
+            send(b"".join(batch))
 
-    async def _write(self, data: bytes) -> None:
-        """Write one WebSocket message; only the writer task calls this.
+    async def _flush(self) -> None:
+        """Wait until the socket has taken everything sent; only the writer calls this.
 
-        While the message is being written, an exit signal does not cancel the writer: it
-        gets CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), then stops. A write that is
-        cancelled part-way leaves the stream *torn*, and no error frame follows it.
+        While the socket is slow, an exit signal does not cancel the writer: it gets
+        CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), so the error frame and the
+        close follow whole messages.
         """
-        # Told to stop before this write began (woken with a message an instant before the
-        # exit signal): nothing is on the wire, so the stream is not torn.
-        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._ws.buffered:
+            if self._ending:
+                self._writer_scope.cancel()
+            return
         self._writing = True
         try:
-            await self._ws.send_message(data)
-        except trio.Cancelled:
-            self._torn = True
-            raise
+            await self._ws.drain()
         finally:
             self._writing = False
         if self._ending:
@@ -464,17 +504,8 @@ class Session:
         if close_code >= 4000 or close_code == 1001:
             self._log.info("session_closed", user=self._user, reason=err.code.value,
                            close_code=int(close_code))
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            scope.shield = True
-            try:
-                if not self._torn:
-                    await self._ws.send_message(self._conn.send([Error(err.code.value,
-                                                                       err.message)]))
-                # After a torn write the close frame lands inside the cut message: the
-                # client sees a broken frame, which is the truth about this connection.
-                await self._ws.aclose(int(close_code), err.code.value)
-            except ConnectionClosed:
-                pass
+        self._ws.send(self._conn.send([Error(err.code.value, err.message)]))
+        await self._ws.close(int(close_code), err.code.value, timeout=CLOSE_TIMEOUT)
 
 
 def _frame(entry: Entry) -> Msg | Receipt:

@@ -4,6 +4,7 @@ Nothing in this package does I/O or imports trio; the server, the client library
 tests all drive it with bytes. docs/protocol.md is the normative description.
 """
 
+from . import websocket
 from ._codec import Codec, Limits, client_codec, server_codec
 from ._connection import ClientConnection, ConnectionState, ServerConnection, negotiate
 from ._errors import CloseCode, ErrorCode, ProtocolError
@@ -64,4 +65,5 @@ __all__ = [
     "client_codec",
     "negotiate",
     "server_codec",
+    "websocket",
 ]

@@ -1,0 +1,350 @@
+"""The server's side of RFC 6455, sans-IO: the upgrade handshake and the frame layer.
+
+chatd's server speaks WebSocket through this module rather than a general-purpose library
+because the per-message path is where its CPU goes: a client message costs one buffer
+slice, one XOR over the payload and one object, and a server message costs one header and
+one concatenation. Only what a chat server needs is here. Frames from clients must be
+masked; fragmented messages are reassembled up to ``max_message`` bytes; pings are
+answered by the caller; there are no extensions (so no compression) and no subprotocols.
+
+Like wsproto, nothing here does I/O: :func:`accept_handshake` turns request bytes into
+response bytes, :class:`FrameReader` turns received bytes into events, and
+:func:`encode_frame` turns a payload into bytes to write. Every violation raises
+:class:`WebSocketError` with the close code (or HTTP status) the peer should get.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+
+import attrs
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "Close",
+    "FrameReader",
+    "HandshakeError",
+    "Message",
+    "Ping",
+    "Pong",
+    "WebSocketError",
+    "accept_handshake",
+    "close_frame",
+    "encode_frame",
+]
+
+#: The largest upgrade request accepted (request line and headers).
+MAX_REQUEST_BYTES = 8192
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_REQUEST_END = b"\r\n\r\n"
+_GET = b"GET "
+
+
+class HandshakeError(Exception):
+    """The upgrade request cannot be accepted; answer with ``response`` and close.
+
+    Attributes:
+        status: The HTTP status sent back.
+        response: The complete HTTP response to write.
+    """
+
+    def __init__(self, status: int, reason: str, extra_headers: str = "") -> None:
+        super().__init__(reason)
+        self.status = status
+        body = reason.encode() + b"\n"
+        self.response = (
+            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n{extra_headers}\r\n").encode("latin-1") + body
+
+
+_STATUS_TEXT = {400: "Bad Request", 426: "Upgrade Required"}
+
+
+def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
+    """Check a client's upgrade request and build the 101 response.
+
+    Args:
+        data: Bytes received so far on a new connection.
+
+    Returns:
+        None if the request is not complete yet; otherwise the response to write and how
+        many bytes of ``data`` the request used (anything after it is WebSocket frames).
+
+    Raises:
+        HandshakeError: The request is malformed, too large, or not a WebSocket upgrade.
+    """
+    if not _GET.startswith(data[:4]):  # a TLS hello, another protocol: say so at once
+        raise HandshakeError(400, "only GET upgrades to WebSocket")
+    end = data.find(_REQUEST_END)
+    if end < 0:
+        if len(data) > MAX_REQUEST_BYTES:
+            raise HandshakeError(400, "upgrade request too large")
+        return None
+    if end + 4 > MAX_REQUEST_BYTES:
+        raise HandshakeError(400, "upgrade request too large")
+    lines = data[:end].decode("latin-1").split("\r\n")
+    request = lines[0].split(" ")
+    if len(request) != 3 or not request[2].startswith("HTTP/"):
+        raise HandshakeError(400, "malformed request line")
+    if request[0] != "GET":
+        raise HandshakeError(400, "only GET upgrades to WebSocket")
+    if request[2] != "HTTP/1.1":
+        raise HandshakeError(400, "WebSocket needs HTTP/1.1")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or line[0] in " \t":
+            raise HandshakeError(400, "malformed header line")
+        key = name.lower()
+        value = value.strip(" \t")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    if "host" not in headers:
+        raise HandshakeError(400, "missing Host header")
+    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    upgrade = {token.strip().lower() for token in headers.get("upgrade", "").split(",")}
+    if "upgrade" not in tokens or "websocket" not in upgrade:
+        raise HandshakeError(400, "this endpoint only speaks WebSocket")
+    if headers.get("sec-websocket-version") != "13":
+        raise HandshakeError(426, "WebSocket version 13 is required",
+                             "Sec-WebSocket-Version: 13\r\n")
+    key = headers.get("sec-websocket-key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError(key)
+    except (ValueError, binascii.Error):
+        raise HandshakeError(400, "bad Sec-WebSocket-Key") from None
+    accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest())
+    response = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    return response, end + 4
+
+
+class WebSocketError(Exception):
+    """The peer broke RFC 6455 or a limit; close the connection with ``code``.
+
+    Attributes:
+        code: The close code to send (1002, 1007 or 1009).
+        reason: A short explanation, sent as the close reason.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@attrs.frozen(slots=True)
+class Message:
+    """A complete data message: ``bytes`` for binary, ``str`` for text."""
+
+    data: bytes | str
+
+
+@attrs.frozen(slots=True)
+class Ping:
+    """A ping; the caller answers it with a pong carrying the same payload."""
+
+    payload: bytes
+
+
+@attrs.frozen(slots=True)
+class Pong:
+    """A pong, answering one of our pings (or unsolicited)."""
+
+    payload: bytes
+
+
+@attrs.frozen(slots=True)
+class Close:
+    """The peer's close frame: its code (1005 if none) and reason."""
+
+    code: int
+    reason: str
+
+
+Event = Message | Ping | Pong | Close
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR ``payload`` with the repeating 4-byte ``mask``, as one big-integer operation."""
+    size = len(payload)
+    if not size:
+        return b""
+    key = (mask * ((size + 3) >> 2))[:size]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        size, "little")
+
+
+def _valid_close_code(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or (
+        3000 <= code <= 4999)
+
+
+class FrameReader:
+    """Parses masked client frames from a byte stream into :data:`Event` objects.
+
+    Args:
+        max_message: The largest data message accepted, in bytes, after reassembly;
+            a larger one raises ``WebSocketError(1009)`` as soon as its header says so.
+    """
+
+    __slots__ = ("_buffer", "_events", "_max_message", "_parts", "_size", "_text", "error")
+
+    def __init__(self, max_message: int) -> None:
+        self._max_message = max_message
+        self._buffer = b""
+        self._parts: list[bytes] | None = None
+        self._size = 0
+        self._text = False
+        self._events: list[Event] = []
+        #: The violation that ended the stream, once there is one.
+        self.error: WebSocketError | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add received bytes and return every event they complete, in order.
+
+        Raises:
+            WebSocketError: The stream breaks the protocol or the size limit. Events
+                completed before the offending frame are returned first; the error is
+                raised by the next call, and by every call after it.
+        """
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._parse(data)
+        except WebSocketError as err:
+            self.error = err
+            if self._events:
+                return self._events
+            raise
+
+    def _parse(self, data: bytes) -> list[Event]:
+        buf = self._buffer + data if self._buffer else data
+        end = len(buf)
+        pos = 0
+        events: list[Event] = []
+        self._events = events
+        while end - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            if first & 0x70:
+                raise WebSocketError(1002, "reserved bits set without an extension")
+            if not second & 0x80:
+                raise WebSocketError(1002, "client frames must be masked")
+            opcode = first & 0x0F
+            length = second & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(buf[head:head + 2], "big")
+                head += 2
+                if length < 126:
+                    raise WebSocketError(1002, "frame length not minimally encoded")
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(buf[head:head + 8], "big")
+                head += 8
+                if length < 65536 or length >> 63:
+                    raise WebSocketError(1002, "frame length not minimally encoded")
+            if opcode >= 8:
+                if not first & 0x80 or length > 125:
+                    raise WebSocketError(1002, "control frames are short and unfragmented")
+            elif self._size + length > self._max_message:
+                raise WebSocketError(1009, f"message larger than {self._max_message} bytes")
+            start = head + 4
+            if end < start + length:
+                break
+            payload = _unmask(buf[start:start + length], buf[head:start])
+            pos = start + length
+            event = self._frame(opcode, bool(first & 0x80), payload)
+            if event is not None:
+                events.append(event)
+                if type(event) is Close:
+                    pos = end  # nothing after a close frame counts
+                    break
+        self._buffer = buf[pos:] if pos < end else b""
+        return events
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> Event | None:
+        if opcode in (OP_BINARY, OP_TEXT):
+            if self._parts is not None:
+                raise WebSocketError(1002, "new message before the last one finished")
+            if fin:
+                return self._message(opcode == OP_TEXT, payload)
+            self._parts, self._size, self._text = [payload], len(payload), opcode == OP_TEXT
+            return None
+        if opcode == OP_CONTINUATION:
+            if self._parts is None:
+                raise WebSocketError(1002, "continuation frame outside a message")
+            self._parts.append(payload)
+            self._size += len(payload)
+            if not fin:
+                return None
+            data = b"".join(self._parts)
+            self._parts, self._size = None, 0
+            return self._message(self._text, data)
+        if opcode == OP_PING:
+            return Ping(payload)
+        if opcode == OP_PONG:
+            return Pong(payload)
+        if opcode == OP_CLOSE:
+            return _close(payload)
+        raise WebSocketError(1002, f"unknown opcode {opcode}")
+
+    @staticmethod
+    def _message(text: bool, payload: bytes) -> Message:
+        if not text:
+            return Message(payload)
+        try:
+            return Message(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise WebSocketError(1007, "text message is not UTF-8") from None
+
+
+def _close(payload: bytes) -> Close:
+    if not payload:
+        return Close(1005, "")
+    if len(payload) == 1:
+        raise WebSocketError(1002, "close frame with a one-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not _valid_close_code(code):
+        raise WebSocketError(1002, f"invalid close code {code}")
+    try:
+        return Close(code, payload[2:].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise WebSocketError(1007, "close reason is not UTF-8") from None
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One unfragmented, unmasked server frame."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x80 | opcode, size)) + payload
+    if size < 65536:
+        return bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big") + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame with ``code`` and a reason cut to fit the 125-byte control limit."""
+    if code == 1005:
+        return encode_frame(OP_CLOSE, b"")
+    cut = reason.encode()[:123].decode("utf-8", "ignore").encode()
+    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + cut)
