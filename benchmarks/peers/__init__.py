@@ -1,0 +1,1 @@
+"""Peer servers the benchmarks measure chatd against, speaking chatd's wire protocol."""
