@@ -260,8 +260,9 @@ class Session:
     async def _reader(self, frames: list[Frame]) -> None:
         """Act on client frames until the client leaves or breaks the protocol."""
         ws = self._ws
+        answers: list[Frame] = []
         try:
-            await self._throttle(len(frames) + 1)  # the hello and what came with it
+            await self._throttle(len(frames) + 1, answers)  # the hello and what came with it
             self._answer(await self._handle(frames))
             while True:
                 if self._inbox:
@@ -272,21 +273,28 @@ class Session:
                 if now - self._reported >= self._ctx.presence.report_interval:
                     self._reported = now
                     self._ctx.presence.active(self._user)
+                # Answers to the messages one read brought are sent together.
                 for data in batch:
                     try:
                         frames = self._conn.receive(data)
                     except ProtocolError as err:
+                        self._answer(answers)  # the messages before it were acted on
                         self._fatal = err
                         return
-                    await self._throttle(len(frames))
-                    self._answer(await self._handle(frames))
+                    await self._throttle(len(frames), answers)
+                    answers += await self._handle(frames)
+                self._answer(answers)
+                answers = []
         except WebSocketError as err:
             self._ws_error = err
         except ConnectionClosed:
             return
 
-    async def _throttle(self, frames: int) -> None:
+    async def _throttle(self, frames: int, answers: list[Frame]) -> None:
         """Spend ``frames`` from the connection's budget, waiting for it if need be.
+
+        Answers collected so far (``answers``) are sent before any wait, and the list is
+        emptied.
 
         The budget holds at most ``rate_burst`` frames and refills at ``rate_limit`` frames
         per second. A message the budget cannot cover is not dropped: the client is told
@@ -301,6 +309,8 @@ class Session:
         self._budget -= frames
         if self._budget >= 0:
             return
+        self._answer(answers)
+        answers.clear()
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
@@ -353,14 +363,14 @@ class Session:
             return
         assert self._mailbox is not None
         ws = self._ws
-        if ws.buffered or self._writing:
+        if ws.unsent or self._writing:
             if not self._mailbox.deliver_nowait(Push(tuple(frames))) and (
                     not self._mailbox.exiting):
                 self._log.warning("slow_consumer", user=self._user)
                 self._mailbox.exit(ErrorCode.SLOW_CONSUMER)
             return
         self._encode(frames)
-        if self._ws.buffered:  # the socket is full: wake the writer to wait on it
+        if self._ws.unsent:  # the socket is full: wake the writer to wait on it
             self._mailbox.deliver_nowait(Push(()))  # the writer takes over the rest
 
     async def _subscribe(self, users: Sequence[str]) -> None:
@@ -485,7 +495,7 @@ class Session:
         CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), so the error frame and the
         close follow whole messages.
         """
-        if not self._ws.buffered:
+        if not self._ws.unsent:
             if self._ending:
                 self._writer_scope.cancel()
             return

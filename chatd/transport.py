@@ -183,9 +183,9 @@ class WebSocket:
     # -- writing ---------------------------------------------------------------------
 
     @property
-    def buffered(self) -> int:
-        """How many bytes wait for the socket to take them."""
-        return sum(len(part) for part in self._out)
+    def unsent(self) -> bool:
+        """Whether bytes wait for the socket to take them."""
+        return bool(self._out)
 
     def send(self, data: bytes) -> None:
         """Send one binary message now, or queue it for :meth:`drain`; never blocks."""
