@@ -9,13 +9,19 @@ the item from the store when its user connects again.
 Offering never waits. A session whose mailbox is full is a consumer too slow to keep up:
 it is told to exit (``slow_consumer``) and its user catches up from the store on the next
 connection.
+
+A caller that routes many items in a row (a session acting on everything one read brought)
+passes a ``touched`` list: the items are queued without waking their sessions, the
+mailboxes are added to the list, and the caller wakes each once when it is done
+(:meth:`chatd.actors.Mailbox.wake`), so that a session gets them in one write.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from chatd.actors import ActorTable
+from chatd.actors import ActorTable, Mailbox
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.messages import Deliver
@@ -45,8 +51,14 @@ class Router:
         self._store = store
         self._log = EventLog(logger, actors.node, "router")
 
-    async def submit(self, sender: str, frame: Send) -> Sent:
+    async def submit(self, sender: str, frame: Send,
+                     touched: list[Mailbox[Any]] | None = None) -> Sent:
         """Accept a message from ``sender``: queue it for its recipient and offer it.
+
+        Args:
+            sender: The authenticated user sending.
+            frame: The ``send`` frame.
+            touched: Where to note a session offered an item without being woken.
 
         Returns:
             The ``sent`` frame for the sender; ``dup`` is set if the id was seen before.
@@ -66,11 +78,12 @@ class Router:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE,
                                 ref=frame.id) from None
         if accepted.entry is not None:
-            self.offer(frame.to, accepted.entry)
+            self.offer(frame.to, accepted.entry, touched)
         return Sent(frame.id, accepted.ts, accepted.duplicate)
 
     async def acknowledge(self, user: str, status: str, upto: int,
-                          peer: str | None = None) -> None:
+                          peer: str | None = None,
+                          touched: list[Mailbox[Any]] | None = None) -> None:
         """Apply ``user``'s acknowledgement and route the receipts it produces.
 
         Raises:
@@ -81,16 +94,27 @@ class Router:
         except StoreUnavailable:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE) from None
         for sender, entry in queued:
-            self.offer(sender, entry)
+            self.offer(sender, entry, touched)
 
-    def offer(self, user: str, entry: Entry) -> None:
-        """Offer a stored entry to ``user``'s session, if they have one on this node."""
+    def offer(self, user: str, entry: Entry,
+              touched: list[Mailbox[Any]] | None = None) -> None:
+        """Offer a stored entry to ``user``'s session, if they have one on this node.
+
+        Args:
+            user: Whose queue the entry is in.
+            entry: The stored entry.
+            touched: If given, the session is not woken: its mailbox is appended here.
+        """
         address = self._sessions.get(user)
         if address is None:
             return
         mailbox = self._actors.lookup(address)
-        if (mailbox is not None and not mailbox.deliver_nowait(Deliver(entry))
-                and not mailbox.exiting):
+        if mailbox is None:
+            return
+        if mailbox.deliver_nowait(Deliver(entry), wake=touched is None):
+            if touched is not None:
+                touched.append(mailbox)
+        elif not mailbox.exiting:
             self._log.warning("slow_consumer", user=user, queued=mailbox.capacity)
             mailbox.exit(ErrorCode.SLOW_CONSUMER)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import cbor2
@@ -96,11 +97,11 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_ending", "_fatal", "_inbox",
-                 "_limited_at", "_log", "_mailbox", "_on_authenticated", "_open_scope",
-                 "_reader_scope", "_refilled", "_reported", "_sent_seq", "_stop_reason",
-                 "_throttled", "_user", "_watching", "_writer_scope", "_writing", "_ws",
-                 "_ws_error", "last_heard")
+    __slots__ = ("_auth_scope", "_behind", "_budget", "_conn", "_ctx", "_ending", "_fatal",
+                 "_inbox", "_limited_at", "_log", "_mailbox", "_on_authenticated",
+                 "_open_scope", "_reader_scope", "_refilled", "_reported", "_sent_seq",
+                 "_stop_reason", "_throttled", "_touched", "_user", "_watching",
+                 "_writer_scope", "_writing", "_ws", "_ws_error", "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocket, *,
                  on_authenticated: Callable[[], None] | None = None) -> None:
@@ -122,6 +123,8 @@ class Session:
         self._fatal: ProtocolError | None = None
         self._ws_error: WebSocketError | None = None
         self._inbox: list[bytes | str] = []
+        self._touched: list[Mailbox[Any]] = []
+        self._behind = False
         self._sent_seq = 0
         self._watching: set[str] = set()
         self._reported = 0.0
@@ -261,9 +264,11 @@ class Session:
         """Act on client frames until the client leaves or breaks the protocol."""
         ws = self._ws
         answers: list[Frame] = []
+        each_message = self._ctx.store.waits_for_io
         try:
             await self._throttle(len(frames) + 1, answers)  # the hello and what came with it
             self._answer(await self._handle(frames))
+            self._wake_touched()
             while True:
                 if self._inbox:
                     batch, self._inbox = self._inbox[::-1], []
@@ -273,18 +278,24 @@ class Session:
                 if now - self._reported >= self._ctx.presence.report_interval:
                     self._reported = now
                     self._ctx.presence.active(self._user)
-                # Answers to the messages one read brought are sent together.
+                # Answers to the messages one read brought are sent together, and so are
+                # the items they route to each session (unless the store waits for I/O
+                # on each message: then items go before the next wait).
                 for data in batch:
                     try:
                         frames = self._conn.receive(data)
                     except ProtocolError as err:
                         self._answer(answers)  # the messages before it were acted on
+                        self._wake_touched()
                         self._fatal = err
                         return
                     await self._throttle(len(frames), answers)
                     answers += await self._handle(frames)
+                    if each_message:
+                        self._wake_touched()
                 self._answer(answers)
                 answers = []
+                self._wake_touched()
         except WebSocketError as err:
             self._ws_error = err
         except ConnectionClosed:
@@ -311,6 +322,7 @@ class Session:
             return
         self._answer(answers)
         answers.clear()
+        self._wake_touched()
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
@@ -333,10 +345,12 @@ class Session:
             try:
                 match frame:
                     case Send():
-                        replies.append(await ctx.router.submit(self._user, frame))
+                        replies.append(await ctx.router.submit(self._user, frame,
+                                                               self._touched))
                     case Ack(status, upto, peer):
                         await ctx.router.acknowledge(self._user, status,
-                                                     min(upto, self._sent_seq), peer)
+                                                     min(upto, self._sent_seq), peer,
+                                                     self._touched)
                     case LastSeenQuery(user):
                         replies.append(ctx.presence.lookup(user))
                     case Subscribe(users):
@@ -350,6 +364,14 @@ class Session:
             except ProtocolError as err:
                 replies.append(Error(err.code.value, err.message, err.ref))
         return replies
+
+    def _wake_touched(self) -> None:
+        """Let every session this reader routed items to see them (most write them now)."""
+        touched = self._touched
+        if touched:
+            self._touched = []
+            for mailbox in touched:
+                mailbox.wake()
 
     def _answer(self, frames: list[Frame]) -> None:
         """Send answers now if nothing waits to be written, else queue them for the writer.
@@ -396,6 +418,7 @@ class Session:
         with self._writer_scope:
             try:
                 await self._catch_up([])
+                mailbox.inline = self._inline
                 while True:
                     heard = max(self.last_heard, ws.pong_at)
                     if pinged is not None and heard > pinged:
@@ -419,7 +442,8 @@ class Session:
                             break
                         continue
                     frames: list[Frame] = []
-                    gap = self._take(message, frames) | self._drain(frames)
+                    gap = self._take(message, frames) | self._drain(frames) | self._behind
+                    self._behind = False
                     if gap:
                         await self._catch_up(frames)
                     else:
@@ -429,6 +453,26 @@ class Session:
                 pass
         # The writer is done (connection lost, idle, or told to stop): so is the session.
         self._reader_scope.cancel()
+
+    def _inline(self) -> bool:
+        """Write what was just delivered from the delivering task, if the writer is idle.
+
+        The mailbox calls this instead of waking the writer while the writer waits for
+        messages. It declines (and the writer is woken) while the writer is stopping, is
+        behind, or has bytes waiting for the socket; after writing, it hands over to the
+        writer if the socket did not take everything or an entry was out of order.
+        """
+        if self._ending or self._behind or self._ws.unsent:
+            return False
+        frames: list[Frame] = []
+        gap = self._drain(frames)
+        if frames:
+            self._encode(frames)
+        if gap or self._ws.unsent:
+            assert self._mailbox is not None
+            self._behind = gap
+            self._mailbox.deliver_nowait(Push(()))  # declined above: wakes the writer
+        return True
 
     def _take(self, message: Deliver | Push, frames: list[Frame]) -> bool:
         """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""

@@ -587,10 +587,10 @@ async def test_crashing_session_is_closed_1011_and_others_carry_on(
     router = chat_node.node.router
     submit = router.submit
 
-    async def crashing_submit(sender: str, frame: Any) -> Any:
+    async def crashing_submit(sender: str, frame: Any, touched: Any = None) -> Any:
         if frame.body == "crash":
             raise RuntimeError("injected crash")
-        return await submit(sender, frame)
+        return await submit(sender, frame, touched)
 
     monkeypatch.setattr(router, "submit", crashing_submit)
     async with login(chat_node, "bob") as bob, login(chat_node, "carol") as carol:

@@ -2,7 +2,7 @@
 
 An :class:`Address` is a plain value, like an Erlang pid: the name of a node and a serial
 number unique on that node. It can be stored, compared, and sent to another node. A
-:class:`Mailbox` is the local object behind an address: a bounded trio memory channel plus
+:class:`Mailbox` is the local object behind an address: a bounded queue plus
 an out-of-band exit signal that does not queue behind ordinary messages (a full mailbox
 must still be able to receive "you are too slow, stop"). The :class:`ActorTable` of a node
 hands out addresses and resolves them; it is owned by the node, never module state.
@@ -10,6 +10,7 @@ hands out addresses and resolves them; it is owned by the node, never module sta
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -40,37 +41,72 @@ class Address:
 class Mailbox(Generic[T]):
     """A bounded queue of messages for one actor, plus an out-of-band exit signal.
 
+    The queue is a deque with one receiving task, parked with trio's low-level API, so a
+    delivery costs an append and, if the actor was waiting, one reschedule. A delivery may
+    also be *deferred* (``deliver_nowait(message, wake=False)``) and the actor woken later
+    with :meth:`wake`, so that a task delivering many messages wakes each actor once.
+
+    An actor that can act on its messages synchronously may install :attr:`inline`: a
+    function that :meth:`wake` calls, in the delivering task, instead of waking the actor's
+    task while it is parked in :meth:`receive`. It returns True if it took care of the
+    messages (the actor's task stays parked), False to have the task woken as usual.
+
     Args:
         address: The address this mailbox answers to.
         capacity: How many messages may wait before :meth:`deliver_nowait` refuses.
     """
 
-    __slots__ = ("_exited", "_on_exit", "_recv", "_scope", "_send", "address", "capacity",
-                 "exit_reason")
+    __slots__ = ("_closed", "_exited", "_on_exit", "_queue", "_receiver", "_scope", "_senders",
+                 "address", "capacity", "exit_reason", "inline")
 
     def __init__(self, address: Address, capacity: int) -> None:
         self.address = address
         self.capacity = capacity
         if capacity < 1:
             raise ValueError("a mailbox holds at least one message")
-        self._send, self._recv = trio.open_memory_channel[T](capacity)
+        self._queue: collections.deque[T] = collections.deque()
+        self._receiver: trio.lowlevel.Task | None = None
+        self._senders = trio.lowlevel.ParkingLot()
+        self._closed = False
         self._scope: trio.CancelScope | None = None
         self._on_exit: Callable[[], None] | None = None
         self._exited = False
         self.exit_reason: Any = None
+        #: The actor's synchronous handler, if it has one (see the class description).
+        self.inline: Callable[[], bool] | None = None
 
-    def deliver_nowait(self, message: T) -> bool:
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def deliver_nowait(self, message: T, *, wake: bool = True) -> bool:
         """Queue ``message`` without waiting.
+
+        Args:
+            message: What to deliver.
+            wake: False to leave the actor parked until someone calls :meth:`wake`.
 
         Returns:
             False if the mailbox is full or closed; the caller decides what that means
             (for a session: the consumer is too slow and is disconnected).
         """
-        try:
-            self._send.send_nowait(message)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if self._closed or len(self._queue) >= self.capacity:
             return False
+        self._queue.append(message)
+        if wake:
+            self.wake()
         return True
+
+    def wake(self) -> None:
+        """Let the actor see what was delivered: inline if it can, else wake its task."""
+        task = self._receiver
+        if task is None or not self._queue:
+            return
+        inline = self.inline
+        if inline is not None and inline():
+            return
+        if self._receiver is task:
+            self._receiver = None
+            trio.lowlevel.reschedule(task)
 
     async def deliver(self, message: T) -> None:
         """Queue ``message``, waiting for room.
@@ -78,22 +114,54 @@ class Mailbox(Generic[T]):
         Raises:
             trio.BrokenResourceError: The actor has stopped.
         """
-        try:
-            await self._send.send(message)
-        except trio.ClosedResourceError:
-            raise trio.BrokenResourceError("mailbox closed") from None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while len(self._queue) >= self.capacity and not self._closed:
+            await self._senders.park()
+        if self._closed:
+            raise trio.BrokenResourceError("mailbox closed")
+        self._queue.append(message)
+        self.wake()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self) -> T:
-        """Wait for and return the next message."""
-        return await self._recv.receive()
+        """Wait for and return the next message.
+
+        Raises:
+            trio.ClosedResourceError: The mailbox was closed.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._queue:
+            if self._closed:
+                raise trio.ClosedResourceError("mailbox closed")
+            if self._receiver is not None:
+                raise trio.BusyResourceError("another task is receiving from this mailbox")
+            self._receiver = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._receiver = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return self._take()
 
     def receive_nowait(self) -> T:
         """Return the next message if one is waiting.
 
         Raises:
             trio.WouldBlock: The mailbox is empty.
+            trio.ClosedResourceError: The mailbox was closed.
         """
-        return self._recv.receive_nowait()
+        if self._closed:
+            raise trio.ClosedResourceError("mailbox closed")
+        if not self._queue:
+            raise trio.WouldBlock
+        return self._take()
+
+    def _take(self) -> T:
+        message = self._queue.popleft()
+        if self._senders:
+            self._senders.unpark()
+        return message
 
     def bind(self, scope: trio.CancelScope | None,
              on_exit: Callable[[], None] | None = None) -> None:
@@ -128,9 +196,18 @@ class Mailbox(Generic[T]):
         self._signal()
 
     def close(self) -> None:
-        """Refuse further messages; queued ones are dropped with the mailbox."""
-        self._send.close()
-        self._recv.close()
+        """Refuse further messages; queued ones are dropped with the mailbox.
+
+        A task waiting in :meth:`receive` gets ``trio.ClosedResourceError``, tasks waiting
+        in :meth:`deliver` get ``trio.BrokenResourceError``.
+        """
+        self._closed = True
+        self._queue.clear()
+        self.inline = None
+        self._senders.unpark_all()
+        task, self._receiver = self._receiver, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 class ActorTable:

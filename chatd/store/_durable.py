@@ -75,6 +75,8 @@ class DurableStore(IndexedStore):
         dedup_window, dedup_max, max_unread: As for :class:`QueueIndex`.
     """
 
+    waits_for_io = True
+
     def __init__(self, actors: ActorTable, directories: Sequence[Path], *,
                  segment_bytes: int = 64 * 1024 * 1024, checkpoint_interval: float = 10.0,
                  dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
@@ -157,7 +159,7 @@ class DurableStore(IndexedStore):
         while True:
             seen = index.seen(message, now_ms())
             if seen is not None:
-                return Accepted(seen.ts, True, None)
+                return Accepted(seen[1], True, None)
             inflight = self._inflight.get(key)
             if inflight is None:
                 break
@@ -222,8 +224,8 @@ class DurableStore(IndexedStore):
             for entry in entries:
                 kind = "m" if isinstance(entry.item, Message) else "r"
                 records.append((CK_ENTRY, [snap, user, entry.seq, kind, *_fields(entry)]))
-        ids = [[sender, msg_id, sent.to, sent.ts]
-               for (sender, msg_id), sent in self.index.ids.items()]
+        ids = [[sender, msg_id, to, ts]
+               for (sender, msg_id), (to, ts, _) in self.index.ids.items()]
         for start in range(0, len(ids), _CHUNK):
             records.append((CK_IDS, [snap, ids[start:start + _CHUNK]]))
         # The count lets recovery tell a complete checkpoint from one with a damaged record.

@@ -92,6 +92,10 @@ class Store(Protocol):
     raises :class:`StoreUnavailable` when it cannot be.
     """
 
+    #: Whether submit and acknowledge wait for I/O (the durable store's fsync). A session
+    #: holding back deliveries to write them together sends them before each message then.
+    waits_for_io: bool
+
     async def run(self, *, task_status: trio.TaskStatus[Store] = ...) -> None:
         """Serve as a supervised child: start, call ``task_status.started(self)``, run."""
 

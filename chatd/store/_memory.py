@@ -27,6 +27,8 @@ class MemoryStore(IndexedStore):
             oldest are forgotten and will never produce a READ receipt.
     """
 
+    waits_for_io = False
+
     def __init__(self, *, dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
                  max_unread: int = 10_000) -> None:
         self.index = QueueIndex(dedup_window=dedup_window, dedup_max=dedup_max,
@@ -43,7 +45,7 @@ class MemoryStore(IndexedStore):
         index = self.index
         seen = index.seen(message, now_ms())
         if seen is not None:
-            return Accepted(seen.ts, True, None)
+            return Accepted(seen[1], True, None)
         index.remember(message.sender, message.id, message.to, message.ts)
         entry = Entry(index.reserve(message.to), message)
         index.add(message.to, entry)
