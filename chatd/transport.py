@@ -2,12 +2,14 @@
 
 A :class:`WebSocket` drives the sans-IO layer in :mod:`chatd.protocol.websocket` with as
 few task switches and system calls as it can. Reading tries ``recv`` first and only parks
-the task (``trio.lowlevel.wait_readable``) when the socket is empty, and one ``recv`` can
-yield many client messages. Writing is synchronous: :meth:`WebSocket.send` frames a message
-and writes it at once if the socket has room, so a reply costs one ``send`` call and no
-task switch; what the socket cannot take waits in a buffer that :meth:`WebSocket.drain`
-writes out when the socket is writable. Messages are appended to that buffer whole and in
-order, so whatever is cut short by a close is cut on a message boundary.
+the task (``trio.lowlevel.wait_readable``) when the socket is empty, or when the last
+``recv`` returned less than it asked for (the socket was emptied, so trying again would
+only fail); one ``recv`` can yield many client messages. Writing is synchronous:
+:meth:`WebSocket.send` frames a message and writes it at once if the socket has room, so a
+reply costs one ``send`` call and no task switch; what the socket cannot take waits in a
+buffer that :meth:`WebSocket.drain` writes out when the socket is writable. Messages are
+appended to that buffer whole and in order, so whatever is cut short by a close is cut on
+a message boundary.
 
 Only one task may call :meth:`receive` and only one may call :meth:`drain` (trio allows one
 waiter per direction on a socket); any task may call :meth:`send`.
@@ -69,8 +71,8 @@ class WebSocket:
         max_message: The largest client message accepted, in bytes (larger: close 1009).
     """
 
-    __slots__ = ("_closed", "_leftover", "_out", "_reader", "_reads", "_sent_close", "_sock",
-                 "pong_at", "remote")
+    __slots__ = ("_closed", "_drained", "_leftover", "_out", "_reader", "_reads", "_sent_close",
+                 "_sock", "pong_at", "remote")
 
     def __init__(self, sock: socket.socket, max_message: int) -> None:
         sock.setblocking(False)
@@ -79,6 +81,7 @@ class WebSocket:
         self._out: list[bytes | memoryview] = []
         self._leftover = b""
         self._reads = 0
+        self._drained = False
         self._sent_close = False
         self._closed: ConnectionClosed | None = None
         #: trio time of the last pong received (0 if none).
@@ -162,7 +165,10 @@ class WebSocket:
             raise self._closed
         sock = self._sock
         self._reads += 1
-        if self._reads >= _FAIR_READS:  # data kept coming: let other tasks run
+        if self._drained:  # the last read emptied the socket: wait rather than try
+            self._reads = 0
+            await trio.lowlevel.wait_readable(sock)
+        elif self._reads >= _FAIR_READS:  # data kept coming: let other tasks run
             self._reads = 0
             await trio.lowlevel.checkpoint()
         while True:
@@ -178,6 +184,9 @@ class WebSocket:
             if not data:
                 self._closed = ConnectionClosed(1006, "connection lost")
                 raise self._closed
+            # Less than asked for: the kernel had no more, so the next read would most
+            # likely fail with EAGAIN. Skip that system call and wait for readiness.
+            self._drained = len(data) < RECV_SIZE
             return data
 
     # -- writing ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import bisect
 import collections
 import operator
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import attrs
 
@@ -20,7 +21,26 @@ from ._interface import Entry, IdConflict, Message, ReceiptItem
 
 __all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId"]
 
-_SEQ = operator.attrgetter("seq")
+_SEQ = operator.itemgetter(0)
+
+#: An entry as the index keeps it: ``(seq, ("m", *message))`` or ``(seq, ("r", *receipt))``.
+#: Plain tuples of strings and integers on purpose: the cyclic garbage collector stops
+#: tracking them, so a backlog of a million entries adds nothing to its full passes, which
+#: pause the whole node (a full pass over attrs records took tens of milliseconds under
+#: load). Entries are rebuilt as :class:`Entry` objects on the way out.
+Stored = tuple[int, tuple[Any, ...]]
+
+
+def _pack(entry: Entry) -> Stored:
+    item = entry.item
+    return (entry.seq, ("m", *item) if isinstance(item, Message) else ("r", *item))
+
+
+def _unpack(stored: Stored) -> Entry:
+    seq, item = stored
+    if item[0] == "m":
+        return Entry(seq, Message(*item[1:]))
+    return Entry(seq, ReceiptItem(*item[1:]))
 
 
 #: A remembered message id: (recipient, the message's ts, when to forget it, in ms). A plain
@@ -44,7 +64,7 @@ class _Queue:
     __slots__ = ("entries", "head", "last_seq", "reserved", "unread")
 
     def __init__(self) -> None:
-        self.entries: list[Entry] = []
+        self.entries: list[Stored] = []
         self.head = 0
         self.last_seq = 0
         self.reserved = 0
@@ -106,10 +126,11 @@ class QueueIndex:
     def add(self, user: str, entry: Entry) -> None:
         """Queue ``entry`` for ``user`` in its place by seq."""
         queue = self._queue(user)
-        if queue.entries and queue.entries[-1].seq > entry.seq:
-            bisect.insort(queue.entries, entry, lo=queue.head, key=_SEQ)
+        stored = _pack(entry)
+        if queue.entries and queue.entries[-1][0] > entry.seq:
+            bisect.insort(queue.entries, stored, lo=queue.head, key=_SEQ)
         else:
-            queue.entries.append(entry)
+            queue.entries.append(stored)
         queue.last_seq = max(queue.last_seq, entry.seq)
         queue.reserved = max(queue.reserved, entry.seq)
         self.pending_total += 1
@@ -120,7 +141,7 @@ class QueueIndex:
         if queue is None:
             return ()
         start = bisect.bisect_right(queue.entries, after, lo=queue.head, key=_SEQ)
-        return queue.entries[start:start + limit]
+        return [_unpack(stored) for stored in queue.entries[start:start + limit]]
 
     def last_seq(self, user: str) -> int:
         """The highest sequence number committed for ``user`` (0 if none)."""
@@ -149,8 +170,9 @@ class QueueIndex:
             return Acked(False, ())
         entries = queue.entries
         end = bisect.bisect_right(entries, upto, lo=queue.head, key=_SEQ)
-        newly = [(e.seq, e.item.sender, e.item.id) for e in entries[queue.head:end]
-                 if isinstance(e.item, Message)]
+        # A stored message is (seq, ("m", id, sender, to, body, ts)).
+        newly = [(seq, item[2], item[1]) for seq, item in entries[queue.head:end]
+                 if item[0] == "m"]
         delivered = [(sender, msg_id) for _, sender, msg_id in newly]
         read: list[tuple[str, str]] = []
         if status == "read":
@@ -174,9 +196,9 @@ class QueueIndex:
             return
         entries, head = queue.entries, queue.head
         end = bisect.bisect_right(entries, upto, lo=head, key=_SEQ)
-        for entry in entries[head:end]:
-            if isinstance(entry.item, Message):
-                queue.unread[entry.seq] = (entry.item.sender, entry.item.id)
+        for seq, item in entries[head:end]:
+            if item[0] == "m":
+                queue.unread[seq] = (item[2], item[1])
         self.pending_total -= end - head
         if end > 1024 and end * 2 > len(entries):
             del entries[:end]
@@ -197,7 +219,8 @@ class QueueIndex:
         """Every user's (user, last_seq, pending entries, unread [seq, sender, id])."""
         for user, queue in self._queues.items():
             unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
-            yield user, queue.last_seq, queue.entries[queue.head:], unread
+            yield (user, queue.last_seq, [_unpack(stored) for stored in queue.entries[queue.head:]],
+                   unread)
 
     def restore_user(self, user: str, last_seq: int,
                      unread: Sequence[tuple[int, str, str]]) -> None:

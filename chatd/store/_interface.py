@@ -14,7 +14,7 @@ sending the same id twice never creates a second message.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import attrs
 import trio
@@ -31,8 +31,11 @@ __all__ = [
 ]
 
 
-@attrs.frozen(slots=True)
-class Message:
+# Items are named tuples (cheap to build, immutable); the index keeps them as plain tuples,
+# which the garbage collector stops tracking (see chatd/store/_index.py).
+
+
+class Message(NamedTuple):
     """A message as accepted from its sender."""
 
     id: str
@@ -42,8 +45,7 @@ class Message:
     ts: int
 
 
-@attrs.frozen(slots=True)
-class ReceiptItem:
+class ReceiptItem(NamedTuple):
     """A receipt queued for the sender of the messages ``ids``: ``by`` reached ``status``."""
 
     status: str
@@ -55,8 +57,7 @@ class ReceiptItem:
 Item = Message | ReceiptItem
 
 
-@attrs.frozen(slots=True)
-class Entry:
+class Entry(NamedTuple):
     """An item in a user's queue, with its sequence number."""
 
     seq: int
