@@ -1,0 +1,309 @@
+"""Connection-scaling benchmark: chatd (in-memory and durable store) against a peer router.
+
+Usage: ``python -m benchmarks [--quick] [--json FILE] [--targets chatd,chatd_durable,peer]``.
+
+For each target, in one invocation and each on a fresh server process: the connections
+scenario (N idle authenticated sessions: connect rate, RSS per connection, idle CPU), the
+throughput scenario (P pairs with delivered and read receipts: messages/s, server CPU per
+routed message) and the latency scenario (half the measured maximum: p50 to p99.99). The
+load generator runs in separate worker processes and reports its own CPU. A table goes to
+stdout at the end; ``--json`` also writes the results. See benchmarks/README.md.
+
+Exit status: 0 when every scenario ran; 1 with a one-line ``benchmarks: error: ...`` when a
+server or a worker failed; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from benchmarks import scenarios
+from benchmarks.scenarios import Params, Tokens
+from benchmarks.servers import TARGETS, BenchError, Server, kill_all, write_secret
+
+FULL = Params()
+QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
+               latency_seconds=8.0)
+TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
+              latency_seconds=1.0, concurrency=20, drain=5.0)
+SCENARIOS = ("connections", "throughput", "latency")
+_LIBRARIES = ("trio", "trio-websocket", "cbor2", "attrs", "websockets", "uvloop")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes and shorter phases (under 3 minutes on 2 cores)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="minimal sizes for the smoke test (numbers are meaningless)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated, from {','.join(TARGETS)} (default: all)")
+    parser.add_argument("--connections", type=int, help="idle sessions (full 19000, quick 2000)")
+    parser.add_argument("--hold", type=float, help="seconds to hold them (full 15, quick 3)")
+    parser.add_argument("--pairs", type=int, help="sender/recipient pairs (64)")
+    parser.add_argument("--window", type=int, help="sends awaiting 'sent' per sender (8)")
+    parser.add_argument("--batch", action="store_true", default=None,
+                        help="throughput: send all the refills for one incoming message in one "
+                             "WebSocket message (default: one send per message)")
+    parser.add_argument("--seconds", type=float, help="throughput window (full 20, quick 5)")
+    parser.add_argument("--warmup", type=float, help="seconds before each measurement (2)")
+    parser.add_argument("--latency-seconds", type=float, help="latency window (full 30, quick 8)")
+    parser.add_argument("--latency-rate", type=float, metavar="MSGS_PER_S",
+                        help="offered load of the latency scenario, the same for every target "
+                             "(default: half of each target's measured msgs_per_s)")
+    parser.add_argument("--scenarios", default="connections,throughput,latency",
+                        help="comma-separated subset of connections,throughput,latency")
+    parser.add_argument("--drain", type=float,
+                        help="longest wait, after the load, for the last messages and receipts "
+                             "(10 s)")
+    parser.add_argument("--concurrency", type=int,
+                        help="handshakes in flight per worker while connecting (200)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where servers keep their data (default: the system temp dir); "
+                             "the durable store's cost depends on this disk")
+    args = parser.parse_args(argv)
+    args.scenarios = [t.strip() for t in args.scenarios.split(",") if t.strip()]
+    if not args.scenarios or set(args.scenarios) - set(SCENARIOS):
+        parser.error(f"--scenarios: choose from {', '.join(SCENARIOS)}")
+    if ("latency" in args.scenarios and "throughput" not in args.scenarios
+            and not args.latency_rate):
+        parser.error("the latency scenario without the throughput scenario needs --latency-rate")
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not args.targets:
+        parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    base = TINY if args.tiny else QUICK if args.quick else FULL
+    overrides = {name: getattr(args, name) for name in (
+        "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
+        "concurrency", "drain", "batch") if getattr(args, name) is not None}
+    args.params = attrs.evolve(base, **overrides)
+    if args.params.connections < 1 or args.params.pairs < 1 or args.params.window < 1:
+        parser.error("--connections, --pairs and --window must be at least 1")
+    return args
+
+
+def _fields(params: Params) -> dict[str, Any]:
+    return attrs.asdict(params)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (tmpfs makes fsync free)."""
+    best, kind = "", "?"
+    path = path.resolve()
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1]
+            if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(
+                    point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def machine(data_dir: Path) -> dict[str, Any]:
+    """Cores, memory, CPU model, Python and library versions, and the data disk."""
+    meminfo = Path("/proc/meminfo").read_text().split()
+    cpu_model = next((line.split(":", 1)[1].strip() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+        if commit and subprocess.run(["git", "status", "--porcelain", "--", "chatd"],
+                                     capture_output=True, text=True, timeout=5,
+                                     cwd=Path(__file__).parent.parent).stdout.strip():
+            commit += "+modified"  # chatd/ differs from the commit
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(), "cpu": cpu_model,
+        "memory_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        "data_fs": _filesystem(data_dir), "chatd_commit": commit or None,
+    }
+    info.update({name.replace("-", "_"): _version(name) for name in (*_LIBRARIES, "chatd")})
+    return info
+
+
+def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
+              lat: dict[str, Any] | None) -> dict[str, Any]:
+    """One target's headline figures, with each scenario's details under ``scenarios``.
+
+    A figure of a scenario that was not run is ``None``.
+    """
+    conn, thr, lat = conn or {}, thr or {}, lat or {}
+    errors: dict[str, int] = {}
+    for part in (thr, lat):
+        for code, count in part.get("errors", {}).items():
+            errors[code] = errors.get(code, 0) + count
+    measured = lat.get("latency_ms", {})
+    details = {"connections": conn or None, "throughput": thr or None,
+               "latency": {k: v for k, v in lat.items() if k != "histogram"} or None}
+    return {
+        "cpu_us_per_msg": thr.get("cpu_us_per_msg"), "msgs_per_s": thr.get("msgs_per_s"),
+        "rss_kb_per_conn": conn.get("rss_kb_per_conn"), "connections": conn.get("connections"),
+        "latency_ms": {k: measured.get(k) for k in ("p50", "p99", "p99_9", "p99_99")},
+        "connect_per_s": conn.get("connect_per_s"), "idle_cpu_pct": conn.get("idle_cpu_pct"),
+        "server_cpu_pct": thr.get("server_cpu_pct"),
+        "loadgen_cpu_pct": thr.get("loadgen_cpu_pct"),
+        "latency_offered_per_s": lat.get("offered_per_s"),
+        "latency_delivered_per_s": lat.get("msgs_per_s"),
+        "latency_server_cpu_pct": lat.get("server_cpu_pct"),
+        "latency_loadgen_cpu_pct": lat.get("loadgen_cpu_pct"),
+        "latency_max_ms": measured.get("max"), "samples": lat.get("samples"),
+        "errors": errors, "scenarios": details,
+    }
+
+
+def _ratio(results: dict[str, Any], target: str) -> dict[str, float | None] | None:
+    if target not in results or "peer" not in results:
+        return None
+    ratio: dict[str, float | None] = {}
+    for key in ("cpu_us_per_msg", "rss_kb_per_conn"):
+        ours, theirs = results[target][key], results["peer"][key]
+        ratio[key] = round(ours / theirs, 2) if ours and theirs and theirs > 0 else None
+    return ratio
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    params: Params = args.params
+    scenarios.WARNINGS.clear()
+    if "peer" in args.targets and importlib.util.find_spec(
+            "benchmarks.peers.websockets_peer") is None:
+        raise BenchError("the peer (benchmarks/peers/websockets_peer.py) is missing; "
+                         "use --targets chatd,chatd_durable")
+    started = datetime.datetime.now(datetime.UTC)
+    clock = time.monotonic()
+    out: dict[str, Any] = {}
+    histograms: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="chatd-bench-", dir=args.data_dir) as tmp:
+        work = Path(tmp)
+        secret_path = work / "secret"
+        write_secret(secret_path)
+        tokens = Tokens(secret_path.read_text().rstrip("\n").encode())
+        for target in args.targets:
+            print(f"== {target}", file=sys.stderr, flush=True)
+            conn = thr = lat = None
+            if "connections" in args.scenarios:
+                async with Server(target, secret_path, work) as server:
+                    conn = await scenarios.connections(server, params, tokens, work)
+            if "throughput" in args.scenarios:
+                async with Server(target, secret_path, work) as server:
+                    thr = await scenarios.throughput(server, params, tokens, work)
+                if not thr["delivered"]:
+                    raise BenchError(f"{target}: no message was delivered in the throughput "
+                                     "window")
+            if "latency" in args.scenarios:
+                rate = args.latency_rate or 0.5 * thr["msgs_per_s"] if thr else args.latency_rate
+                async with Server(target, secret_path, work) as server:
+                    lat = await scenarios.latency(server, params, tokens, work, rate)
+                histograms[target] = lat["histogram"]
+            out[target] = summarize(conn, thr, lat)
+        data_fs = machine(work)
+    out["ratio"] = _ratio(out, "chatd")
+    out["ratio_durable"] = _ratio(out, "chatd_durable")
+    out["machine"] = data_fs
+    out["run"] = {"quick": args.quick, "tiny": args.tiny, "targets": args.targets,
+                  "scenarios": args.scenarios, "latency_rate": args.latency_rate,
+                  "started": started.isoformat(timespec="seconds"),
+                  "duration_s": round(time.monotonic() - clock, 1),
+                  "parameters": _fields(params), "warnings": scenarios.WARNINGS}
+    out["histograms"] = histograms
+    return out
+
+
+_ROWS = [
+    ("connections", "connections", "{:,.0f}"),
+    ("connect/s", "connect_per_s", "{:,.0f}"),
+    ("RSS KiB/conn", "rss_kb_per_conn", "{:.2f}"),
+    ("idle server CPU %", "idle_cpu_pct", "{:.1f}"),
+    ("messages/s", "msgs_per_s", "{:,.0f}"),
+    ("server CPU us/msg", "cpu_us_per_msg", "{:.1f}"),
+    ("server CPU %", "server_cpu_pct", "{:.0f}"),
+    ("load gen CPU %", "loadgen_cpu_pct", "{:.0f}"),
+    ("latency load msg/s", "latency_offered_per_s", "{:,.0f}"),
+    ("  delivered msg/s", "latency_delivered_per_s", "{:,.0f}"),
+    ("  server CPU %", "latency_server_cpu_pct", "{:.0f}"),
+    ("  load gen CPU %", "latency_loadgen_cpu_pct", "{:.0f}"),
+    ("latency p50 ms", ("latency_ms", "p50"), "{:.2f}"),
+    ("latency p99 ms", ("latency_ms", "p99"), "{:.2f}"),
+    ("latency p99.9 ms", ("latency_ms", "p99_9"), "{:.2f}"),
+    ("latency p99.99 ms", ("latency_ms", "p99_99"), "{:.2f}"),
+    ("latency max ms", "latency_max_ms", "{:.2f}"),
+    ("latency samples", "samples", "{:,.0f}"),
+]
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table, one column per target and the chatd/peer ratio."""
+    targets = [t for t in TARGETS if t in results]
+    header = f"{'':20}" + "".join(f"{t:>15}" for t in targets)
+    ratio = results.get("ratio") or {}
+    if ratio:
+        header += f"{'chatd/peer':>12}"
+    lines = [header]
+    for label, key, fmt in _ROWS:
+        row = f"{label:20}"
+        for target in targets:
+            value = results[target]
+            for part in (key if isinstance(key, tuple) else (key,)):
+                value = value.get(part) if isinstance(value, dict) else None
+            row += f"{fmt.format(value) if value is not None else '-':>15}"
+        if isinstance(key, str) and ratio.get(key) is not None:
+            row += f"{ratio[key]:>11.2f}x"
+        lines.append(row)
+    lines.extend(f"!!! {message}" for message in results["run"].get("warnings", ()))
+    run_info = results["run"]
+    lines.append(f"({'quick' if run_info['quick'] else 'tiny' if run_info['tiny'] else 'full'} "
+                 f"run, {run_info['duration_s']:.0f} s; load generator CPU in % of one core; "
+                 f"{results['machine']['cores']} cores, data on {results['machine']['data_fs']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = asyncio.run(run(args))
+    except BenchError as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        kill_all()
+    print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

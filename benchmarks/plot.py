@@ -1,0 +1,118 @@
+"""Plots of a ``python -m benchmarks --json`` result file, as PNG images.
+
+Usage: ``python -m benchmarks.plot RESULTS.json OUTDIR``. Writes:
+
+- ``throughput.png``: messages per second and server CPU microseconds per routed message;
+- ``connections.png``: server RSS per idle connection and connect rate;
+- ``latency.png``: send-to-deliver latency by percentile (HDR-style percentile chart,
+  both axes logarithmic), one line per target, at that target's offered load.
+
+Needs matplotlib (the ``bench`` extra); nothing else in the harness imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from benchmarks.hdr import Histogram
+from benchmarks.servers import TARGETS
+
+COLORS = {"chatd": "#1f77b4", "chatd_durable": "#9467bd", "peer": "#ff7f0e"}
+#: Percentiles drawn on the latency chart (as fractions): 0 to 99.999 %.
+_NINES = [0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999]
+
+
+def _bars(ax: Any, results: dict[str, Any], key: str, title: str, fmt: str) -> None:
+    targets = [t for t in TARGETS if t in results and results[t].get(key) is not None]
+    values = [results[t][key] for t in targets]
+    bars = ax.bar(targets, values, color=[COLORS[t] for t in targets])
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2)
+    ax.set_title(title)
+    ax.margins(y=0.15)
+    ax.tick_params(axis="x", labelrotation=0)
+
+
+def _subtitle(results: dict[str, Any]) -> str:
+    machine, run = results["machine"], results["run"]
+    kind = "quick" if run.get("quick") else "tiny" if run.get("tiny") else "full"
+    return (f"{kind} run {run['started']}, {machine['cores']} cores, Python {machine['python']},"
+            f" data on {machine.get('data_fs', '?')}")
+
+
+def throughput(results: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    _bars(left, results, "msgs_per_s", "messages delivered per second (higher is better)",
+          "{:,.0f}")
+    _bars(right, results, "cpu_us_per_msg", "server CPU µs per message (lower is better)",
+          "{:.1f}")
+    fig.suptitle(_subtitle(results), fontsize=8, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def connections(results: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    counts = {results[t].get("connections") for t in TARGETS if t in results}
+    label = "/".join(f"{c:,}" for c in sorted(c for c in counts if c))
+    _bars(left, results, "rss_kb_per_conn",
+          f"server RSS KiB per idle connection ({label} open)", "{:.1f}")
+    _bars(right, results, "connect_per_s", "connections opened per second", "{:,.0f}")
+    fig.suptitle(_subtitle(results), fontsize=8, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency(results: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for target in TARGETS:
+        data = results.get("histograms", {}).get(target)
+        if not data or not data["total"]:
+            continue
+        histogram = Histogram.from_json(data)
+        nines = [p for p in _NINES if (1 - p) * histogram.total >= 1] or [0.0]
+        xs = [1 / (1 - p) for p in nines]
+        ys = [max(histogram.percentile(100 * p), 1) / 1000 for p in nines]
+        rate = results[target].get("latency_offered_per_s") or 0
+        ax.plot(xs, ys, marker="o", color=COLORS[target],
+                label=f"{target} at {rate:,.0f} msg/s ({histogram.total:,} samples)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [1 / (1 - p) for p in (0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999)]
+    ax.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("send-to-deliver latency, ms")
+    fixed = results["run"].get("latency_rate")
+    ax.set_title(f"latency by percentile at {fixed:,.0f} msg/s" if fixed else
+                 "latency by percentile at half of each target's maximum throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(_subtitle(results), fontsize=8, y=0.01, va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot")
+    parser.add_argument("results", type=Path, help="JSON written by python -m benchmarks")
+    parser.add_argument("outdir", type=Path, help="directory for the PNG files")
+    args = parser.parse_args(argv)
+    plt.switch_backend("Agg")  # files only, no display needed
+    results = json.loads(args.results.read_text())
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    for name, draw in (("throughput", throughput), ("connections", connections),
+                       ("latency", latency)):
+        draw(results, args.outdir / f"{name}.png")
+        print(args.outdir / f"{name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

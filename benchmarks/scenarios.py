@@ -1,0 +1,309 @@
+"""The three scenarios, each run against a fresh server process of one target.
+
+1. :func:`connections`: N authenticated idle sessions, held for a while: connect rate,
+   server RSS per connection and idle CPU.
+2. :func:`throughput`: P sender/recipient pairs as fast as the server allows, with
+   delivered and read receipts: messages per second and server CPU per routed message.
+3. :func:`latency`: the same pairs at a fixed offered load: send-to-deliver latency
+   percentiles from an HDR-style histogram merged over the workers.
+
+Server CPU and RSS are sampled from ``/proc`` just before and just after each measured
+window; the load generator's own CPU over the same window is reported beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from benchmarks.hdr import Histogram
+from benchmarks.loadgen import MAX_SESSIONS
+from benchmarks.servers import BenchError, Sample, Server
+from benchmarks.workers import Pool, Progress
+
+__all__ = ["WARNINGS", "Params", "Tokens", "connections", "latency", "throughput", "warn"]
+
+#: Everything :func:`warn` said during the run, repeated under the final table.
+WARNINGS: list[str] = []
+
+
+def warn(message: str) -> None:
+    """Say something the reader must not miss: on stderr now, and again after the table."""
+    WARNINGS.append(message)
+    print(f"  !!! {message}", file=sys.stderr, flush=True)
+
+
+#: Seconds allowed per thousand sessions to open (on top of a fixed allowance).
+_OPEN_SECONDS_PER_1000 = 30.0
+
+
+@attrs.frozen
+class Params:
+    """What one run measures, and for how long (seconds)."""
+
+    connections: int = 19_000
+    hold: float = 15.0
+    pairs: int = 64
+    window: int = 8
+    batch: bool = False  # several sends per WebSocket message in the throughput scenario
+    seconds: float = 20.0
+    warmup: float = 2.0
+    latency_seconds: float = 30.0
+    concurrency: int = 200
+    workers: int = 2
+    drain: float = 10.0  # longest wait for the last messages and receipts after the load
+
+
+class Tokens:
+    """Tokens minted once per user from the run's secret, shared by every target."""
+
+    def __init__(self, secret: bytes) -> None:
+        from chatd.auth import mint_token  # chatd is only needed here, by the harness
+
+        self._mint = mint_token
+        self._secret = secret
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, user: str) -> str:
+        token = self._cache.get(user)
+        if token is None:
+            token = self._cache[user] = self._mint(self._secret, user, 7 * 86400.0)
+        return token
+
+
+def _split(count: int, parts: int) -> list[range]:
+    """``range(count)`` cut into ``parts`` contiguous shares as equal as possible."""
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def _pct(cpu: float, seconds: float) -> float:
+    """CPU seconds over a wall-clock window, as a percentage of one core."""
+    return round(100.0 * cpu / seconds, 1) if seconds > 0 else 0.0
+
+
+def _merge(marks: list[dict[str, Any]], key: str) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for mark in marks:
+        total.update(mark.get(key, {}))
+    return dict(total)
+
+
+def _stat(marks: list[dict[str, Any]], name: str) -> int:
+    return sum(int(mark["stats"].get(name, 0)) for mark in marks)
+
+
+def _loadgen_cpu(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
+    return sum(float(a["cpu"]) - float(b["cpu"]) for a, b in zip(after, before, strict=True))
+
+
+def _server_pct(s0: Sample, s1: Sample) -> float:
+    return _pct(s1.cpu - s0.cpu, s1.clock - s0.clock)
+
+
+def _machine(server: Server, s0: Sample, s1: Sample, loadgen_cpu: float) -> dict[str, float]:
+    """The whole machine's CPU over a window, and what neither side of the benchmark used
+    (other processes; the kernel's softirq work for loopback traffic is shown apart).
+
+    A loud warning if other processes used more than a fifth of a core: the figures of
+    that window are then unreliable.
+    """
+    window = s1.clock - s0.clock
+    softirq = s1.softirq - s0.softirq
+    other = (s1.machine_busy - s0.machine_busy) - (s1.cpu - s0.cpu) - loadgen_cpu - softirq
+    figures = {"machine_cpu_pct": _pct(s1.machine_busy - s0.machine_busy, window),
+               "softirq_cpu_pct": _pct(softirq, window), "other_cpu_pct": _pct(other, window)}
+    if figures["other_cpu_pct"] > 20.0:
+        warn(f"{server.target}: other processes used {figures['other_cpu_pct']:.0f} % of a "
+             "core during a measurement: its figures are unreliable")
+    return figures
+
+
+async def connections(server: Server, params: Params, tokens: Tokens,
+                      logdir: Path) -> dict[str, Any]:
+    """Open ``params.connections`` idle sessions, hold them, close them."""
+    n = params.connections
+    size = max(params.workers, math.ceil(n / MAX_SESSIONS))
+    shares = _split(n, size)
+    async with Pool(size, logdir) as pool:
+        await pool[0].request("connect", url=server.url, users=[["idle-warm",
+                                                                   tokens("idle-warm")]])
+        await asyncio.sleep(0.5)
+        before = server.sample()
+        per_worker = [{"users": [[f"idle-{w}-{i}", tokens(f"idle-{w}-{i}")] for i in share]}
+                      for w, share in enumerate(shares)]
+        bar = Progress(f"{server.target}: connecting", n, " sessions")
+        replies = await pool.all("connect", per_worker, url=server.url,
+                                 concurrency=params.concurrency,
+                                 timeout=30.0 + _OPEN_SECONDS_PER_1000 * n / 1000,
+                                 on_progress=lambda: bar.update(pool.done))
+        opened = server.sample()
+        elapsed = opened.clock - before.clock
+        connected = sum(r["connected"] for r in replies)
+        failed = _merge(replies, "failed")
+        bar.finish(f"{connected:,} open, {connected / elapsed:,.0f}/s"
+                   + (f", FAILED: {failed}" if failed else ""))
+        if not connected:
+            raise BenchError(f"{server.target}: no session could be opened: {failed}")
+        open_cpu = sum(r["cpu"] for r in replies)
+        marks0 = await pool.all("mark")
+        held0 = server.sample()
+        hold = Progress(f"{server.target}: holding {connected:,} idle", params.hold, "s")
+        await hold.sleep(params.hold, server.check)
+        held1 = server.sample()
+        marks1 = await pool.all("mark")
+        hold.finish()
+        still_open = sum(m["idle_open"] for m in marks1) - 1  # minus the warm-up session
+        result = {
+            "connections": connected, "requested": n, "failed": failed,
+            "open_at_end": still_open, "closed": _merge(marks1, "closed"),
+            "connect_s": round(elapsed, 2), "connect_per_s": round(connected / elapsed, 1),
+            "connect_server_cpu_pct": _server_pct(before, opened),
+            "connect_loadgen_cpu_pct": _pct(open_cpu, elapsed),
+            "rss_kb_before": before.rss_kb, "rss_kb_after": held1.rss_kb,
+            "rss_kb_per_conn": round((held1.rss_kb - before.rss_kb) / connected, 2),
+            "hold_s": round(held1.clock - held0.clock, 2),
+            "idle_cpu_pct": _server_pct(held0, held1),
+            "idle_loadgen_cpu_pct": _pct(_loadgen_cpu(marks0, marks1), held1.clock - held0.clock),
+            **_machine(server, held0, held1, _loadgen_cpu(marks0, marks1)),
+            "workers": size,
+        }
+        closing = await pool.all("close", timeout=60.0 + n / 100)
+        result["close_s"] = round(max(r["elapsed"] for r in closing), 2)
+    return result
+
+
+async def _open_pairs(server: Server, pool: Pool, params: Params, tokens: Tokens) -> list[int]:
+    """Open the pairs, pair ``i`` in worker ``i % size``; returns pairs per worker."""
+    size = len(pool)
+    per_worker: list[dict[str, Any]] = [{"pairs": []} for _ in range(size)]
+    for i in range(params.pairs):
+        per_worker[i % size]["pairs"].append([f"s{i}", tokens(f"s{i}"), f"r{i}",
+                                              tokens(f"r{i}")])
+    await pool.all("pairs", per_worker, url=server.url, timeout=60.0)
+    return [len(p["pairs"]) for p in per_worker]
+
+
+def _traffic(server: Server, pairs: int, marks0: list[dict[str, Any]],
+             marks1: list[dict[str, Any]], s0: Sample, s1: Sample) -> dict[str, Any]:
+    """What happened between two marks: messages, receipts, CPU on both sides, errors."""
+    window = s1.clock - s0.clock
+    delivered = _stat(marks1, "delivered") - _stat(marks0, "delivered")
+    cpu = s1.cpu - s0.cpu
+    errors = _merge(marks1, "errors")
+    closed = _merge(marks1, "closed")
+    if errors or closed:
+        loud = "rate_limited" in errors
+        warn(f"{server.target}: server errors {errors or '-'}, sessions lost {closed or '-'}"
+             + (" (the server throttled the load generator: use more --pairs or a smaller "
+                "--window)" if loud else ""))
+    acks = _stat(marks1, "ack_messages") - _stat(marks0, "ack_messages")
+    sends = _stat(marks1, "sends") - _stat(marks0, "sends")
+    return {
+        "window_s": round(window, 2), "delivered": delivered,
+        "msgs_per_s": round(delivered / window, 1) if window > 0 else 0.0,
+        "sent": _stat(marks1, "sent") - _stat(marks0, "sent"),
+        "receipts_delivered": (_stat(marks1, "receipts_delivered")
+                               - _stat(marks0, "receipts_delivered")),
+        "receipts_read": _stat(marks1, "receipts_read") - _stat(marks0, "receipts_read"),
+        "server_cpu_s": round(cpu, 3),
+        "cpu_us_per_msg": round(cpu * 1e6 / delivered, 2) if delivered else None,
+        "server_cpu_pct": _pct(cpu, window),
+        "loadgen_cpu_pct": _pct(_loadgen_cpu(marks0, marks1), window),
+        **_machine(server, s0, s1, _loadgen_cpu(marks0, marks1)),
+        # Frames/s per connection on the busier side (chatd allows 500 by default).
+        "frames_per_s_per_conn": round(max(sends, 2 * acks) / pairs / window, 1) if window else 0,
+        "errors": errors, "closed": closed,
+    }
+
+
+async def _drain(server: Server, pool: Pool, timeout: float) -> dict[str, Any]:
+    """Stop sending and wait until every message is answered, delivered and receipted."""
+    await pool.all("stop")
+    replies = await pool.all("drain", timeout=timeout + 30.0, limit=timeout)
+    outstanding = _merge(replies, "outstanding")
+    if outstanding:
+        warn(f"{server.target}: {timeout:.0f} s after the load stopped, still missing: "
+             f"{outstanding}")
+    return {"drain_s": round(max(r["elapsed"] for r in replies), 2),
+            "outstanding": outstanding}
+
+
+async def throughput(server: Server, params: Params, tokens: Tokens,
+                     logdir: Path) -> dict[str, Any]:
+    """P pairs sending with a window of W messages awaiting ``sent``; measure D seconds."""
+    async with Pool(params.workers, logdir) as pool:
+        await _open_pairs(server, pool, params, tokens)
+        await pool.all("throughput", window=params.window, batch=params.batch)
+        warm = Progress(f"{server.target}: throughput warm-up", params.warmup, "s")
+        await warm.sleep(params.warmup, server.check)
+        marks0 = await pool.all("mark")
+        s0 = server.sample()
+        bar = Progress(f"{server.target}: throughput, {params.pairs} pairs", params.seconds, "s")
+        await bar.sleep(params.seconds, server.check)
+        s1 = server.sample()
+        marks1 = await pool.all("mark")
+        result = _traffic(server, params.pairs, marks0, marks1, s0, s1)
+        result.update(await _drain(server, pool, params.drain))
+        bar.finish(f"{result['msgs_per_s']:,.0f} msg/s, {result['cpu_us_per_msg']} us/msg")
+        result.update(pairs=params.pairs, window=params.window, batch=params.batch)
+        await pool.all("close")
+    return result
+
+
+async def latency(server: Server, params: Params, tokens: Tokens, logdir: Path,
+                  rate: float) -> dict[str, Any]:
+    """The pairs at ``rate`` messages/s in all; the send-to-deliver latency histogram."""
+    async with Pool(params.workers, logdir) as pool:
+        shares = await _open_pairs(server, pool, params, tokens)
+        await pool.all("latency", [{"rate": rate * k / params.pairs} for k in shares])
+        warm = Progress(f"{server.target}: latency warm-up", params.warmup, "s")
+        await warm.sleep(params.warmup, server.check)
+        marks0 = await pool.all("mark", hist="reset")
+        s0 = server.sample()
+        bar = Progress(f"{server.target}: latency at {rate:,.0f} msg/s", params.latency_seconds,
+                       "s")
+        await bar.sleep(params.latency_seconds, server.check)
+        s1 = server.sample()
+        marks1 = await pool.all("mark", hist="take")
+        histogram = Histogram()
+        for mark in marks1:
+            histogram.merge(Histogram.from_json(mark["hist"]))
+        result = _traffic(server, params.pairs, marks0, marks1, s0, s1)
+        result.update(await _drain(server, pool, params.drain))
+        result.update(offered_per_s=round(rate, 1), samples=histogram.total,
+                      max_send_lag_ms=round(max(m["max_lag_ms"] for m in marks1), 3),
+                      latency_ms=percentiles(histogram), histogram=histogram.to_json())
+        bar.finish(f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} "
+                   f"ms, {histogram.total:,} samples")
+        # Messages sent but not yet delivered when the window ended: at a load the server
+        # sustains, about rate x latency; a backlog of 100 ms of load or more is queueing.
+        backlog = _stat(marks1, "sends") - _stat(marks1, "delivered")
+        result["backlog_at_end"] = backlog
+        if result["msgs_per_s"] < 0.95 * rate or backlog > 0.1 * rate:
+            result["overloaded"] = True
+            warn(f"{server.target}: delivered {result['msgs_per_s']:,.0f} msg/s of the "
+                 f"{rate:,.0f} offered, {backlog:,} messages still undelivered at the end: "
+                 "overloaded, the latency is mostly queueing")
+        if histogram.total < 10_000:
+            result["note"] = (f"only {histogram.total} samples: p99.99 is close to the maximum")
+        await pool.all("close")
+    return result
+
+
+def percentiles(histogram: Histogram) -> dict[str, float]:
+    """p50, p99, p99.9, p99.99, mean and max in milliseconds (recorded in microseconds)."""
+    def ms(us: float) -> float:
+        return round(us / 1000.0, 3)
+
+    return {"p50": ms(histogram.percentile(50)), "p99": ms(histogram.percentile(99)),
+            "p99_9": ms(histogram.percentile(99.9)),
+            "p99_99": ms(histogram.percentile(99.99)), "mean": ms(histogram.mean),
+            "max": ms(histogram.max)}
+

@@ -1,0 +1,236 @@
+"""The servers under test: start one on a free port, wait for it, measure it, stop it.
+
+Targets:
+
+- ``chatd``: ``python -m chatd serve --store memory`` (the same work as the peer);
+- ``chatd_durable``: ``python -m chatd serve --store durable`` (the default: every message
+  fsync'd on two replicas before ``sent``);
+- ``peer``: ``python -m benchmarks.peers.websockets_peer``, a router on websockets and
+  uvloop speaking the same protocol.
+
+Every server gets a fresh data directory, the harness's token secret file, its
+``RLIMIT_NOFILE`` soft limit raised to the hard limit, and stdout and stderr in files (shown
+when it fails). CPU time and resident memory are read from ``/proc`` for the server process
+and any processes it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["TARGETS", "BenchError", "Sample", "Server", "free_port", "kill_all", "prepare_child",
+           "write_secret"]
+
+TARGETS = ("chatd", "chatd_durable", "peer")
+#: Seconds a server has to start listening, and to stop after SIGTERM before SIGKILL.
+START_DEADLINE = 30.0
+STOP_DEADLINE = 15.0
+_TICK = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+#: Every child process started by the harness and not yet reaped: the last resort at exit.
+LIVE: set[subprocess.Popen[bytes] | asyncio.subprocess.Process] = set()
+
+
+def kill_all() -> None:
+    """SIGKILL every child process still running (servers and load generators)."""
+    for process in tuple(LIVE):
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    LIVE.clear()
+
+
+class BenchError(Exception):
+    """A benchmark cannot go on: a server or a worker failed. Reported as one line."""
+
+
+class Sample:
+    """CPU seconds used so far and resident memory now, of a process and its children,
+    with the whole machine's busy and softirq CPU seconds so far (``/proc/stat``)."""
+
+    def __init__(self, cpu: float, rss_kb: int) -> None:
+        self.cpu = cpu
+        self.rss_kb = rss_kb
+        self.clock = time.monotonic()
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        self.machine_busy = (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+        self.softirq = ticks[6] / _TICK
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_secret(path: Path) -> None:
+    """A fresh token secret: 64 hex characters and a newline, readable by the owner only."""
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
+
+
+def command(target: str, port: int, data_dir: Path, secret: Path) -> list[str]:
+    """The command line that runs ``target`` on ``port``."""
+    if target == "peer":
+        return [sys.executable, "-m", "benchmarks.peers.websockets_peer", "--host",
+                "127.0.0.1", "--port", str(port), "--secret-file", str(secret)]
+    store = "durable" if target == "chatd_durable" else "memory"
+    return [sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--data-dir", str(data_dir), "--secret-file", str(secret), "--store", store,
+            "--log-level", "warning"]
+
+
+def prepare_child() -> None:
+    """In a child before exec: allow as many open files as the hard limit, and die with the
+    harness (Linux ``PR_SET_PDEATHSIG``) even if the harness is killed outright."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file, on one line."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip()[:300] for line in text[-lines:])
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def measure(pid: int) -> Sample:
+    """CPU seconds (user + system) and VmRSS of ``pid`` and all its descendants."""
+    tree = _children()
+    pending, cpu_ticks, rss_kb = [pid], 0, 0
+    while pending:
+        current = pending.pop()
+        pending.extend(tree.get(current, ()))
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        cpu_ticks += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss_kb += int(line.split()[1])
+    return Sample(cpu_ticks / _TICK, rss_kb)
+
+
+class Server:
+    """One server process of a target, as an async context manager."""
+
+    def __init__(self, target: str, secret: Path, workdir: Path) -> None:
+        self.target = target
+        self.secret = secret
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
+        self.stderr = self.dir / "stderr.log"
+        self.stdout = self.dir / "stdout.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> Server:
+        argv = command(self.target, self.port, self.dir / "data", self.secret)
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=prepare_child,
+                cwd=Path(__file__).resolve().parent.parent)
+        LIVE.add(self.process)
+        try:
+            await self._wait_listening()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def failure(self, what: str) -> BenchError:
+        """A one-line error about this server, with the tail of its stderr."""
+        code = self.process.poll() if self.process else None
+        status = "" if code is None else f" (exit status {code})"
+        return BenchError(f"{self.target} {what}{status}; stderr: {tail(self.stderr) or '-'}")
+
+    async def _wait_listening(self) -> None:
+        deadline = time.monotonic() + START_DEADLINE
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise self.failure("exited before listening")
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise self.failure(f"not listening after {START_DEADLINE:.0f} s") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    def check(self) -> None:
+        """Raise if the server has exited."""
+        if self.process is None or self.process.poll() is not None:
+            raise self.failure("exited during the benchmark")
+
+    def sample(self) -> Sample:
+        self.check()
+        assert self.process is not None
+        return measure(self.process.pid)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            LIVE.discard(self.process)
+
+    async def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after :data:`STOP_DEADLINE`; returns the exit status."""
+        process = self.process
+        if process is None:
+            return None
+        try:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + STOP_DEADLINE
+                while process.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+        finally:
+            self.kill()
+            shutil.rmtree(self.dir / "data", ignore_errors=True)
+        return process.returncode
