@@ -264,10 +264,11 @@ class Session:
         """Act on client frames until the client leaves or breaks the protocol."""
         ws = self._ws
         answers: list[Frame] = []
-        each_message = self._ctx.store.waits_for_io
         try:
             await self._throttle(len(frames) + 1, answers)  # the hello and what came with it
-            self._answer(await self._handle(frames))
+            await self._handle(frames, answers)
+            self._answer(answers)
+            answers = []
             self._wake_touched()
             while True:
                 if self._inbox:
@@ -278,28 +279,40 @@ class Session:
                 if now - self._reported >= self._ctx.presence.report_interval:
                     self._reported = now
                     self._ctx.presence.active(self._user)
-                # Answers to the messages one read brought are sent together, and so are
-                # the items they route to each session (unless the store waits for I/O
-                # on each message: then items go before the next wait).
+                # The messages one read brought are acted on together: their answers go
+                # out in one write, and so do the items routed to each session.
+                # A message the flood budget cannot cover waits (_throttle), and what came
+                # before it is acted on first.
+                pending: list[Frame] = []
+                failed: ProtocolError | None = None
                 for data in batch:
                     try:
                         frames = self._conn.receive(data)
                     except ProtocolError as err:
-                        self._answer(answers)  # the messages before it were acted on
-                        self._wake_touched()
-                        self._fatal = err
-                        return
+                        failed = err  # the messages before it are still acted on
+                        break
+                    if pending and self._would_wait(len(frames)):
+                        await self._handle(_merge_acks(pending), answers)
+                        pending = []
                     await self._throttle(len(frames), answers)
-                    answers += await self._handle(frames)
-                    if each_message:
-                        self._wake_touched()
+                    pending += frames
+                await self._handle(_merge_acks(pending), answers)
                 self._answer(answers)
                 answers = []
                 self._wake_touched()
+                if failed is not None:
+                    self._fatal = failed
+                    return
         except WebSocketError as err:
             self._ws_error = err
         except ConnectionClosed:
             return
+
+    def _would_wait(self, frames: int) -> bool:
+        """Whether spending ``frames`` now would make :meth:`_throttle` wait."""
+        config = self._ctx.config
+        refill = (trio.current_time() - self._refilled) * config.rate_limit
+        return min(float(config.rate_burst), self._budget + refill) < frames
 
     async def _throttle(self, frames: int, answers: list[Frame]) -> None:
         """Spend ``frames`` from the connection's budget, waiting for it if need be.
@@ -337,11 +350,19 @@ class Session:
             self._throttled = False
         self.last_heard = trio.current_time()
 
-    async def _handle(self, frames: Iterable[Frame]) -> list[Frame]:
-        """Act on one client message's frames; returns the answers, in order."""
-        replies: list[Frame] = []
+    async def _handle(self, frames: Iterable[Frame], replies: list[Frame]) -> None:
+        """Act on client frames in order, appending their answers to ``replies``.
+
+        If the store waits for I/O (fsync), what is ready is sent before each wait: the
+        answers so far and the items routed so far.
+        """
         ctx = self._ctx
+        flush = ctx.store.waits_for_io
         for frame in frames:
+            if flush and isinstance(frame, Send | Ack):
+                self._answer(replies)
+                replies.clear()
+                self._wake_touched()
             try:
                 match frame:
                     case Send():
@@ -363,7 +384,6 @@ class Session:
                             await ctx.presence.watch(self._mailbox.address, gone, add=False)
             except ProtocolError as err:
                 replies.append(Error(err.code.value, err.message, err.ref))
-        return replies
 
     def _wake_touched(self) -> None:
         """Let every session this reader routed items to see them (most write them now)."""
@@ -560,6 +580,36 @@ class Session:
                            close_code=int(close_code))
         self._ws.send(self._conn.send([Error(err.code.value, err.message)]))
         await self._ws.close(int(close_code), err.code.value, timeout=CLOSE_TIMEOUT)
+
+
+def _merge_acks(frames: list[Frame]) -> list[Frame]:
+    """Collapse each run of consecutive acknowledgements without ``peer`` into one or two.
+
+    Acknowledgements are cumulative, and ``read`` up to N also acknowledges delivery up to
+    N, so a run comes down to its highest ``read`` and, if higher, its highest
+    ``delivered``. Each acknowledgement is a store write (an fsync with the durable store),
+    so a client that acknowledges every message it gets, and falls behind, catches up in
+    one write instead of one per message. Receipts carry the same ids, in fewer frames.
+    """
+    merged: list[Frame] = []
+    run: list[Ack] = []
+    for frame in [*frames, None]:
+        if isinstance(frame, Ack) and frame.peer is None:
+            run.append(frame)
+            continue
+        if len(run) > 1:
+            read = max((ack.upto for ack in run if ack.status == "read"), default=-1)
+            delivered = max((ack.upto for ack in run if ack.status == "delivered"), default=-1)
+            if read >= 0:
+                merged.append(Ack("read", read))
+            if delivered > read:
+                merged.append(Ack("delivered", delivered))
+        else:
+            merged.extend(run)
+        run = []
+        if frame is not None:
+            merged.append(frame)
+    return merged
 
 
 def _frame(entry: Entry) -> Msg | Receipt:

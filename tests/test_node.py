@@ -320,6 +320,25 @@ async def test_cumulative_ack_gives_one_receipt_for_all_ids(chat_node: RunningNo
         assert (receipt.status, receipt.by, receipt.ids) == ("read", "bob", ids)
 
 
+async def test_a_run_of_acks_in_one_message_is_applied_as_one(chat_node: RunningNode) -> None:
+    # A client that acknowledges each message as it comes, and has fallen behind, sends a
+    # run of cumulative acks; the server applies the highest (one store write), and the
+    # sender gets each id once per status, in one receipt each.
+    ids = [f"m{i}" for i in range(1, 6)]
+    async with (login(chat_node, "alice") as alice,
+                raw_login(chat_node, "bob") as bob):
+        for msg_id in ids:
+            await alice.client.send("bob", msg_id, id=msg_id)
+        seqs = [(await bob.expect("msg"))["seq"] for _ in ids]
+        await bob.send(*[{"t": "ack", "status": status, "upto": seq}
+                         for seq in seqs for status in ("delivered", "read")])
+        delivered = await alice.next(Receipt)
+        read = await alice.next(Receipt)
+        assert (delivered.status, delivered.ids) == ("delivered", ids)
+        assert (read.status, read.ids) == ("read", ids)
+        assert chat_node.node.store.queued("bob") == 0
+
+
 async def test_read_with_peer_marks_only_that_peers_messages(chat_node: RunningNode) -> None:
     async with (login(chat_node, "alice") as alice, login(chat_node, "carol") as carol,
                 login(chat_node, "bob") as bob):
