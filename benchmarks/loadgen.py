@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import resource
@@ -93,6 +94,25 @@ def describe(exc: BaseException) -> str:
 def close_info(ws: ClientConnection) -> str:
     """How a session ended: its close code and reason, e.g. ``"4410 idle_timeout"``."""
     return f"{ws.close_code} {ws.close_reason or ''}".strip()
+
+
+def pause_collector() -> None:
+    """Keep this process's garbage collector out of a measured phase.
+
+    A full pass of the collector stops the load generator for milliseconds; paused in the
+    recipient's loop, it would be counted as the server's latency. Phases last seconds, so
+    the cyclic garbage they leave is collected when they end (:func:`resume_collector`).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+
+def resume_collector() -> None:
+    """Undo :func:`pause_collector` once a phase is over."""
+    gc.enable()
+    gc.unfreeze()
+    gc.collect()
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -301,6 +321,7 @@ class Worker:
                 await pair.sender.send(pair.sends(1))
 
     async def cmd_throughput(self, window: int = 8, batch: bool = False) -> dict[str, Any]:
+        pause_collector()
         self.mode, self.window, self.batch = "throughput", window, batch
         for pair in self.pairs:
             await self.refill(pair)
@@ -310,6 +331,7 @@ class Worker:
         """Send ``rate`` messages/s in all, each pair an equal share on its own schedule."""
         if not self.pairs or rate <= 0:
             return {"started": 0}
+        pause_collector()
         self.mode = "latency"
         interval = int(1e9 * len(self.pairs) / rate)
         start = time.perf_counter_ns() + 10_000_000
@@ -350,6 +372,7 @@ class Worker:
         return reply
 
     async def cmd_stop(self) -> dict[str, Any]:
+        resume_collector()
         self.mode = ""
         for task in tuple(self.pacers):
             task.cancel()
