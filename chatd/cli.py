@@ -141,7 +141,7 @@ async def _with_client(args: argparse.Namespace,
                        body: Callable[[Client], Coroutine[Any, Any, None]]) -> None:
     try:
         with trio.fail_after(args.timeout) if args.timeout else _no_deadline():
-            async with connect(args.url, args.token) as client:
+            async with connect(_urls(args), args.token) as client:
                 await body(client)
     except trio.TooSlowError:
         raise CommandError(f"timed out after {args.timeout} s") from None
@@ -149,10 +149,14 @@ async def _with_client(args: argparse.Namespace,
         raise CommandError(f"refused: {exc.code}: {exc.message}") from None
     except (OSError, HandshakeError) as exc:
         cause = exc.__cause__ or exc.__context__ or exc
-        raise CommandError(f"cannot connect to {args.url}: {cause}") from None
+        raise CommandError(f"cannot connect to {', '.join(_urls(args))}: {cause}") from None
     except ConnectionClosed as exc:
         code, reason = close_info(exc)
         raise CommandError(f"connection closed: {code} {reason or ''}".rstrip()) from None
+
+
+def _urls(args: argparse.Namespace) -> list[str]:
+    return args.urls or ["ws://127.0.0.1:8765"]
 
 
 def _no_deadline() -> trio.CancelScope:
@@ -286,8 +290,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--url", default="ws://127.0.0.1:8765",
-                         help="node URL (default ws://127.0.0.1:8765)")
+        sub.add_argument("--url", action="append", dest="urls", metavar="URL",
+                         help="node URL (default ws://127.0.0.1:8765); give it once per "
+                              "node to fail over between them")
         sub.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
                          help="token (default $CHATD_TOKEN)")
         return sub

@@ -16,6 +16,9 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,11 +26,17 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from chatd.protocol import (
     Ack,
     ClientConnection,
+    CloseCode,
     Error,
     ErrorCode,
     Frame,
@@ -43,12 +52,15 @@ from chatd.protocol import (
     Welcome,
 )
 
-__all__ = ["ChatError", "Client", "Closed", "Event", "close_info", "connect", "new_id"]
+__all__ = ["Backoff", "ChatError", "Client", "Closed", "Event", "close_info", "connect",
+           "new_id"]
 
 #: What :meth:`Client.events` yields.
 Event = Msg | Receipt | Presence | Sent | Error
 
 _SEEN_MAX = 100_000
+
+logger = logging.getLogger(__name__)
 
 
 class ChatError(Exception):
@@ -92,22 +104,73 @@ class _Waiter:
         return self.value
 
 
-class Client:
-    """A connected, authenticated client. Make one with :func:`connect`."""
+@attrs.frozen
+class Backoff:
+    """Jittered exponential backoff between connection attempts.
 
-    def __init__(self, ws: WebSocketConnection, conn: ClientConnection, welcome: Welcome,
-                 queue_size: int) -> None:
-        self._ws = ws
-        self._conn = conn
-        self.welcome = welcome
-        self.user = welcome.user
-        #: The highest sequence number the application acknowledged; pass it as
-        #: ``resume`` when reconnecting.
-        self.last_seq = 0
+    Attempt ``n`` (from 0) waits a uniformly random time between 0 and
+    ``min(maximum, initial * 2**n)`` seconds ("full jitter"), so clients that lost the same
+    node do not all come back at the same instant.
+    """
+
+    initial: float = 0.1
+    maximum: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt``."""
+        return random.uniform(0.0, min(self.maximum, self.initial * 2.0 ** min(attempt, 32)))
+
+
+#: Close codes after which a client with failover connects again: the node went away,
+#: broke, or shed load. Any other close (a refused token, a takeover) is final.
+_RETRY_CLOSES = frozenset({None, 1001, 1006, 1011, 1012, 1013, 1014,
+                           CloseCode.IDLE_TIMEOUT, CloseCode.SLOW_CONSUMER,
+                           CloseCode.TOO_MANY_CONNECTIONS})
+#: Refusals of the hello that are worth trying elsewhere.
+_RETRY_REFUSALS = frozenset({ErrorCode.SHUTTING_DOWN.value, ErrorCode.INTERNAL.value,
+                             ErrorCode.TOO_MANY_CONNECTIONS.value,
+                             ErrorCode.STORE_UNAVAILABLE.value})
+
+
+class Client:
+    """A client of one user, connected to a node. Make one with :func:`connect`.
+
+    With failover on, the client outlives its connections: when one is lost it connects
+    again (to the next URL, after a :class:`Backoff` delay), resumes from :attr:`last_seq`,
+    sends again every message still waiting for its ``sent`` (same ids, so none is stored
+    twice), watches the same users and repeats the last ``read`` acknowledgements; pending
+    :meth:`send` and :meth:`last_seen` calls carry on, and :meth:`events` goes on yielding.
+    """
+
+    def __init__(self, urls: Sequence[str], token: str, *, resume: int, timeout: float,
+                 queue_size: int, reconnect: bool, backoff: Backoff) -> None:
+        if not urls:
+            raise ValueError("at least one URL is needed")
+        self._urls = list(urls)
+        self._token = token
+        self._timeout = timeout
+        self._reconnect = reconnect
+        self._backoff = backoff
+        self._ws: WebSocketConnection | None = None
+        self._conn = ClientConnection()
+        self._up = trio.Event()
+        self._lost = trio.Event()
+        self.welcome: Welcome | None = None
+        self.user = ""
+        #: The URL of the node the client is (or was last) connected to.
+        self.url = ""
+        #: How many times the client connected again after losing a connection.
+        self.reconnects = 0
+        #: The highest sequence number the application acknowledged; sent as ``resume``
+        #: when connecting again.
+        self.last_seq = resume
         self.closed: Closed | None = None
         self._last_error: Error | None = None
         self._sends: dict[str, _Waiter] = {}
+        self._unsent: dict[str, Send] = {}
         self._queries: dict[str, list[_Waiter]] = {}
+        self._watching: set[str] = set()
+        self._reads: dict[str | None, int] = {}
         self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._events_in, self._events_out = trio.open_memory_channel[Event](queue_size)
 
@@ -126,13 +189,14 @@ class Client:
             The ``sent`` frame (``dup`` is true if the id had been accepted before).
 
         Raises:
-            ChatError: The server refused the message.
-            trio_websocket.ConnectionClosed: The connection ended first.
+            ChatError: The server refused the message, or the client closed for good
+                before it was accepted.
+            trio_websocket.ConnectionClosed: The connection ended first (without failover).
         """
         msg_id = id or new_id()
         waiter = self._sends[msg_id] = _Waiter()
         try:
-            await self._write([Send(msg_id, to, body)])
+            await self._send_messages([Send(msg_id, to, body)])
             result: Sent = await waiter.wait()
         finally:
             self._sends.pop(msg_id, None)
@@ -144,7 +208,7 @@ class Client:
         Their ``sent`` frames (or ``error`` frames with ``ref`` = id) arrive through
         :meth:`events`.
         """
-        await self._write([Send(msg_id, to, body) for msg_id, to, body in messages])
+        await self._send_messages([Send(msg_id, to, body) for msg_id, to, body in messages])
 
     async def ack(self, upto: int) -> None:
         """Acknowledge everything up to sequence ``upto`` as delivered."""
@@ -156,6 +220,7 @@ class Client:
 
         A read acknowledgement also acknowledges delivery of everything up to ``upto``.
         """
+        self._reads[peer] = max(self._reads.get(peer, 0), upto)
         await self._write([Ack("read", upto, peer)])
         self.last_seq = max(self.last_seq, upto)
 
@@ -169,51 +234,203 @@ class Client:
 
     async def subscribe(self, users: Sequence[str]) -> None:
         """Watch the presence of ``users``; updates arrive through :meth:`events`."""
+        self._watching.update(users)
         await self._write([Subscribe(list(users))])
 
     async def unsubscribe(self, users: Sequence[str]) -> None:
         """Stop watching the presence of ``users``."""
+        self._watching.difference_update(users)
         await self._write([Unsubscribe(list(users))])
 
-    async def _write(self, frames: list[Frame]) -> None:
+    async def aclose(self) -> None:
+        """Close the connection (code 1000) and stop failing over; :func:`connect` does
+        this on exit."""
+        self._reconnect = False
+        ws = self._ws
+        if ws is not None:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await ws.aclose()
+
+    async def _send_messages(self, frames: list[Send]) -> None:
+        """Write messages now if connected; with failover they are also kept until their
+        ``sent`` arrives, and written again on the next connection."""
+        if self._reconnect:
+            for frame in frames:
+                self._unsent[frame.id] = frame
+            if self._ws is None:
+                return  # the next connection sends them
+            with contextlib.suppress(ConnectionClosed):
+                await self._write_now(self._ws, list(frames))
+            return
+        await self._write(list(frames))
+
+    async def _write(self, frames: Sequence[Frame]) -> None:
+        """Write frames on the current connection, waiting for one while failing over."""
+        while True:
+            ws, lost = self._ws, self._lost
+            if ws is None:
+                if self.closed is not None or not self._reconnect:
+                    raise ChatError(*self._close_cause())
+                await self._up.wait()
+                continue
+            try:
+                await self._write_now(ws, frames)
+                return
+            except ConnectionClosed:
+                if not self._reconnect:
+                    raise
+                await lost.wait()  # until the reader has let this connection go
+
+    async def _write_now(self, ws: WebSocketConnection, frames: Sequence[Frame]) -> None:
         limits = self._conn.codec.limits
         for start in range(0, len(frames), limits.max_frames):
-            await self._ws.send_message(self._conn.send(frames[start:start + limits.max_frames]))
+            await ws.send_message(self._conn.send(frames[start:start + limits.max_frames]))
+
+    def _log_failure(self, url: str, exc: BaseException) -> None:
+        logger.info("connect_failed url=%s error=%s", url, type(exc).__name__)
 
     # -- receiving ---------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield incoming messages, receipts, presence updates and pipelined results.
 
-        The iteration ends when the connection closes; :attr:`closed` says how.
+        The iteration ends when the client closes for good; :attr:`closed` says how.
         """
         async for event in self._events_out:
             yield event
 
-    async def _read_loop(self, first: list[Frame]) -> None:
-        """Dispatch ``first`` (what came with the welcome), then every later message, in
-        order: one task, so frames reach the application in the order the server sent them."""
+    # -- connections -------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                   ) -> None:
+        """Connect, serve the connection, and (with failover) connect again, until final."""
+        started = False
+        attempt = 0
+        give_up = trio.current_time() + self._timeout
+        index = 0
+        try:
+            while True:
+                url = self._urls[index % len(self._urls)]
+                index += 1
+                try:
+                    async with self._open(url) as first:
+                        attempt = 0
+                        if not started:
+                            started = True
+                            task_status.started()
+                        else:
+                            self.reconnects += 1
+                        final = await self._serve(first)
+                except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+                    if not self._reconnect or (not started and trio.current_time() >= give_up):
+                        raise
+                    self._log_failure(url, exc)
+                except ChatError as exc:
+                    if exc.code not in _RETRY_REFUSALS or not self._reconnect or (
+                            not started and trio.current_time() >= give_up):
+                        raise
+                else:
+                    if final or not self._reconnect:
+                        return
+                if index % len(self._urls) == 0 or not started:
+                    await trio.sleep(self._backoff.delay(attempt))
+                    attempt += 1
+        finally:
+            self._finish()
+
+    @contextlib.asynccontextmanager
+    async def _open(self, url: str) -> AsyncIterator[list[Frame]]:
+        """Connect to ``url`` and log in; yields the frames that came with the welcome."""
+        conn = ClientConnection()
+        async with open_websocket_url(url, max_message_size=conn.codec.limits.max_frame_bytes,
+                                      connect_timeout=self._timeout) as ws:
+            with trio.fail_after(self._timeout):
+                await ws.send_message(conn.hello(self._token, self.last_seq))
+                try:
+                    frames = conn.receive(await ws.get_message())
+                except ProtocolError as exc:
+                    raise ChatError(exc.code.value, exc.message) from None
+                except ConnectionClosed as exc:
+                    raise ChatError(close_info(exc)[1] or ErrorCode.INTERNAL.value,
+                                    "connection closed during hello") from None
+                welcome = frames[0]
+                assert isinstance(welcome, Welcome)
+                self.welcome, self.user, self.url = welcome, welcome.user, url
+                self._conn, self._last_error = conn, None
+                if self.reconnects or self._unsent:
+                    await self._restore(ws)
+            self._ws = ws
+            self._lost = trio.Event()
+            self._up.set()
+            try:
+                yield frames[1:]
+            finally:
+                if self._reconnect:
+                    self._ws = None  # writers wait for the next connection
+                # else writers keep the closed one: it raises ConnectionClosed, as documented
+                self._lost.set()
+                self._up = trio.Event()
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    await ws.aclose()
+
+    async def _restore(self, ws: WebSocketConnection) -> None:
+        """On a new connection: what the last one left unfinished, before anything else."""
+        frames: list[Frame] = []
+        if self._watching:
+            frames.append(Subscribe(sorted(self._watching)))
+        frames += [Ack("read", upto, peer) for peer, upto in self._reads.items()]
+        frames += [LastSeenQuery(user) for user, waiters in self._queries.items()
+                   for _ in waiters]
+        written: set[str] = set()
+        while True:  # messages queued while this loop writes are written too
+            todo = [frame for msg_id, frame in self._unsent.items() if msg_id not in written]
+            if not todo and not frames:
+                return
+            written.update(frame.id for frame in todo)
+            await self._write_now(ws, [*frames, *todo])
+            frames = []
+
+    async def _serve(self, first: list[Frame]) -> bool:
+        """Dispatch frames until the connection ends; True if that end is final.
+
+        One task dispatches, so frames reach the application in the order the server
+        sent them.
+        """
+        ws = self._ws
+        assert ws is not None
         try:
             for frame in first:
                 await self._dispatch(frame)
             while True:
-                data = await self._ws.get_message()
+                data = await ws.get_message()
                 for frame in self._conn.receive(data):
                     await self._dispatch(frame)
         except ConnectionClosed as exc:
             code, text = close_info(exc)
             self.closed = Closed(code, text, self._last_error)
+            final = code not in _RETRY_CLOSES
         except ProtocolError as exc:
             self.closed = Closed(None, exc.code.value, self._last_error)
-            await self._ws.aclose(4400, exc.code.value)
-        finally:
-            self._events_in.close()
-            failure = ChatError(*self._close_cause())
-            for waiter in self._sends.values():
+            await ws.aclose(4400, exc.code.value)
+            final = True
+        if self._reconnect and not final:
+            self.closed = None
+        return final
+
+    def _finish(self) -> None:
+        """The client is closed for good: end the events and fail whatever waits."""
+        if self.closed is None:
+            self.closed = Closed(None, "closed", self._last_error)
+        self._events_in.close()
+        self._up.set()
+        failure = ChatError(*self._close_cause())
+        for waiter in self._sends.values():
+            waiter.resolve(error=failure)
+        for waiters in self._queries.values():
+            for waiter in waiters:
                 waiter.resolve(error=failure)
-            for waiters in self._queries.values():
-                for waiter in waiters:
-                    waiter.resolve(error=failure)
 
     def _close_cause(self) -> tuple[str, str]:
         if self._last_error is not None:
@@ -235,18 +452,25 @@ class Client:
             case Receipt():
                 await self._events_in.send(frame)
             case Sent(id=msg_id) if msg_id in self._sends:
+                self._unsent.pop(msg_id, None)
                 self._sends[msg_id].resolve(frame)
             case Error(ref=ref) if ref is not None and ref in self._sends:
+                self._unsent.pop(ref, None)
                 self._sends[ref].resolve(error=ChatError(frame.code, frame.message))
             case Presence(user=user) if self._queries.get(user):
                 self._queries[user].pop(0).resolve(frame)
                 if not self._queries[user]:
                     del self._queries[user]
-            case Error():
+            case Error(ref=ref):
                 if ErrorCode.is_fatal(frame.code):
                     self._last_error = frame
+                elif ref is not None and frame.code != ErrorCode.STORE_UNAVAILABLE.value:
+                    self._unsent.pop(ref, None)  # refused for good (id_conflict...)
                 await self._events_in.send(frame)
-            case Sent() | Presence():
+            case Sent(id=msg_id):
+                self._unsent.pop(msg_id, None)
+                await self._events_in.send(frame)
+            case Presence():
                 await self._events_in.send(frame)
 
 
@@ -262,50 +486,44 @@ def new_id() -> str:
 
 
 @asynccontextmanager
-async def connect(url: str, token: str, *, resume: int = 0, timeout: float = 10.0,
-                  queue_size: int = 1024) -> AsyncIterator[Client]:
+async def connect(url: str | Sequence[str], token: str, *, resume: int = 0,
+                  timeout: float = 10.0, queue_size: int = 1024,
+                  reconnect: bool | None = None, backoff: Backoff | None = None
+                  ) -> AsyncIterator[Client]:
     """Connect, authenticate, and yield a :class:`Client`; close on exit.
 
     Args:
-        url: ``ws://host:port`` of a node.
+        url: ``ws://host:port`` of a node, or several nodes' URLs, tried in turn.
         token: An HS256 JWT for the user.
         resume: The highest sequence number already processed (from a previous
             connection's :attr:`Client.last_seq`); the server treats it as acknowledged.
-        timeout: Seconds allowed for connecting and authenticating.
+        timeout: Seconds allowed for connecting and authenticating (for the first
+            connection, across every URL and retry).
         queue_size: Events buffered before the library stops reading the socket.
+        reconnect: Fail over when a connection is lost (see :class:`Client`). Defaults to
+            on when several URLs are given, off for one.
+        backoff: Delays between attempts once every URL has been tried.
 
     Raises:
         ChatError: The server refused the hello (bad token, unsupported version...).
-        trio_websocket.HandshakeError / OSError: The server could not be reached.
+        trio_websocket.HandshakeError / OSError: No server could be reached.
     """
-    conn = ClientConnection()
-    async with open_websocket_url(url, max_message_size=conn.codec.limits.max_frame_bytes,
-                                  connect_timeout=timeout) as ws:
-        with trio.fail_after(timeout):
-            await ws.send_message(conn.hello(token, resume))
+    urls = [url] if isinstance(url, str) else list(url)
+    client = Client(urls, token, resume=resume, timeout=timeout, queue_size=queue_size,
+                    reconnect=len(urls) > 1 if reconnect is None else reconnect,
+                    backoff=backoff or Backoff())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
             try:
-                frames = conn.receive(await ws.get_message())
-            except ProtocolError as exc:
-                raise ChatError(exc.code.value, exc.message) from None
-            except ConnectionClosed as exc:
-                raise ChatError(close_info(exc)[1] or ErrorCode.INTERNAL.value,
-                                "connection closed during hello") from None
-        welcome = frames[0]
-        assert isinstance(welcome, Welcome)
-        client = Client(ws, conn, welcome, queue_size)
-        client.last_seq = resume
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read_loop, frames[1:])
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-                    with trio.move_on_after(2) as scope:
-                        scope.shield = True
-                        await ws.aclose()
-        except BaseExceptionGroup as group:
-            # The caller's own exception surfaces as itself, not wrapped by our nursery.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The caller's own exception surfaces as itself, not wrapped by our nursery.
+        if len(group.exceptions) == 1:
+            # Keep its own cause (the OSError behind a HandshakeError, say), not the group.
+            only = group.exceptions[0]
+            raise only from only.__cause__
+        raise

@@ -102,13 +102,14 @@ async def test_lastseen_prints_presence(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--token", "not-a-token"], "chatd: error: refused: auth_failed"),
+    (["--url", "{server}", "--token", "not-a-token"], "chatd: error: refused: auth_failed"),
     (["--url", "ws://127.0.0.1:9", "--token", "x"], "chatd: error: cannot connect"),
 ])
 async def test_client_failures_exit_1_with_one_line(tmp_path: Path, args: list[str],
                                                     expected: str) -> None:
     async with daemon(tmp_path) as server:
-        argv = ["send", "--url", server.url, "--to", "bob", *args, "hi"]
+        argv = ["send", "--to", "bob", *[a.replace("{server}", server.url) for a in args],
+                "hi"]
         status, out, err = await run(argv)
     assert status == 1 and out == ""
     assert err.startswith(expected) and err.count("\n") == 1

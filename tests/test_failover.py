@@ -1,0 +1,134 @@
+"""Client failover against real ``chatd serve`` processes killed with SIGKILL.
+
+The client library (and the CLI on top of it) is given several URLs, or one URL with
+failover on; when its connection is lost it connects again with jittered exponential
+backoff, resumes from its last acknowledged sequence number, and sends again the messages
+still waiting for ``sent`` with the same ids. These tests kill the node under the clients
+and restart it on the same port and data directory, and check that nothing is lost or
+handed to the application twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from daemons import CHATD, DEADLINE, Daemon, run, serve
+
+from chatd.client import Backoff, Client, connect
+from chatd.protocol import Msg
+
+pytestmark = pytest.mark.slow
+
+FAST = Backoff(initial=0.05, maximum=0.5)
+
+
+def dead_url() -> str:
+    """The URL of a local port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"ws://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def port_of(server: Daemon) -> str:
+    return server.url.rsplit(":", 1)[1]
+
+
+async def receive(client: Client, count: int, got: list[Msg], done: trio.Event) -> None:
+    """Collect ``count`` messages, acknowledging each, then set ``done``."""
+    async for event in client.events():
+        if isinstance(event, Msg):
+            got.append(event)
+            await client.ack(event.seq)
+            if len(got) == count:
+                done.set()
+                return
+
+
+async def test_clients_fail_over_across_a_sigkill_and_lose_nothing(tmp_path: Path) -> None:
+    total, kill_after = 120, 40
+    ids = [f"m{i}" for i in range(total)]
+    got: list[Msg] = []
+    all_received = trio.Event()
+    async with serve(tmp_path) as first:
+        url, port = first.url, port_of(first)
+        alice_token, bob_token = first.token("alice"), first.token("bob")
+        async with (connect([url], alice_token, reconnect=True, backoff=FAST) as alice,
+                    connect([url], bob_token, reconnect=True, backoff=FAST) as bob,
+                    trio.open_nursery() as nursery):
+            nursery.start_soon(receive, bob, total, got, all_received)
+            sent = []
+            with trio.fail_after(DEADLINE):
+                for msg_id in ids[:kill_after]:
+                    sent.append(await alice.send("bob", f"body {msg_id}", id=msg_id))
+                await first.crash()
+
+                async def restart(task_status: trio.TaskStatus[Daemon]) -> None:
+                    async with serve(tmp_path, "--port", port) as second:
+                        task_status.started(second)
+                        await trio.sleep_forever()
+
+                # Sends made while the node is down wait for the next connection.
+                results: dict[str, bool] = {}
+                rest_sent = trio.Event()
+
+                async def send_rest() -> None:
+                    for msg_id in ids[kill_after:]:
+                        results[msg_id] = (await alice.send("bob", f"body {msg_id}",
+                                                            id=msg_id)).dup
+                    rest_sent.set()
+
+                nursery.start_soon(send_rest)
+                second = await nursery.start(restart)
+                await all_received.wait()
+                await rest_sent.wait()
+            assert [m.id for m in got] == ids  # every message once, in order
+            assert [m.body for m in got] == [f"body {i}" for i in ids]
+            assert not any(s.dup for s in sent)
+            assert alice.reconnects >= 1 and bob.reconnects >= 1
+            assert alice.closed is None and bob.closed is None  # still in service
+            assert alice.url == bob.url == second.url
+            nursery.cancel_scope.cancel()
+
+
+async def test_client_tries_each_url_in_turn(tmp_path: Path) -> None:
+    async with serve(tmp_path) as server:
+        with trio.fail_after(DEADLINE):
+            async with connect([dead_url(), server.url], server.token("alice"),
+                               backoff=FAST) as alice:
+                assert alice.url == server.url
+                assert (await alice.send("bob", "hi")).dup is False
+
+
+async def test_cli_listen_fails_over_across_a_sigkill(tmp_path: Path) -> None:
+    async with serve(tmp_path) as first:
+        url, port = first.url, port_of(first)
+        alice, bob = first.token("alice"), first.token("bob")
+        status, _, err = await run(["send", "--url", url, "--token", alice, "--to", "bob",
+                                    "before"])
+        assert status == 0, err
+        async with trio.open_nursery() as nursery:
+            listen = await trio.lowlevel.open_process(
+                [*CHATD, "listen", "--url", dead_url(), "--url", url, "--token", bob,
+                 "--count", "2", "--timeout", str(DEADLINE)],
+                stdout=-1, stderr=-1)
+            assert listen.stdout is not None
+            first_line = b""
+            with trio.fail_after(DEADLINE):
+                while not first_line.endswith(b"\n"):
+                    first_line += await listen.stdout.receive_some()
+            assert b'"body":"before"' in first_line
+            await first.crash()
+            async with serve(tmp_path, "--port", port) as second:
+                status, _, err = await run(["send", "--url", second.url, "--token", alice,
+                                            "--to", "bob", "after"])
+                assert status == 0, err
+                with trio.fail_after(DEADLINE):
+                    rest = b""
+                    async for chunk in listen.stdout:
+                        rest += chunk
+                    assert await listen.wait() == 0
+            assert b'"body":"after"' in rest and b'"body":"before"' not in rest
+            nursery.cancel_scope.cancel()
