@@ -235,23 +235,47 @@ async def _drain(server: Server, pool: Pool, timeout: float) -> dict[str, Any]:
             "outstanding": outstanding}
 
 
+@attrs.frozen
+class Window:
+    """A measured window: the workers' marks and the server's samples at both ends."""
+
+    marks0: list[dict[str, Any]]
+    marks1: list[dict[str, Any]]
+    s0: Sample
+    s1: Sample
+    bar: Progress
+
+
+async def _measure(server: Server, pool: Pool, params: Params, scenario: str, label: str,
+                   seconds: float, hist: str = "") -> Window:
+    """Warm up, then measure ``seconds`` of the load already started on ``pool``.
+
+    A non-empty ``hist`` also clears the workers' histograms at the start and collects
+    them at the end (the end marks then carry them).
+    """
+    warm = Progress(f"{server.target}: {scenario} warm-up", params.warmup, "s")
+    await warm.sleep(params.warmup, server.check)
+    marks0 = await pool.all("mark", hist="reset" if hist else "")
+    s0 = server.sample()
+    bar = Progress(f"{server.target}: {label}", seconds, "s")
+    await bar.sleep(seconds, server.check)
+    s1 = server.sample()
+    marks1 = await pool.all("mark", hist="take" if hist else "")
+    return Window(marks0, marks1, s0, s1, bar)
+
+
 async def throughput(server: Server, params: Params, tokens: Tokens,
                      logdir: Path) -> dict[str, Any]:
     """P pairs sending with a window of W messages awaiting ``sent``; measure D seconds."""
     async with Pool(params.workers, logdir) as pool:
         await _open_pairs(server, pool, params, tokens)
         await pool.all("throughput", window=params.window, batch=params.batch)
-        warm = Progress(f"{server.target}: throughput warm-up", params.warmup, "s")
-        await warm.sleep(params.warmup, server.check)
-        marks0 = await pool.all("mark")
-        s0 = server.sample()
-        bar = Progress(f"{server.target}: throughput, {params.pairs} pairs", params.seconds, "s")
-        await bar.sleep(params.seconds, server.check)
-        s1 = server.sample()
-        marks1 = await pool.all("mark")
-        result = _traffic(server, params.pairs, marks0, marks1, s0, s1)
+        window = await _measure(server, pool, params, "throughput",
+                                f"throughput, {params.pairs} pairs", params.seconds)
+        result = _traffic(server, params.pairs, window.marks0, window.marks1, window.s0,
+                          window.s1)
         result.update(await _drain(server, pool, params.drain))
-        bar.finish(f"{result['msgs_per_s']:,.0f} msg/s, {result['cpu_us_per_msg']} us/msg")
+        window.bar.finish(f"{result['msgs_per_s']:,.0f} msg/s, {result['cpu_us_per_msg']} us/msg")
         result.update(pairs=params.pairs, window=params.window, batch=params.batch)
         await pool.all("close")
     return result
@@ -263,19 +287,14 @@ async def latency(server: Server, params: Params, tokens: Tokens, logdir: Path,
     async with Pool(params.workers, logdir) as pool:
         shares = await _open_pairs(server, pool, params, tokens)
         await pool.all("latency", [{"rate": rate * k / params.pairs} for k in shares])
-        warm = Progress(f"{server.target}: latency warm-up", params.warmup, "s")
-        await warm.sleep(params.warmup, server.check)
-        marks0 = await pool.all("mark", hist="reset")
-        s0 = server.sample()
-        bar = Progress(f"{server.target}: latency at {rate:,.0f} msg/s", params.latency_seconds,
-                       "s")
-        await bar.sleep(params.latency_seconds, server.check)
-        s1 = server.sample()
-        marks1 = await pool.all("mark", hist="take")
+        window = await _measure(server, pool, params, "latency",
+                                f"latency at {rate:,.0f} msg/s", params.latency_seconds,
+                                hist="take")
+        marks1, bar = window.marks1, window.bar
         histogram = Histogram()
         for mark in marks1:
             histogram.merge(Histogram.from_json(mark["hist"]))
-        result = _traffic(server, params.pairs, marks0, marks1, s0, s1)
+        result = _traffic(server, params.pairs, window.marks0, marks1, window.s0, window.s1)
         result.update(await _drain(server, pool, params.drain))
         result.update(offered_per_s=round(rate, 1), samples=histogram.total,
                       max_send_lag_ms=round(max(m["max_lag_ms"] for m in marks1), 3),
