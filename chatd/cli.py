@@ -46,7 +46,22 @@ def _config(args: argparse.Namespace) -> Config:
                        log_level=getattr(args, "log_level", None),
                        secret_file=getattr(args, "secret_file", None),
                        store=getattr(args, "store", None),
-                       store_dirs=getattr(args, "store_dir", None))
+                       store_dirs=getattr(args, "store_dir", None),
+                       cluster_listen=getattr(args, "cluster_listen", None),
+                       peers=_peers(getattr(args, "peer", None)))
+
+
+def _peers(values: list[str] | None) -> dict[str, str] | None:
+    """``--peer NAME=HOST:PORT`` options as a table (None when none was given)."""
+    if not values:
+        return None
+    peers = {}
+    for value in values:
+        name, equals, address = value.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"--peer must be NAME=HOST:PORT, not {value!r}")
+        peers[name] = address
+    return peers
 
 
 # -- serve ---------------------------------------------------------------------------
@@ -274,6 +289,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--store", choices=["durable", "memory"],
                        help="where queues live (default durable: two replicas on disk)")
+    serve.add_argument("--cluster-listen", metavar="HOST:PORT",
+                       help="address for links from peer nodes (needed with --peer)")
+    serve.add_argument("--peer", action="append", metavar="NAME=HOST:PORT",
+                       help="a peer node and its cluster address; once per peer")
     serve.add_argument("--store-dir", type=Path, action="append",
                        help="a replica directory; give it twice (default "
                             "DATA_DIR/store/0 and DATA_DIR/store/1)")

@@ -16,7 +16,7 @@ import attrs
 
 from chatd.protocol import MAX_RECEIPT_IDS, Limits
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "host_port", "load_config"]
 
 
 class ConfigError(Exception):
@@ -63,6 +63,10 @@ class Config:
     max_unread: int = attrs.field(default=10_000, validator=_positive)
     restart_intensity: int = attrs.field(default=5, validator=_positive)
     restart_period: float = attrs.field(default=10.0, validator=_positive)
+    cluster_listen: str | None = None
+    peers: dict[str, str] = attrs.field(factory=dict)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
+    failure_timeout: float = attrs.field(default=3.0, validator=_positive)
     limits: Limits = attrs.field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
@@ -79,6 +83,18 @@ class Config:
             raise ConfigError(f"store must be 'durable' or 'memory', not {self.store!r}")
         if self.store_dirs is not None and len(self.store_dirs) != 2:
             raise ConfigError("store_dirs must name exactly two directories (the replicas)")
+        if self.cluster_listen is not None:
+            host_port(self.cluster_listen, "cluster_listen")
+        for name, address in self.peers.items():
+            if name == self.node:
+                raise ConfigError(f"peer {name!r} has this node's own name")
+            if not all("\x21" <= ch <= "\x7e" for ch in name) or not 0 < len(name) <= 32:
+                raise ConfigError(f"peer name {name!r} must be 1-32 printable characters")
+            host_port(address, f"peer {name!r}")
+        if self.peers and self.cluster_listen is None:
+            raise ConfigError("a node with peers needs cluster_listen (HOST:PORT)")
+        if self.heartbeat_interval >= self.failure_timeout:
+            raise ConfigError("heartbeat_interval must be shorter than failure_timeout")
 
     @property
     def replica_paths(self) -> tuple[Path, ...]:
@@ -98,6 +114,19 @@ class Config:
 #: ids and stamps, must fit in one WebSocket message.
 _MIN_DEPTH = 3
 _FRAME_OVERHEAD = 1024
+
+
+def host_port(text: str, what: str = "address") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
+
+    Raises:
+        ConfigError: It is not HOST:PORT with a port of 1-65535.
+    """
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, not {text!r}")
+    return host, int(port)
 
 
 def _check_limits(limits: Limits) -> None:
@@ -123,6 +152,18 @@ def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"unknown setting {where}{key!r}")
         default = field.default
         expected: tuple[type, ...]
+        if key == "peers":
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"setting {where}{key!r} must be a table of NAME = "
+                                  "\"HOST:PORT\"")
+            out[key] = value
+            continue
+        if key == "cluster_listen":
+            if not isinstance(value, str):
+                raise ConfigError(f"setting {where}{key!r} must be \"HOST:PORT\"")
+            out[key] = value
+            continue
         if key == "store_dirs":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"setting {where}{key!r} must be a list of two paths")

@@ -6,6 +6,7 @@
      ├─ registry   permanent   user -> session address
      ├─ store      permanent   the persistence actor
      ├─ presence   permanent   last seen, online state, subscriptions
+     ├─ cluster    permanent   links to peer nodes (only with cluster_listen)
      └─ listener   permanent   WebSocket accept loop
           └─ sessions          temporary, one per connection
 
@@ -25,6 +26,7 @@ import trio
 
 from chatd.actors import ActorTable, ChildSpec, Restart, Supervisor
 from chatd.auth import load_or_create_secret
+from chatd.cluster import Cluster, link_key
 from chatd.config import Config
 from chatd.listener import Listener
 from chatd.logs import EventLog
@@ -59,6 +61,8 @@ class Node:
                                      intensity=config.restart_intensity,
                                      period=config.restart_period)
         self.listener: Listener | None = None
+        #: The node's links to its peers, if it has peers (issue #6, in progress).
+        self.cluster: Cluster | None = None
         self._log = EventLog(logger, config.node, "node")
         self._shutdown = trio.Event()
 
@@ -96,6 +100,9 @@ class Node:
             ChildSpec("presence", self.presence.run, Restart.PERMANENT),
             ChildSpec("listener", listener.run, Restart.PERMANENT),
         ]
+        if config.cluster_listen is not None:
+            self.cluster = Cluster(config, link_key(secret))
+            children.insert(3, ChildSpec("cluster", self.cluster.run, Restart.PERMANENT))
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
             task_status.started(self)

@@ -2,8 +2,9 @@
 
 Built so far: the link protocol, sans-IO (:mod:`chatd.cluster._wire`): length-prefixed
 CBOR frames and the handshake by which two nodes prove to each other that they hold the
-cluster's secret. Links, membership, the registry across nodes and cross-node routing
-build on it.
+cluster's secret; and the links themselves (:mod:`chatd.cluster.link`): one supervised link
+actor per peer, heartbeats, failure detection and membership. The registry across nodes
+and cross-node routing build on them.
 """
 
 from ._wire import (
@@ -15,13 +16,16 @@ from ._wire import (
     encode_frame,
     link_key,
 )
+from .link import Cluster, Membership
 
 __all__ = [
     "LINK_VERSION",
     "MAX_LINK_FRAME",
+    "Cluster",
     "FrameDecoder",
     "Handshake",
     "LinkError",
+    "Membership",
     "encode_frame",
     "link_key",
 ]
