@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain", type=float,
                         help="longest wait, after the load, for the last messages and receipts "
                              "(10 s)")
+    parser.add_argument("--workers", type=int,
+                        help="load-generator processes for throughput and latency (2; the "
+                             "connections scenario uses as many as 9,500 sessions each need)")
     parser.add_argument("--concurrency", type=int,
                         help="handshakes in flight per worker while connecting (200)")
     parser.add_argument("--data-dir", type=Path,
@@ -93,10 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = TINY if args.tiny else QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
-        "concurrency", "drain", "batch") if getattr(args, name) is not None}
+        "concurrency", "drain", "batch", "workers") if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
-    if args.params.connections < 1 or args.params.pairs < 1 or args.params.window < 1:
-        parser.error("--connections, --pairs and --window must be at least 1")
+    if min(args.params.connections, args.params.pairs, args.params.window,
+           args.params.workers) < 1:
+        parser.error("--connections, --pairs, --window and --workers must be at least 1")
     return args
 
 
