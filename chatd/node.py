@@ -102,6 +102,8 @@ class Node:
         ]
         if config.cluster_listen is not None:
             self.cluster = Cluster(config, link_key(secret))
+            self.cluster.handler = self.registry
+            self.registry.attach(self.cluster.send)
             children.insert(3, ChildSpec("cluster", self.cluster.run, Restart.PERMANENT))
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)

@@ -7,19 +7,27 @@ an exit signal (``session_replaced``). Reads do not queue: the router looks user
 costs a dict lookup and no message hop.
 
 The table belongs to the :class:`Registry` object, not to the actor's task, so it survives
-a crash and restart of the actor loop. An :class:`~chatd.actors.Address` may name a session
-on another node; the cluster (issue #6) fills the table with those.
+a crash and restart of the actor loop.
+
+In a cluster, the table also holds the sessions of other nodes, so that finding a user's
+node costs no network round trip. Each node tells its peers about its own sessions as they
+come and go (``reg`` / ``unreg`` link frames) and sends all of them when a link comes up
+(``sync``); a peer that goes down takes its sessions with it. When the same user logs in on
+two nodes, the later login wins on both (by login time, then node name): the node holding
+the earlier one tells that session to exit with ``session_replaced``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import trio
 
 from chatd.actors import ActorTable, Address, Mailbox
+from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.protocol import ErrorCode
 
@@ -41,6 +49,28 @@ class _Unregister:
     address: Address
 
 
+@attrs.frozen
+class _Remote:
+    """A peer's frame about its sessions (``reg``, ``unreg`` or ``sync``)."""
+
+    peer: str
+    frame: dict[str, Any]
+
+
+@attrs.frozen
+class _PeerUp:
+    peer: str
+
+
+@attrs.frozen
+class _PeerDown:
+    peer: str
+
+
+#: Sends a link frame to a peer (a name) or to every peer (None).
+Send = Callable[[str | None, dict[str, Any]], None]
+
+
 class Registry:
     """Maps each online user to the address of their session.
 
@@ -52,7 +82,10 @@ class Registry:
     def __init__(self, actors: ActorTable, *, capacity: int = 4096) -> None:
         self._actors = actors
         self._table: dict[str, Address] = {}
-        self._mailbox: Mailbox[_Register | _Unregister] = actors.open("registry", capacity)
+        self._since: dict[str, int] = {}  # when each user's session logged in, in ms
+        self._mailbox: Mailbox[_Register | _Unregister | _Remote | _PeerUp | _PeerDown] = (
+            actors.open("registry", capacity))
+        self._send: Send | None = None
         self._log = EventLog(logger, actors.node, "registry")
 
     @property
@@ -74,6 +107,22 @@ class Registry:
         """Forget ``address`` as ``user``'s session, if it still is."""
         await self._mailbox.deliver(_Unregister(user, address))
 
+    def attach(self, send: Send) -> None:
+        """Join a cluster: tell peers about local sessions through ``send``."""
+        self._send = send
+
+    async def remote(self, peer: str, frame: dict[str, Any]) -> None:
+        """A ``reg``, ``unreg`` or ``sync`` frame from ``peer``."""
+        await self._mailbox.deliver(_Remote(peer, frame))
+
+    async def peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: it gets every local session."""
+        await self._mailbox.deliver(_PeerUp(peer))
+
+    async def peer_down(self, peer: str) -> None:
+        """``peer`` is down: forget its sessions."""
+        await self._mailbox.deliver(_PeerDown(peer))
+
     async def run(self, *, task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """The actor loop: apply registrations in arrival order."""
@@ -81,13 +130,73 @@ class Registry:
         while True:
             match await self._mailbox.receive():
                 case _Register(user, address, done):
-                    old = self._table.get(user)
-                    self._table[user] = address
-                    if old is not None and old != address:
-                        self._actors.exit(old, ErrorCode.SESSION_REPLACED)
-                        self._log.info("session_replaced", user=user, old=str(old),
-                                       new=str(address))
+                    if not self._claim(user, address, now_ms()):
+                        # A later login of this user holds the session on another node.
+                        self._actors.exit(address, ErrorCode.SESSION_REPLACED)
+                    elif self._send is not None:
+                        self._send(None, {"t": "reg", "user": user, "serial": address.serial,
+                                          "ts": self._since[user]})
                     done.set()
                 case _Unregister(user, address):
                     if self._table.get(user) == address:
                         del self._table[user]
+                        del self._since[user]
+                        if self._send is not None:
+                            self._send(None, {"t": "unreg", "user": user,
+                                              "serial": address.serial})
+                case _PeerUp(peer):
+                    if self._send is not None:
+                        mine = [[user, address.serial, self._since[user]]
+                                for user, address in self._table.items()
+                                if address.node == self._actors.node]
+                        self._send(peer, {"t": "sync", "sessions": mine})
+                case _PeerDown(peer):
+                    self._forget(peer)
+                case _Remote(peer, frame):
+                    try:
+                        self._apply(peer, frame)
+                    except (KeyError, TypeError, ValueError):
+                        self._log.warning("link_frame_refused", peer=peer,
+                                          frame=str(frame.get("t")))
+
+    def _claim(self, user: str, address: Address, since: int) -> bool:
+        """Make ``address`` the user's session unless a later login holds it; True if so.
+
+        A replaced local session is told to exit; a replaced remote one is its own node's
+        business (it learns of this login from the same broadcast).
+        """
+        old = self._table.get(user)
+        if old is not None and old != address:
+            if (self._since[user], old.node) > (since, address.node):
+                return False
+            if old.node == self._actors.node:
+                self._actors.exit(old, ErrorCode.SESSION_REPLACED)
+            self._log.info("session_replaced", user=user, old=str(old), new=str(address))
+        self._table[user] = address
+        self._since[user] = since
+        return True
+
+    def _apply(self, peer: str, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        if kind == "sync":
+            self._forget(peer, quiet=True)
+            for user, serial, since in frame.get("sessions", []):
+                self._claim(str(user), Address(peer, int(serial), f"session:{user}"),
+                            int(since))
+        elif kind == "reg":
+            user = str(frame["user"])
+            self._claim(user, Address(peer, int(frame["serial"]), f"session:{user}"),
+                        int(frame["ts"]))
+        elif kind == "unreg":
+            user = str(frame["user"])
+            if self._table.get(user) == Address(peer, int(frame["serial"])):
+                del self._table[user]
+                del self._since[user]
+
+    def _forget(self, peer: str, *, quiet: bool = False) -> None:
+        gone = [user for user, address in self._table.items() if address.node == peer]
+        for user in gone:
+            del self._table[user]
+            del self._since[user]
+        if gone and not quiet:
+            self._log.info("peer_sessions_forgotten", peer=peer, sessions=len(gone))

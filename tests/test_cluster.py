@@ -20,7 +20,9 @@ import pytest
 import trio
 from daemons import DEADLINE, Daemon, serve
 
+from chatd.auth import mint_token
 from chatd.cli import _config, _parser
+from chatd.client import connect
 from chatd.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
@@ -122,3 +124,24 @@ def test_peer_option_must_name_the_peer() -> None:
                                  "--peer", "127.0.0.1:7801"])
     with pytest.raises(ConfigError, match="NAME=HOST:PORT"):
         _config(args)
+
+
+async def test_a_login_on_another_node_takes_over_and_a_dead_nodes_users_are_forgotten(
+        tmp_path: Path) -> None:
+    ports = {"n1": free_port(), "n2": free_port()}
+    async with node(tmp_path, "n1", ports) as n1, node(tmp_path, "n2", ports) as n2:
+        await logged(n1, "peer_up")
+        await logged(n2, "peer_up")
+        with trio.fail_after(DEADLINE):
+            token = mint_token(b"s3cret", "alice", 3600)  # one secret, every node
+            async with (connect(n1.url, token) as first,
+                        connect(n2.url, token)):  # logs in after the first
+                async for _ in first.events():
+                    pass  # ends when n1 closes the first session
+                assert first.closed is not None
+                assert (first.closed.code, first.closed.reason) == (4409, "session_replaced")
+                replaced = await logged(n1, "session_replaced")
+                assert replaced["user"] == "alice" and "@n2#" in replaced["new"]
+                await n2.crash()
+        forgotten = await logged(n1, "peer_sessions_forgotten")
+        assert (forgotten["peer"], forgotten["sessions"]) == ("n2", 1)

@@ -13,7 +13,13 @@ treats any frame as a sign of life; a peer not heard from for ``failure_timeout`
 declared down and its connection dropped. :class:`Membership` records which peers are up
 and logs ``peer_up`` / ``peer_down``.
 
-Messages do not cross links yet (issue #6): this is membership and failure detection.
+Frames for a peer wait in its link's outbox and are written together, one ``send_all``
+for everything queued (:meth:`Cluster.send`); an outbox that overflows (a peer that stopped
+reading) drops the link, and the next one starts with a fresh ``sync``. Received frames other
+than heartbeats go to the node's :class:`LinkHandler` (the registry, for now).
+
+Messages do not cross links yet (issue #6): this is membership, failure detection and the
+registry's frames.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from typing import Any, Protocol
 
 import trio
 
@@ -30,12 +37,27 @@ from chatd.logs import EventLog
 
 from ._wire import FrameDecoder, Handshake, LinkError, encode_frame
 
-__all__ = ["Cluster", "Membership"]
+__all__ = ["Cluster", "LinkHandler", "Membership"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds allowed for the handshake on a new connection.
 HANDSHAKE_TIMEOUT = 5.0
+#: Frames that may wait for one peer before its link is dropped as stuck.
+OUTBOX_FRAMES = 65536
+
+
+class LinkHandler(Protocol):
+    """What a node does with its links' events (the registry implements it)."""
+
+    async def peer_up(self, peer: str) -> None:
+        """A link to ``peer`` is up."""
+
+    async def peer_down(self, peer: str) -> None:
+        """The link to ``peer`` is down."""
+
+    async def remote(self, peer: str, frame: dict[str, Any]) -> None:
+        """A frame from ``peer``."""
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 2.0
 
 
@@ -87,6 +109,7 @@ class _Link:
         self._inbound, self._accepted = trio.open_memory_channel(1)
         self._current: trio.CancelScope | None = None
         self._reason = ""
+        self._outbox: trio.MemorySendChannel[dict[str, Any]] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[_Link] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -109,6 +132,18 @@ class _Link:
                 finally:
                     done.set()
             attempt = 0
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue ``frame`` for the peer if the link is up; drop the link if it is stuck."""
+        outbox = self._outbox
+        if outbox is None:
+            return  # down: the next link starts with a sync
+        try:
+            outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            self._reason = f"more than {OUTBOX_FRAMES} frames waiting for the peer"
+            if self._current is not None:
+                self._current.cancel()
 
     def offer(self, stream: trio.SocketStream, decoder: FrameDecoder) -> trio.Event | None:
         """Hand over an accepted, authenticated connection; it replaces the one being
@@ -157,32 +192,51 @@ class _Link:
         cluster = self._cluster
         heard = trio.current_time()
         reason = "connection lost"
+        outbox, pending = trio.open_memory_channel[dict[str, Any]](OUTBOX_FRAMES)
+        self._outbox = outbox
+        self._reason = ""
         cluster.membership.mark(self.peer, True)
         self._current = scope = trio.CancelScope()
         try:
             with scope:
-                await self._exchange(stream, decoder, heard)
+                if cluster.handler is not None:
+                    await cluster.handler.peer_up(self.peer)
+                await self._exchange(stream, decoder, heard, pending)
             if scope.cancelled_caught:
-                reason = "replaced by a new connection from the peer"
+                reason = self._reason or "replaced by a new connection from the peer"
             else:
-                reason = self._reason
+                reason = self._reason or "connection lost"
         finally:
             self._current = None
+            self._outbox = None
             cluster.membership.mark(self.peer, False, reason)
+            if cluster.handler is not None:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as cleanup:
+                    cleanup.shield = True
+                    await cluster.handler.peer_down(self.peer)
 
     async def _exchange(self, stream: trio.SocketStream, decoder: FrameDecoder,
-                        heard: float) -> None:
-        config = self._cluster.config
-        self._reason = "connection lost"
+                        heard: float, pending: trio.MemoryReceiveChannel[dict[str, Any]]
+                        ) -> None:
+        cluster = self._cluster
+        config = cluster.config
         try:
             async with stream, trio.open_nursery() as nursery:
 
-                async def beat() -> None:
+                async def write() -> None:
+                    """Everything queued in one write; a heartbeat when there is nothing."""
                     while True:
-                        await trio.sleep(config.heartbeat_interval)
-                        await stream.send_all(encode_frame({"t": "beat"}))
+                        frames = [{"t": "beat"}]
+                        with trio.move_on_after(config.heartbeat_interval):
+                            frames = [await pending.receive()]
+                        while True:
+                            try:
+                                frames.append(pending.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        await stream.send_all(b"".join(encode_frame(f) for f in frames))
 
-                nursery.start_soon(beat)
+                nursery.start_soon(write)
                 while True:
                     with trio.move_on_at(heard + config.failure_timeout) as quiet:
                         data = await stream.receive_some()
@@ -192,7 +246,9 @@ class _Link:
                     if not data:
                         break
                     heard = trio.current_time()
-                    decoder.feed(data)  # beats only, for now
+                    for frame in decoder.feed(data):
+                        if frame["t"] != "beat" and cluster.handler is not None:
+                            await cluster.handler.remote(self.peer, frame)
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
@@ -215,6 +271,8 @@ class Cluster:
         self.key = key
         self.log = EventLog(logger, config.node, "cluster")
         self.membership = Membership(self.log)
+        #: Where link events and frames go (set by the node: its registry).
+        self.handler: LinkHandler | None = None
         self._links: Mapping[str, _Link] = {
             name: _Link(self, name, address) for name, address in config.peers.items()}
         self.address = ""
@@ -236,6 +294,16 @@ class Cluster:
             self.log.info("cluster_listening", address=self.address,
                           peers=sorted(self._links))
             task_status.started(self)
+
+    def send(self, peer: str | None, frame: dict[str, Any]) -> None:
+        """Queue ``frame`` for ``peer`` (None: every peer); dropped for a peer that is down."""
+        if peer is not None:
+            link = self._links.get(peer)
+            if link is not None:
+                link.send(frame)
+            return
+        for link in self._links.values():
+            link.send(frame)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         """Authenticate an inbound link and hand it to its peer's link actor."""
