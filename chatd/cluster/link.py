@@ -170,14 +170,7 @@ class _Link:
                 try:
                     handshake = Handshake(cluster.key, cluster.node, peer=self.peer)
                     await stream.send_all(encode_frame(handshake.start()))
-                    decoder = FrameDecoder()
-                    while not handshake.done:
-                        data = await stream.receive_some()
-                        if not data:
-                            raise LinkError("closed during the handshake")
-                        for frame in decoder.feed(data):
-                            for reply in handshake.receive(frame):
-                                await stream.send_all(encode_frame(reply))
+                    await _shake(stream, handshake, FrameDecoder())
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -313,13 +306,7 @@ class Cluster:
         decoder = FrameDecoder()
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                while not handshake.done:
-                    data = await stream.receive_some()
-                    if not data:
-                        raise LinkError("closed during the handshake")
-                    for frame in decoder.feed(data):
-                        for reply in handshake.receive(frame):
-                            await stream.send_all(encode_frame(reply))
+                await _shake(stream, handshake, decoder)
         except LinkError as err:
             self.log.warning("link_refused", peer=handshake.peer or "", reason=str(err))
             await trio.aclose_forcefully(stream)
@@ -333,3 +320,19 @@ class Cluster:
             await trio.aclose_forcefully(stream)
             return
         await done.wait()  # trio.serve_listeners closes the stream when this returns
+
+
+async def _shake(stream: trio.SocketStream, handshake: Handshake, decoder: FrameDecoder
+                 ) -> None:
+    """Run ``handshake`` on ``stream`` until it is done; frames after it stay in ``decoder``.
+
+    Raises:
+        LinkError: The peer failed the handshake or closed the connection during it.
+    """
+    while not handshake.done:
+        data = await stream.receive_some()
+        if not data:
+            raise LinkError("closed during the handshake")
+        for frame in decoder.feed(data):
+            for reply in handshake.receive(frame):
+                await stream.send_all(encode_frame(reply))
