@@ -75,9 +75,6 @@ class Mailbox(Generic[T]):
         #: The actor's synchronous handler, if it has one (see the class description).
         self.inline: Callable[[], bool] | None = None
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def deliver_nowait(self, message: T, *, wake: bool = True) -> bool:
         """Queue ``message`` without waiting.
 
