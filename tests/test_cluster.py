@@ -148,3 +148,81 @@ async def test_a_login_on_another_node_takes_over_and_a_dead_nodes_users_are_for
                 await n2.crash()
         forgotten = await logged(n1, "peer_sessions_forgotten")
         assert (forgotten["peer"], forgotten["sessions"]) == ("n2", 1)
+
+
+class LinkCutter:
+    """A TCP relay on the link from n1 to n2 that can black-hole it: while ``cut``, bytes
+    are read and dropped in both directions and the connections stay open, as in a
+    network partition."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut = False
+        self.port = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[LinkCutter]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._relay, listeners)
+            task_status.started(self)
+
+    async def _relay(self, inbound: trio.SocketStream) -> None:
+        try:
+            outbound = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        except OSError:
+            return
+        async with outbound, trio.open_nursery() as nursery:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+                try:
+                    while data := await src.receive_some():
+                        if not self.cut:
+                            await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                if not self.cut:  # in a partition, one side's close does not get across
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, inbound, outbound)
+            nursery.start_soon(pump, outbound, inbound)
+
+
+async def test_a_link_cut_splits_the_cluster_and_healing_it_reconciles_logins(
+        tmp_path: Path) -> None:
+    ports = {"n1": free_port(), "n2": free_port()}
+    token = mint_token(b"s3cret", "alice", 3600)
+    async with trio.open_nursery() as nursery:
+        cutter = await nursery.start(LinkCutter(ports["n2"]).run)
+        # n1 dials n2 (its name sorts first) through the relay.
+        n1_view = {"n1": ports["n1"], "n2": cutter.port}
+        async with node(tmp_path, "n1", n1_view) as n1, node(tmp_path, "n2", ports) as n2:
+            await logged(n1, "peer_up")
+            await logged(n2, "peer_up")
+            with trio.fail_after(DEADLINE):
+                async with connect(n1.url, token) as on_n1:
+                    # During the cut each side declares the other down within
+                    # failure_timeout and forgets its sessions.
+                    downs = {d: len(d.events("peer_down")) for d in (n1, n2)}
+                    forgets = len(n2.events("peer_sessions_forgotten"))
+                    ups = len(n1.events("peer_up"))
+                    cutter.cut = True
+                    down = await logged(n2, "peer_down", count=downs[n2] + 1)
+                    assert "nothing heard" in down["reason"]
+                    forgotten = await logged(n2, "peer_sessions_forgotten", count=forgets + 1)
+                    assert (forgotten["peer"], forgotten["sessions"]) == ("n1", 1)
+                    await logged(n1, "peer_down", count=downs[n1] + 1)
+                    # Each side serves its own users: alice can log in on n2 as well,
+                    # and her session on n1 goes on.
+                    async with connect(n2.url, token) as on_n2:
+                        assert (await on_n1.last_seen("alice")).online is True
+                        assert on_n1.closed is None
+                        # Healed, the link comes back and the later login wins everywhere.
+                        cutter.cut = False
+                        await logged(n1, "peer_up", count=ups + 1)
+                        async for _ in on_n1.events():
+                            pass
+                        assert on_n1.closed is not None
+                        assert on_n1.closed.code == 4409
+                        assert (await on_n2.last_seen("alice")).online is True
+        nursery.cancel_scope.cancel()
