@@ -12,9 +12,10 @@ a crash and restart of the actor loop.
 In a cluster, the table also holds the sessions of other nodes, so that finding a user's
 node costs no network round trip. Each node tells its peers about its own sessions as they
 come and go (``reg`` / ``unreg`` link frames) and sends all of them when a link comes up
-(``sync``); a peer that goes down takes its sessions with it. When the same user logs in on
-two nodes, the later login wins on both (by login time, then node name): the node holding
-the earlier one tells that session to exit with ``session_replaced``.
+(``sync``); a peer that goes down takes its sessions with it. A login always takes over on
+the node it reaches: the node stamps it later than any login of that user it knows of. When
+logins on two nodes cross, the later stamp (then the larger node name) wins on both, and
+the node holding the other session tells it to exit with ``session_replaced``.
 """
 
 from __future__ import annotations
@@ -130,10 +131,12 @@ class Registry:
         while True:
             match await self._mailbox.receive():
                 case _Register(user, address, done):
-                    if not self._claim(user, address, now_ms()):
-                        # A later login of this user holds the session on another node.
-                        self._actors.exit(address, ErrorCode.SESSION_REPLACED)
-                    elif self._send is not None:
+                    # Later than whatever holds the user now, even if the clock stepped
+                    # back: on this node the newer login always wins, and the time sent
+                    # to peers says so.
+                    since = max(now_ms(), self._since.get(user, -1) + 1)
+                    self._claim(user, address, since)
+                    if self._send is not None:
                         self._send(None, {"t": "reg", "user": user, "serial": address.serial,
                                           "ts": self._since[user]})
                     done.set()
@@ -159,8 +162,8 @@ class Registry:
                         self._log.warning("link_frame_refused", peer=peer,
                                           frame=str(frame.get("t")))
 
-    def _claim(self, user: str, address: Address, since: int) -> bool:
-        """Make ``address`` the user's session unless a later login holds it; True if so.
+    def _claim(self, user: str, address: Address, since: int) -> None:
+        """Make ``address`` the user's session unless a later login holds it.
 
         A replaced local session is told to exit; a replaced remote one is its own node's
         business (it learns of this login from the same broadcast).
@@ -168,13 +171,12 @@ class Registry:
         old = self._table.get(user)
         if old is not None and old != address:
             if (self._since[user], old.node) > (since, address.node):
-                return False
+                return
             if old.node == self._actors.node:
                 self._actors.exit(old, ErrorCode.SESSION_REPLACED)
             self._log.info("session_replaced", user=user, old=str(old), new=str(address))
         self._table[user] = address
         self._since[user] = since
-        return True
 
     def _apply(self, peer: str, frame: dict[str, Any]) -> None:
         kind = frame.get("t")

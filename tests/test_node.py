@@ -537,6 +537,17 @@ async def test_second_login_takes_over_the_session(chat_node: RunningNode) -> No
         assert (msg.id, msg.sender) == (sent.id, "alice")
 
 
+async def test_a_later_login_takes_over_even_if_the_clock_stepped_back(
+        chat_node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    stamps = [1_000_000, 2_000_000]  # popped from the end: the second login is "earlier"
+    monkeypatch.setattr("chatd.registry.now_ms", lambda: stamps.pop() if stamps else 0)
+    async with login(chat_node, "bob") as first, login(chat_node, "bob") as second:
+        _, closed = await first.drain()
+        assert closed.code == 4409
+        assert chat_node.node.registry.table["bob"].serial == int(
+            second.client.welcome.session.rsplit(".", 1)[1])
+
+
 # -- malformed input -------------------------------------------------------------------------
 
 
