@@ -8,9 +8,13 @@ closes every connection and ends the worker, so a worker never outlives its harn
 
 Commands:
 
-- ``connect``: open authenticated idle sessions (``users``: ``[[name, token], ...]``) and
-  keep them; the server keeps them alive with pings, which the client answers by itself.
-- ``pairs``: open a sender and a recipient session per pair and start reading both. A
+- ``connect``: open authenticated idle sessions (``users``: ``[[name, token], ...]``, or
+  ``[name, token, url]`` to use another URL than the command's ``url``: the nodes of a
+  cluster) and keep them; the server keeps them alive with pings, which the client answers
+  by itself. The reply counts the sessions opened per URL.
+- ``pairs``: open a sender and a recipient session per pair (``[sender, s_token, recipient,
+  r_token]``, optionally followed by the sender's and the recipient's URLs) and start
+  reading both. A
   recipient answers every WebSocket message holding ``msg`` frames with one message of two
   frames: ``ack delivered`` and ``ack read`` up to the highest ``seq`` (cumulative).
 - ``throughput``: each sender keeps ``window`` sends awaiting their ``sent`` and sends one
@@ -189,16 +193,17 @@ class Worker:
             raise
         return ws
 
-    async def open_many(self, url: str, tokens: list[str], concurrency: int,
+    async def open_many(self, logins: list[tuple[str, str]], concurrency: int,
                         timeout: float) -> tuple[list[ClientConnection | None], Counter[str]]:
-        """Open sessions with at most ``concurrency`` handshakes in flight, with progress."""
+        """Open sessions (``(url, token)`` each) with at most ``concurrency`` handshakes in
+        flight, with progress."""
         gate = asyncio.Semaphore(concurrency)
-        opened: list[ClientConnection | None] = [None] * len(tokens)
+        opened: list[ClientConnection | None] = [None] * len(logins)
         failed: Counter[str] = Counter()
         self.done, base = 0, self.started
-        self.started += len(tokens)
+        self.started += len(logins)
 
-        async def one(i: int, token: str) -> None:
+        async def one(i: int, url: str, token: str) -> None:
             async with gate:
                 try:
                     opened[i] = await self.session(url, token, base + i, timeout)
@@ -209,7 +214,7 @@ class Worker:
 
         ticker = asyncio.create_task(self.tick())
         try:
-            await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens)))
+            await asyncio.gather(*(one(i, u, t) for i, (u, t) in enumerate(logins)))
         finally:
             ticker.cancel()
         return opened, failed
@@ -225,26 +230,30 @@ class Worker:
         if len(self.idle) + len(users) > limit:
             raise ValueError(f"this worker can hold at most {limit} sessions (RLIMIT_NOFILE)")
         cpu, start = time.process_time(), time.monotonic()
-        opened, failed = await self.open_many(url, [t for _, t in users], concurrency,
-                                              open_timeout)
+        logins = [(user[2] if len(user) > 2 else url, user[1]) for user in users]
+        opened, failed = await self.open_many(logins, concurrency, open_timeout)
         self.idle.extend(ws for ws in opened if ws is not None)
+        by_url = Counter(u for (u, _), ws in zip(logins, opened, strict=True) if ws is not None)
         return {"connected": sum(ws is not None for ws in opened), "failed": dict(failed),
-                "elapsed": time.monotonic() - start, "cpu": time.process_time() - cpu}
+                "by_url": dict(by_url), "elapsed": time.monotonic() - start,
+                "cpu": time.process_time() - cpu}
 
     async def cmd_pairs(self, url: str, pairs: list[list[str]], concurrency: int = 100,
                         open_timeout: float = 30.0) -> dict[str, Any]:
-        """Open ``[sender, s_token, recipient, r_token]`` pairs and start reading them."""
-        tokens = [p[3] for p in pairs] + [p[1] for p in pairs]
-        opened, failed = await self.open_many(url, tokens, concurrency, open_timeout)
+        """Open ``[sender, s_token, recipient, r_token(, s_url, r_url)]`` pairs and start
+        reading them."""
+        logins = ([(p[5] if len(p) > 5 else url, p[3]) for p in pairs]
+                  + [(p[4] if len(p) > 4 else url, p[1]) for p in pairs])
+        opened, failed = await self.open_many(logins, concurrency, open_timeout)
         if failed:
             for ws in opened:
                 if ws is not None:
                     ws.transport.abort()
             raise RuntimeError(f"could not open every pair session: {dict(failed)}")
-        for k, (_sender, _s_token, recipient, _r_token) in enumerate(pairs):
+        for k, pair_spec in enumerate(pairs):
             recipient_ws, sender_ws = opened[k], opened[len(pairs) + k]
             assert recipient_ws is not None and sender_ws is not None
-            pair = Pair(sender_ws, recipient_ws, recipient)
+            pair = Pair(sender_ws, recipient_ws, pair_spec[2])
             self.pairs.append(pair)
             for reader in (self.read_sender(pair), self.read_recipient(pair)):
                 task = asyncio.create_task(reader)

@@ -5,7 +5,12 @@ Usage: ``python -m benchmarks.plot RESULTS.json OUTDIR``. Writes:
 - ``throughput.png``: messages per second and server CPU microseconds per routed message;
 - ``connections.png``: server RSS per idle connection and connect rate;
 - ``latency.png``: send-to-deliver latency by percentile (HDR-style percentile chart,
-  both axes logarithmic), one line per target, at that target's offered load.
+  both axes logarithmic), one line per target, at that target's offered load;
+- ``cluster.png`` (when the results hold the cluster scenarios): RSS per idle connection
+  on each node of the cluster, and messages per second and server CPU per message on one
+  node and on N (the CPU of every node summed).
+
+A chart whose figures the results do not hold is skipped.
 
 Needs matplotlib (the ``bench`` extra); nothing else in the harness imports it.
 """
@@ -99,6 +104,49 @@ def latency(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def cluster(results: dict[str, Any], path: Path) -> bool:
+    """The cluster scenarios' chart; False (nothing drawn) without their figures."""
+    figures = results.get("cluster") or {}
+    size = figures.get("size", 2)
+    conn, one, many = (figures.get("connections"), figures.get("nodes1"),
+                       figures.get(f"nodes{size}"))
+    if not conn and not (one and many):
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    if conn:
+        nodes = conn.get("nodes", [])
+        bars = axes[0].bar([n["node"] for n in nodes], [n["rss_kb_per_conn"] for n in nodes],
+                           color="#2ca02c")
+        axes[0].bar_label(bars, labels=[f"{n['rss_kb_per_conn']:.1f}" for n in nodes],
+                          padding=2)
+        axes[0].set_title(f"RSS KiB per idle connection\n({conn['connections']:,} over "
+                          f"{len(nodes)} nodes)", fontsize=10)
+        axes[0].margins(y=0.15)
+    else:
+        axes[0].set_axis_off()
+    if one and many:
+        first = "standalone" if one.get("mode") == "standalone" else "1 node"
+        labels = [first, f"{size} nodes"]
+        for ax, key, title, fmt in (
+                (axes[1], "msgs_per_s", f"messages per second ({figures.get('scaling')}x)",
+                 "{:,.0f}"),
+                (axes[2], "cpu_us_per_msg", "server CPU µs per message, all nodes", "{:.1f}")):
+            values = [one.get(key) or 0, many.get(key) or 0]
+            bars = ax.bar(labels, values, color=["#1f77b4", "#d62728"])
+            ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2)
+            ax.set_title(title, fontsize=10)
+            ax.margins(y=0.15)
+    else:
+        axes[1].set_axis_off()
+        axes[2].set_axis_off()
+    fig.suptitle(_subtitle(results) + f"; {figures.get('store')} store, "
+                 f"{figures.get('placement')} placement", fontsize=8, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot")
     parser.add_argument("results", type=Path, help="JSON written by python -m benchmarks")
@@ -109,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     for name, draw in (("throughput", throughput), ("connections", connections),
                        ("latency", latency)):
-        draw(results, args.outdir / f"{name}.png")
-        print(args.outdir / f"{name}.png")
+        if any(t in results for t in TARGETS):
+            draw(results, args.outdir / f"{name}.png")
+            print(args.outdir / f"{name}.png")
+    if cluster(results, args.outdir / "cluster.png"):
+        print(args.outdir / "cluster.png")
     return 0
 
 

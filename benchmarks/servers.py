@@ -62,15 +62,22 @@ class Sample:
     """CPU seconds used so far and resident memory now, of a process and its children,
     with the whole machine's busy and softirq CPU seconds so far (``/proc/stat``)."""
 
-    def __init__(self, cpu: float, rss_kb: int) -> None:
+    def __init__(self, cpu: float, rss_kb: int, parts: list[Sample] | None = None) -> None:
         self.cpu = cpu
         self.rss_kb = rss_kb
+        #: The samples this one sums, one per process (the nodes of a cluster), or empty.
+        self.parts = parts or []
         self.clock = time.monotonic()
         with open("/proc/stat") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:9]]
         # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
         self.machine_busy = (sum(ticks) - ticks[3] - ticks[4]) / _TICK
         self.softirq = ticks[6] / _TICK
+
+    @classmethod
+    def total(cls, parts: list[Sample]) -> Sample:
+        """The sum of several processes' samples (taken one after another, just now)."""
+        return cls(sum(p.cpu for p in parts), sum(p.rss_kb for p in parts), parts)
 
 
 def free_port() -> int:
@@ -160,8 +167,22 @@ class Server:
         self.stdout = self.dir / "stdout.log"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def urls(self) -> list[str]:
+        """Every URL sessions may use: this server's only (a cluster has one per node)."""
+        return [self.url]
+
+    def argv(self) -> list[str]:
+        """The command line of this server."""
+        return command(self.target, self.port, self.dir / "data", self.secret)
+
     async def __aenter__(self) -> Server:
-        argv = command(self.target, self.port, self.dir / "data", self.secret)
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        """Start the process and wait until it accepts connections (killed on failure)."""
+        argv = self.argv()
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=prepare_child,
@@ -172,7 +193,6 @@ class Server:
         except BaseException:
             self.kill()
             raise
-        return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -211,6 +231,10 @@ class Server:
         self.check()
         assert self.process is not None
         return measure(self.process.pid)
+
+    def peer_downs(self) -> dict[str, int]:
+        """Links to other nodes that went down, per node: none, a single server has none."""
+        return {}
 
     def kill(self) -> None:
         if self.process is not None:

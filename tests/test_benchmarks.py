@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.hdr import Histogram, bucket_bounds, bucket_index
+from benchmarks.scenarios import place
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("chatd", "chatd_durable", "peer")
@@ -76,9 +78,19 @@ def test_merge_and_json_round_trip() -> None:
         assert merged.percentile(p) == whole.percentile(p)
 
 
+@pytest.mark.parametrize(("placement", "crossing"), [("mixed", 4), ("cross", 8), ("local", 0)])
+def test_pairs_are_placed_evenly_on_two_nodes(placement: str, crossing: int) -> None:
+    places = [place(i, 2, placement) for i in range(8)]
+    assert sum(s != r for s, r in places) == crossing
+    for node in (0, 1):  # every node holds as many senders as recipients
+        assert sum(s == node for s, _ in places) == sum(r == node for _, r in places) == 4
+    assert {place(i, 1, placement) for i in range(8)} == {(0, 0)}
+
+
 @pytest.mark.slow
 def test_harness_smoke_run(tmp_path: Path) -> None:
-    """A tiny run against every target writes every figure the issue asks for."""
+    """A tiny run against every target and on clusters writes every figure the issues ask
+    for."""
     out = tmp_path / "results.json"
     start = time.monotonic()
     run = subprocess.run(
@@ -109,3 +121,31 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         assert machine[library], library
     assert results["run"]["duration_s"] > 0 and results["run"]["parameters"]["pairs"] == 8
     assert "messages/s" in run.stdout  # the table
+    check_cluster(results["cluster"])
+    assert "cluster of 2, memory store" in run.stdout
+
+
+def check_cluster(cluster: dict[str, Any]) -> None:
+    """The cluster scenarios' figures of a tiny run: 20 sessions over 2 nodes, throughput
+    on one node and on two."""
+    assert (cluster["size"], cluster["store"], cluster["placement"], cluster["baseline"]) == (
+        2, "memory", "mixed", "standalone")
+    connections = cluster["connections"]
+    assert connections["connections"] == 20 and connections["cluster_nodes"] == 2
+    assert [n["node"] for n in connections["nodes"]] == ["n1", "n2"]
+    for node in connections["nodes"]:
+        assert node["connections"] == 10
+        assert isinstance(node["rss_kb_per_conn"], int | float)
+        assert isinstance(node["idle_cpu_pct"], int | float)
+    assert connections["connect_per_s"] > 0
+    for size in (1, 2):
+        figures = cluster[f"nodes{size}"]
+        assert figures["cluster_nodes"] == size and len(figures["nodes"]) == size
+        assert figures["cross_pairs"] == (0, 4)[size - 1]
+        assert figures["mode"] == ("standalone", "cluster")[size - 1]
+        for key in ("msgs_per_s", "cpu_us_per_msg"):
+            assert isinstance(figures[key], int | float) and figures[key] > 0, (size, key)
+        assert figures["server_cpu_s"] == pytest.approx(
+            sum(n["server_cpu_s"] for n in figures["nodes"]), abs=0.01)
+    assert cluster["scaling"] == pytest.approx(
+        cluster["nodes2"]["msgs_per_s"] / cluster["nodes1"]["msgs_per_s"], abs=0.01)
