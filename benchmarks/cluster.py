@@ -5,11 +5,12 @@ Node ``nI`` (``n1`` … ``nN``) gets its own client port, ``--node nI``, ``--clu
 secret (``--secret-file``: the link handshake and the tokens both derive from it, so every
 token works on every node), ``--store memory`` (or ``durable``) and ``--log-level info``,
 since ``peer_up`` is logged at that level. :class:`Cluster` is ready when every node accepts
-connections and has logged ``peer_up`` for each of its peers; it then behaves like one
+connections and has logged ``peer_up`` for each of its peers (and half a second later
+still says so: a link may flap while the nodes start); it then behaves like one
 :class:`~benchmarks.servers.Server` to the scenarios (``urls`` lists every node's,
 :meth:`Cluster.sample` sums the nodes' processes and keeps each node's sample in
-``parts``), and it counts the ``peer_down`` events logged while it ran, so a benchmark can
-say that a link broke during a measurement.
+``parts``), and it counts the ``peer_down`` events logged since it was ready, so a
+benchmark can say that a link broke during a measurement.
 
 A one-node cluster (``nodes=1``) runs in cluster mode too: it has a cluster address and no
 peers, so it pays for the same bookkeeping as the nodes of a larger cluster. With
@@ -33,6 +34,8 @@ from benchmarks.servers import START_DEADLINE, BenchError, Sample, Server, free_
 __all__ = ["Cluster", "ClusterNode", "node_name"]
 
 STORES = ("memory", "durable")
+#: Seconds every link must stay up, once all are, before the cluster counts as ready.
+SETTLE = 0.5
 
 
 def node_name(index: int) -> str:
@@ -124,6 +127,7 @@ class Cluster:
         if store not in STORES:
             raise ValueError(f"store must be one of {STORES}")
         self.target = "standalone" if standalone else f"cluster{nodes}"
+        self._downs_before: dict[str, int] = {}
         self.store = store
         self.standalone = standalone
         ports = {node_name(i): None if standalone else free_port() for i in range(nodes)}
@@ -157,14 +161,22 @@ class Cluster:
         await self.stop()
 
     async def _wait_linked(self) -> None:
-        """Wait until every node has logged ``peer_up`` for all its peers."""
+        """Wait until every node's log says all its peers are up, and still says so
+        :data:`SETTLE` seconds later; ``peer_down`` events logged until then (a link that
+        flapped while the nodes started) are not counted by :meth:`peer_downs`."""
         deadline = time.monotonic() + START_DEADLINE
+        linked_since: float | None = None
         while True:
             self.check()
             missing = {node.name: sorted(set(node.peers) - node.peers_up())
                        for node in self.nodes}
             missing = {name: peers for name, peers in missing.items() if peers}
-            if not missing:
+            if missing:
+                linked_since = None
+            elif linked_since is None:
+                linked_since = time.monotonic()
+            elif time.monotonic() - linked_since >= SETTLE:
+                self._downs_before = self._downs()
                 return
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.target}: nodes not linked after "
@@ -180,9 +192,14 @@ class Cluster:
         """CPU and RSS summed over every node, each node's own sample in ``parts``."""
         return Sample.total([node.sample() for node in self.nodes])
 
+    def _downs(self) -> dict[str, int]:
+        return {node.name: len(node.events("peer_down")) for node in self.nodes}
+
     def peer_downs(self) -> dict[str, int]:
-        """``peer_down`` events logged so far, per node that logged any."""
-        counts = {node.name: len(node.events("peer_down")) for node in self.nodes}
+        """``peer_down`` events logged since the cluster was ready, per node that logged
+        any."""
+        counts = {name: count - self._downs_before.get(name, 0)
+                  for name, count in self._downs().items()}
         return {name: count for name, count in counts.items() if count}
 
     def kill(self) -> None:
