@@ -69,6 +69,18 @@ def test_nodes_holding_the_key_link_and_learn_each_other() -> None:
     assert (dialer.peer, acceptor.peer) == ("n2", "n1")
 
 
+def test_frames_that_follow_the_handshake_in_one_read_are_kept_for_the_link() -> None:
+    dialer, acceptor = pair()
+    (challenge,) = acceptor.receive(wire(dialer.start()))
+    (auth,) = dialer.receive(wire(challenge))
+    # The dialer's first link frames leave in the same segment as its auth frame.
+    data = b"".join(encode_frame(f) for f in (auth, {"t": "sync", "sessions": []},
+                                               {"t": "beat"}))
+    replies, after = acceptor.receive_all(FrameDecoder().feed(data))
+    assert acceptor.done and replies == []
+    assert after == [{"t": "sync", "sessions": []}, {"t": "beat"}]
+
+
 def test_a_dialer_without_the_key_is_refused_by_the_acceptor() -> None:
     dialer, acceptor = pair(dialer_key=link_key(b"another secret"))
     (challenge,) = acceptor.receive(wire(dialer.start()))

@@ -75,9 +75,12 @@ class FrameDecoder:
         max_frame: The largest frame accepted, in bytes.
     """
 
-    __slots__ = ("_buffer", "_max_frame")
+    __slots__ = ("_buffer", "_max_frame", "backlog")
 
     def __init__(self, max_frame: int = MAX_LINK_FRAME) -> None:
+        #: Frames decoded while the handshake finished, not yet handled (see
+        #: :func:`chatd.cluster.link._shake`).
+        self.backlog: list[dict[str, Any]] = []
         self._max_frame = max_frame
         self._buffer = b""
 
@@ -157,6 +160,24 @@ class Handshake:
         """The dialer's first frame."""
         assert self._dialing, "only the dialer starts"
         return {"t": "hello", "v": LINK_VERSION, "node": self.node, "nonce": self._nonce}
+
+    def receive_all(self, frames: list[dict[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Feed ``frames`` until the handshake is done.
+
+        Returns:
+            The frames to send back, and the frames that came after the handshake ended
+            (the peer's first frames of the link).
+
+        Raises:
+            LinkError: As :meth:`receive`.
+        """
+        replies: list[dict[str, Any]] = []
+        for at, frame in enumerate(frames):
+            if self.done:
+                return replies, frames[at:]
+            replies.extend(self.receive(frame))
+        return replies, []
 
     def receive(self, frame: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Take the peer's next handshake frame; return what to send in reply.

@@ -16,10 +16,7 @@ and logs ``peer_up`` / ``peer_down``.
 Frames for a peer wait in its link's outbox and are written together, one ``send_all``
 for everything queued (:meth:`Cluster.send`); an outbox that overflows (a peer that stopped
 reading) drops the link, and the next one starts with a fresh ``sync``. Received frames other
-than heartbeats go to the node's :class:`LinkHandler` (the registry, for now).
-
-Messages do not cross links yet (issue #6): this is membership, failure detection and the
-registry's frames.
+than heartbeats go to the node's :class:`LinkHandler` (:class:`chatd.cluster.NodeLinks`).
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ OUTBOX_FRAMES = 65536
 
 
 class LinkHandler(Protocol):
-    """What a node does with its links' events (the registry implements it)."""
+    """What a node does with its links' events."""
 
     async def peer_up(self, peer: str) -> None:
         """A link to ``peer`` is up."""
@@ -77,6 +74,10 @@ class Membership:
     def up(self) -> frozenset[str]:
         """The peers linked now."""
         return frozenset(self._up)
+
+    def is_up(self, peer: str) -> bool:
+        """Whether ``peer`` is linked now."""
+        return peer in self._up
 
     def mark(self, peer: str, up: bool, reason: str = "") -> None:
         """Record that ``peer`` came up or went down, once per change."""
@@ -118,13 +119,13 @@ class _Link:
         attempt = 0
         while True:
             if self.dials:
-                stream = await self._dial()
-                if stream is None:
+                dialled = await self._dial()
+                if dialled is None:
                     attempt += 1
                     await trio.sleep(random.uniform(0, min(_BACKOFF_MAX,
                                                            _BACKOFF_FIRST * 2 ** attempt)))
                     continue
-                await self._serve(stream, FrameDecoder())
+                await self._serve(*dialled)
             else:
                 stream, decoder, done = await self._accepted.receive()
                 try:
@@ -162,15 +163,16 @@ class _Link:
             self._current.cancel()
         return done
 
-    async def _dial(self) -> trio.SocketStream | None:
+    async def _dial(self) -> tuple[trio.SocketStream, FrameDecoder] | None:
         cluster = self._cluster
+        decoder = FrameDecoder()
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 stream = await trio.open_tcp_stream(*self._address)
                 try:
                     handshake = Handshake(cluster.key, cluster.node, peer=self.peer)
                     await stream.send_all(encode_frame(handshake.start()))
-                    await _shake(stream, handshake, FrameDecoder())
+                    await _shake(stream, handshake, decoder)
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -179,7 +181,7 @@ class _Link:
         except LinkError as err:
             cluster.log.warning("link_refused", peer=self.peer, reason=str(err))
             return None
-        return stream
+        return stream, decoder
 
     async def _serve(self, stream: trio.SocketStream, decoder: FrameDecoder) -> None:
         cluster = self._cluster
@@ -230,6 +232,10 @@ class _Link:
                         await stream.send_all(b"".join(encode_frame(f) for f in frames))
 
                 nursery.start_soon(write)
+                backlog, decoder.backlog = decoder.backlog, []
+                for frame in backlog:
+                    if frame["t"] != "beat" and cluster.handler is not None:
+                        await cluster.handler.remote(self.peer, frame)
                 while True:
                     with trio.move_on_at(heard + config.failure_timeout) as quiet:
                         data = await stream.receive_some()
@@ -333,6 +339,8 @@ async def _shake(stream: trio.SocketStream, handshake: Handshake, decoder: Frame
         data = await stream.receive_some()
         if not data:
             raise LinkError("closed during the handshake")
-        for frame in decoder.feed(data):
-            for reply in handshake.receive(frame):
-                await stream.send_all(encode_frame(reply))
+        replies, after = handshake.receive_all(decoder.feed(data))
+        # The peer's first frames may come with its last handshake frame.
+        decoder.backlog.extend(after)
+        if replies:
+            await stream.send_all(b"".join(encode_frame(reply) for reply in replies))
