@@ -6,7 +6,8 @@
      ├─ registry   permanent   user -> session address
      ├─ store      permanent   the persistence actor
      ├─ presence   permanent   last seen, online state, subscriptions
-     ├─ cluster    permanent   links to peer nodes (only with cluster_listen)
+     ├─ cluster    permanent   links to peer nodes        ┐ only in a cluster
+     ├─ replicas   permanent   queues on two nodes        ┘ (cluster_listen set)
      └─ listener   permanent   WebSocket accept loop
           └─ sessions          temporary, one per connection
 
@@ -26,7 +27,7 @@ import trio
 
 from chatd.actors import ActorTable, ChildSpec, Restart, Supervisor
 from chatd.auth import load_or_create_secret
-from chatd.cluster import Cluster, link_key
+from chatd.cluster import Cluster, NodeLinks, Replicas, link_key, pack_entry
 from chatd.config import Config
 from chatd.listener import Listener
 from chatd.logs import EventLog
@@ -56,13 +57,30 @@ class Node:
         self.registry = Registry(self.actors)
         self.presence = PresenceService(self.actors, threshold=config.online_threshold)
         self.store: Store = store or _make_store(config, self.actors)
-        self.router = Router(self.actors, self.registry, self.store)
+        #: The node's links to its peers, and the queues replicated over them (in a cluster).
+        self.cluster: Cluster | None = None
+        self.replicas: Replicas | None = None
+        if config.cluster_listen is not None:
+            cluster = self.cluster = Cluster(config, b"")
+            assert isinstance(self.store, (DurableStore, MemoryStore))
+            self.replicas = Replicas(
+                config.node, list(config.peers), self.store, cluster.send,
+                cluster.membership.is_up,
+                timeout=config.failure_timeout + config.heartbeat_interval,
+                settle=config.failure_timeout)
+            self.router = Router(self.actors, self.registry, self.replicas,
+                                 forward=lambda node, user, entry: cluster.send(
+                                     node, {"t": "dl", "u": user, "e": pack_entry(entry)}))
+            cluster.handler = NodeLinks(
+                config.node, self.registry, self.replicas,
+                lambda user, entry: self.router.offer(user, entry, forward=False))
+            self.registry.attach(cluster.send)
+        else:
+            self.router = Router(self.actors, self.registry, self.store)
         self.supervisor = Supervisor("node", node=config.node,
                                      intensity=config.restart_intensity,
                                      period=config.restart_period)
         self.listener: Listener | None = None
-        #: The node's links to its peers, if it has peers (issue #6, in progress).
-        self.cluster: Cluster | None = None
         self._log = EventLog(logger, config.node, "node")
         self._shutdown = trio.Event()
 
@@ -92,7 +110,7 @@ class Node:
         config = self.config
         secret = load_or_create_secret(config.secret_path)
         ctx = SessionContext(config, secret, self.actors, self.registry, self.presence,
-                             self.router, self.store)
+                             self.router, self.replicas or self.store)
         listener = self.listener = Listener(ctx)
         children = [
             ChildSpec("registry", self.registry.run, Restart.PERMANENT),
@@ -100,11 +118,10 @@ class Node:
             ChildSpec("presence", self.presence.run, Restart.PERMANENT),
             ChildSpec("listener", listener.run, Restart.PERMANENT),
         ]
-        if config.cluster_listen is not None:
-            self.cluster = Cluster(config, link_key(secret))
-            self.cluster.handler = self.registry
-            self.registry.attach(self.cluster.send)
-            children.insert(3, ChildSpec("cluster", self.cluster.run, Restart.PERMANENT))
+        if self.cluster is not None and self.replicas is not None:
+            self.cluster.key = link_key(secret)
+            children[3:3] = [ChildSpec("cluster", self.cluster.run, Restart.PERMANENT),
+                             ChildSpec("replicas", self.replicas.run, Restart.PERMANENT)]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
             task_status.started(self)

@@ -10,6 +10,11 @@ Offering never waits. A session whose mailbox is full is a consumer too slow to 
 it is told to exit (``slow_consumer``) and its user catches up from the store on the next
 connection.
 
+In a cluster, the registry also names sessions on other nodes: an item for one of them is
+sent to that node in a ``dl`` link frame (batched with everything else the link carries),
+where the node's router offers it to the session. A node the user has just left drops the
+offer; the item waits in the user's queue for the next connection.
+
 A caller that routes many items in a row (a session acting on everything one read brought)
 passes a ``touched`` list: the items are queued without waking their sessions, the
 mailboxes are added to the list, and the caller wakes each once when it is done
@@ -19,6 +24,7 @@ mailboxes are added to the list, and the caller wakes each once when it is done
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from chatd.actors import ActorTable, Mailbox
@@ -43,12 +49,16 @@ class Router:
         actors: The node's actor table, to reach session mailboxes.
         registry: Where to find a user's session.
         store: Where every routed item is queued first.
+        forward: Sends an entry to a session on another node (node, user, entry).
     """
 
-    def __init__(self, actors: ActorTable, registry: Registry, store: Store) -> None:
+    def __init__(self, actors: ActorTable, registry: Registry, store: Store,
+                 forward: Callable[[str, str, Entry], None] | None = None) -> None:
         self._actors = actors
+        self._node = actors.node
         self._sessions = registry.table
         self._store = store
+        self._forward = forward
         self._log = EventLog(logger, actors.node, "router")
 
     async def submit(self, sender: str, frame: Send,
@@ -97,16 +107,22 @@ class Router:
             self.offer(sender, entry, touched)
 
     def offer(self, user: str, entry: Entry,
-              touched: list[Mailbox[Any]] | None = None) -> None:
-        """Offer a stored entry to ``user``'s session, if they have one on this node.
+              touched: list[Mailbox[Any]] | None = None, *, forward: bool = True) -> None:
+        """Offer a stored entry to ``user``'s session, wherever the registry puts it.
 
         Args:
             user: Whose queue the entry is in.
             entry: The stored entry.
-            touched: If given, the session is not woken: its mailbox is appended here.
+            touched: If given, a local session is not woken: its mailbox is appended here.
+            forward: Whether to send it on to a session on another node (not for an
+                entry that came from another node).
         """
         address = self._sessions.get(user)
         if address is None:
+            return
+        if address.node != self._node:
+            if forward and self._forward is not None:
+                self._forward(address.node, user, entry)
             return
         mailbox = self._actors.lookup(address)
         if mailbox is None:

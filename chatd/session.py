@@ -196,11 +196,11 @@ class Session:
                 if hello.resume:
                     with contextlib.suppress(ProtocolError):  # store_unavailable: redeliver
                         await ctx.router.acknowledge(
-                            user, "delivered", min(hello.resume, ctx.store.last_seq(user)))
+                            user, "delivered", min(hello.resume, await ctx.store.last_seq(user)))
                 # Everything before the first pending entry reached the user on an earlier
                 # connection: acknowledgements up to there are legitimate on this one.
                 first = await ctx.store.pending(user, 0, 1)
-                self._sent_seq = first[0].seq - 1 if first else ctx.store.last_seq(user)
+                self._sent_seq = first[0].seq - 1 if first else await ctx.store.last_seq(user)
             if not self._open_scope.cancel_called:
                 welcome = Welcome(self._conn.version, user, f"{address.node}.{address.serial}",
                                   now_ms(), ctx.config.limits.max_frame_bytes,

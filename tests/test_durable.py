@@ -88,8 +88,8 @@ class UserState(NamedTuple):
 
 async def snapshot(store: DurableStore, users: Sequence[str]) -> dict[str, UserState]:
     """The observable state of ``users`` in ``store``, comparable with ``==``."""
-    unread = {user: tuple(u) for user, _, _, u in store.index.users()}
-    return {user: UserState(store.last_seq(user), store.queued(user),
+    unread = {user: tuple(u) for user, _, _, u, _ in store.index.users()}
+    return {user: UserState(store.index.last_seq(user), store.queued(user),
                             tuple(await store.pending(user, 0, ALL)), unread.get(user, ()))
             for user in users}
 
@@ -248,10 +248,10 @@ async def test_idempotency_survives_restart(dirs: list[Path], checkpointed: bool
         accepted = await store.submit(retry)
         assert accepted.duplicate and accepted.entry is None
         assert accepted.ts == original.ts
-        assert store.queued("bob") == 1 and store.last_seq("bob") == 1
+        assert store.queued("bob") == 1 and store.index.last_seq("bob") == 1
         with pytest.raises(IdConflict):
             await store.submit(msg(1, "carol"))
-        assert store.queued("carol") == 0 and store.last_seq("carol") == 0
+        assert store.queued("carol") == 0 and store.index.last_seq("carol") == 0
 
         # The same new id submitted by several tasks at once is queued exactly once.
         results = []
@@ -266,7 +266,7 @@ async def test_idempotency_survives_restart(dirs: list[Path], checkpointed: bool
                     nursery.start_soon(send)
         assert sorted(r.duplicate for r in results) == [False] + [True] * 7
         assert {r.ts for r in results} == {ts}
-        assert store.queued("bob") == 2 and store.last_seq("bob") == 2
+        assert store.queued("bob") == 2 and store.index.last_seq("bob") == 2
         pending = await store.pending("bob", 0, ALL)
         assert [e.item.id for e in pending if isinstance(e.item, Message)] == ["m1", "m2"]
         assert pending[0].item == original
@@ -281,8 +281,8 @@ async def test_sequence_numbers_never_go_back(dirs: list[Path]) -> None:
                          [msg(n, "carol") for n in range(3, 5)])
         await store.acknowledge("bob", "read", 3)
         await store.acknowledge("carol", "delivered", 2)
-        await store.acknowledge("alice", "delivered", store.last_seq("alice"))
-        last = {user: store.last_seq(user) for user in ("alice", "bob", "carol")}
+        await store.acknowledge("alice", "delivered", store.index.last_seq("alice"))
+        last = {user: store.index.last_seq(user) for user in ("alice", "bob", "carol")}
         assert last == {"alice": 3, "bob": 3, "carol": 2}
         assert store.index.pending_total == 0
         await store.checkpoint()
@@ -293,7 +293,7 @@ async def test_sequence_numbers_never_go_back(dirs: list[Path]) -> None:
         assert checkpoint_entries(records) == {}
 
     async with running_store(dirs) as store:
-        assert {user: store.last_seq(user) for user in last} == last
+        assert {user: store.index.last_seq(user) for user in last} == last
         entry = (await store.submit(msg(10, "bob"))).entry
         assert entry is not None and entry.seq == last["bob"] + 1
         receipts = await store.acknowledge("bob", "delivered", entry.seq)
@@ -318,7 +318,7 @@ async def test_segments_removed_once_all_acknowledged(dirs: list[Path], how: str
         segments = [len(segment_files(d)) for d in dirs]
         assert min(segments) >= 4
         await store.acknowledge("bob", "read", count)
-        await store.acknowledge("alice", "delivered", store.last_seq("alice"))
+        await store.acknowledge("alice", "delivered", store.index.last_seq("alice"))
         assert store.index.pending_total == 0
         if how == "explicit":
             await store.checkpoint()
@@ -332,10 +332,10 @@ async def test_segments_removed_once_all_acknowledged(dirs: list[Path], how: str
         print(f"{how}: bytes per replica before {before} in {segments} segments, "
               f"after {after} in 1")
         assert all(a * 10 < b for a, b in zip(after, before, strict=True))
-        last_alice = store.last_seq("alice")
+        last_alice = store.index.last_seq("alice")
 
     async with running_store(dirs, segment_bytes=4096) as store:
-        assert store.last_seq("bob") == count and store.last_seq("alice") == last_alice
+        assert store.index.last_seq("bob") == count and store.index.last_seq("alice") == last_alice
         assert store.queued("bob") == 0
         assert (await store.submit(msg(7, "bob"))).duplicate
         entry = (await store.submit(msg(count + 1, "bob"))).entry
@@ -467,7 +467,7 @@ async def test_torn_tail_on_both_replicas(
         assert len(events(caplog, "torn_tail_truncated")) == 2
         assert not events(caplog, "records_lost")
         assert tuple(await store.pending("bob", 0, ALL)) == before["bob"].pending[:-1]
-        assert store.last_seq("bob") == acknowledged
+        assert store.index.last_seq("bob") == acknowledged
         # The lost id is free again, so the sender's retry is a new message.
         retried = await store.submit(msg(4, "bob", body="retried"))
         fresh = await store.submit(msg(5, "bob"))
@@ -514,7 +514,7 @@ async def test_failed_replica_stops_acknowledging(
         assert len(failed) == 1 and failed[0]["error"] == "replica_failed"
         assert str(dirs[1]) in failed[0]["reason"]
         assert tuple(await store.pending("bob", 0, ALL)) == tuple(entries)
-        assert store.queued("carol") == 0 and store.last_seq("bob") == 3
+        assert store.queued("carol") == 0 and store.index.last_seq("bob") == 3
 
 
 async def test_failed_replica_during_background_checkpoint_keeps_store_up(
@@ -567,5 +567,5 @@ async def test_concurrent_submits_share_fsyncs(dirs: list[Path]) -> None:
         assert stats.records - start[2] == count
         assert 1 <= batches <= 20 and fsyncs == 2 * batches
         assert all(a.entry is not None and a.entry.seq == 1 for a in accepted.values())
-        assert all(store.last_seq(f"user{n}") == 1 for n in range(count))
+        assert all(store.index.last_seq(f"user{n}") == 1 for n in range(count))
 

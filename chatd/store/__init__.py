@@ -6,6 +6,7 @@ one implementation: :class:`DurableStore` (two replicated logs, the default) or
 """
 
 from ._durable import DurableStore
+from ._index import UserState
 from ._interface import (
     Accepted,
     Entry,
@@ -13,6 +14,7 @@ from ._interface import (
     Item,
     Message,
     ReceiptItem,
+    ReplicaStore,
     Store,
     StoreUnavailable,
 )
@@ -29,6 +31,8 @@ __all__ = [
     "Message",
     "ReceiptItem",
     "ReplicaFailed",
+    "ReplicaStore",
     "Store",
     "StoreUnavailable",
+    "UserState",
 ]

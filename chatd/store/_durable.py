@@ -10,6 +10,11 @@ Records (each a CBOR array, the LSN first):
 - ``MSG``  [lsn, to, seq, id, from, body, ts] — a message queued for ``to``;
 - ``ACK``  [lsn, user, status, upto, peer, receipts] — an acknowledgement and the receipts
   it queued, [[sender, seq, status, ids, ts], ...], as one record;
+- ``PUT`` [lsn, user, seq, kind, *fields] — an entry replicated from another node (kind
+  and fields as in ``CK_ENTRY``);
+- ``REPLACE`` [lsn, user, last_seq, acked] — the user's queue is set anew (a merge of the
+  cluster's replicas), followed in the same batch by ``UNREAD`` [lsn, user, [[seq, from,
+  id], ...]], ``KNOWN`` [lsn, user, [[from, id, ts], ...]] and ``PUT`` records;
 - checkpoint records, all carrying the LSN the snapshot covers: ``CK_BEGIN``, ``CK_USER``
   [snap, user, last_seq], ``CK_UNREAD`` [snap, user, [[seq, from, id], ...]],
   ``CK_ENTRY`` [snap, user, seq, "m", id, from, body, ts] or [..., "r", status, by, ids,
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ from chatd.actors import ActorTable
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 
-from ._index import IndexedStore, QueueIndex
+from ._index import IndexedStore, QueueIndex, UserState
 from ._interface import Accepted, Entry, Message, ReceiptItem, Store, StoreUnavailable
 from ._journal import Body, Journal
 from ._segments import SegmentLog
@@ -48,7 +53,8 @@ __all__ = ["DurableStore"]
 
 logger = logging.getLogger(__name__)
 
-MSG, ACK = 1, 2
+MSG, ACK, PUT, REPLACE, UNREAD, KNOWN = 1, 2, 3, 4, 5, 6
+_CHANGES = frozenset((MSG, ACK, PUT, REPLACE, UNREAD, KNOWN))
 CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END = 10, 11, 12, 13, 14, 15
 _CHUNK = 1000
 
@@ -211,19 +217,77 @@ class DurableStore(IndexedStore):
         await self.journal.write([(ACK, [user, status, upto, peer, receipts])], apply)
         return queued
 
+    # -- replicas (chatd.cluster places each queue on two nodes) --------------------------
+
+    async def put(self, user: str, entries: Sequence[Entry]) -> None:
+        """Store entries replicated from another node; see :meth:`ReplicaStore.put`."""
+        assert self.journal is not None
+        index = self.index
+
+        def apply() -> None:
+            for entry in entries:
+                index.put(user, entry)
+
+        await self.journal.write([(PUT, [user, entry.seq, *_kind_fields(entry)])
+                                  for entry in entries], apply)
+
+    async def acknowledge_only(self, user: str, status: str, upto: int, peer: str | None
+                               ) -> list[tuple[str, ReceiptItem]]:
+        """Acknowledge without queuing receipts; see :meth:`ReplicaStore.acknowledge_only`."""
+        assert self.journal is not None
+        lock = self._ack_locks.setdefault(user, trio.Lock())
+        try:
+            async with lock:
+                index = self.index
+                plan = index.plan_ack(user, status, upto, peer, now_ms())
+                if not plan.changed and upto <= index.acked(user):
+                    return []
+
+                def apply() -> None:
+                    index.apply_ack(user, status, upto, peer)
+                    if index.pending_total == 0:
+                        self._wake.set()
+
+                await self.journal.write([(ACK, [user, status, upto, peer, []])], apply)
+                return list(plan.receipts)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._ack_locks.pop(user, None)
+
+    async def replace(self, states: Mapping[str, UserState]) -> None:
+        """Set users' queues anew; see :meth:`ReplicaStore.replace`."""
+        assert self.journal is not None
+        records: list[Body] = []
+        for user, state in states.items():
+            records.append((REPLACE, [user, state.last_seq, state.acked]))
+            for start in range(0, len(state.unread), _CHUNK):
+                records.append((UNREAD, [user, [list(u) for u in
+                                                state.unread[start:start + _CHUNK]]]))
+            for start in range(0, len(state.known), _CHUNK):
+                records.append((KNOWN, [user, [list(k) for k in
+                                               state.known[start:start + _CHUNK]]]))
+            records.extend((PUT, [user, entry.seq, *_kind_fields(entry)])
+                           for entry in state.entries)
+        index = self.index
+
+        def apply() -> None:
+            for user, state in states.items():
+                index.replace(user, state)
+
+        await self.journal.write(records, apply)
+
     # -- checkpoints ---------------------------------------------------------------------
 
     def _snapshot(self, snap: int) -> list[Body]:
         """The records that restore the index as it is now (all of it up to LSN ``snap``)."""
         records: list[Body] = [(CK_BEGIN, [snap])]
-        for user, last_seq, entries, unread in self.index.users():
-            records.append((CK_USER, [snap, user, last_seq]))
+        for user, last_seq, entries, unread, acked in self.index.users():
+            records.append((CK_USER, [snap, user, last_seq, acked]))
             for start in range(0, len(unread), _CHUNK):
                 chunk = [list(u) for u in unread[start:start + _CHUNK]]
                 records.append((CK_UNREAD, [snap, user, chunk]))
             for entry in entries:
-                kind = "m" if isinstance(entry.item, Message) else "r"
-                records.append((CK_ENTRY, [snap, user, entry.seq, kind, *_fields(entry)]))
+                records.append((CK_ENTRY, [snap, user, entry.seq, *_kind_fields(entry)]))
         ids = [[sender, msg_id, to, ts]
                for (sender, msg_id), (to, ts, _) in self.index.ids.items()]
         for start in range(0, len(ids), _CHUNK):
@@ -268,7 +332,7 @@ class DurableStore(IndexedStore):
         for records in decoded:
             lsns = set()
             for record_type, fields in records:
-                if record_type in (MSG, ACK) and fields[0] > replay.base:
+                if record_type in _CHANGES and fields[0] > replay.base:
                     changes[fields[0]] = (record_type, fields)
                     lsns.add(fields[0])
             present.append(lsns)
@@ -291,8 +355,8 @@ class DurableStore(IndexedStore):
         for record_type, fields in records:
             match record_type:
                 case 11:  # CK_USER
-                    _, user, last_seq = fields
-                    index.restore_user(user, last_seq, ())
+                    _, user, last_seq, *acked = fields
+                    index.restore_user(user, last_seq, (), acked[0] if acked else 0)
                 case 12:  # CK_UNREAD
                     _, user, unread = fields
                     index.restore_user(user, 0, [tuple(u) for u in unread])
@@ -311,6 +375,19 @@ class DurableStore(IndexedStore):
             if ts + index.dedup_window_ms > now_ms():
                 index.remember(sender, msg_id, to, ts)
             index.add(to, Entry(seq, Message(msg_id, sender, to, body, ts)))
+        elif record_type == PUT:
+            _, user, seq, kind, *rest = fields
+            index.put(user, Entry(seq, _item(user, kind, rest)))
+        elif record_type == REPLACE:
+            _, user, last_seq, acked = fields
+            index.replace(user, UserState(last_seq, acked, (), (), ()))
+        elif record_type == UNREAD:
+            index.restore_user(fields[1], 0, [tuple(u) for u in fields[2]])
+        elif record_type == KNOWN:
+            now = now_ms()
+            for sender, msg_id, ts in fields[2]:
+                if ts + index.dedup_window_ms > now:
+                    index.remember(sender, msg_id, fields[1], ts)
         else:
             _, user, status, upto, peer, receipts = fields
             index.apply_ack(user, status, upto, peer)
@@ -344,6 +421,10 @@ def _fields(entry: Entry) -> list[Any]:
     if isinstance(item, Message):
         return [item.id, item.sender, item.body, item.ts]
     return [item.status, item.by, list(item.ids), item.ts]
+
+
+def _kind_fields(entry: Entry) -> list[Any]:
+    return ["m" if isinstance(entry.item, Message) else "r", *_fields(entry)]
 
 
 def _receipt_fields(entry: Entry) -> list[Any]:

@@ -19,7 +19,7 @@ from chatd.protocol import MAX_RECEIPT_IDS
 
 from ._interface import Entry, IdConflict, Message, ReceiptItem
 
-__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId"]
+__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId", "UserState"]
 
 _SEQ = operator.itemgetter(0)
 
@@ -51,6 +51,21 @@ SentId = tuple[str, int, int]
 
 
 @attrs.frozen(slots=True)
+class UserState:
+    """One user's queue as replicas exchange it.
+
+    ``known`` lists the message ids (sender, id, ts) this replica has stored for the user,
+    acknowledged or not: it tells a merge which messages the user already had.
+    """
+
+    last_seq: int
+    acked: int
+    entries: tuple[Entry, ...]
+    unread: tuple[tuple[int, str, str], ...]
+    known: tuple[tuple[str, str, int], ...]
+
+
+@attrs.frozen(slots=True)
 class Acked:
     """What an acknowledgement changed, and the receipts it produces for senders."""
 
@@ -61,13 +76,14 @@ class Acked:
 class _Queue:
     """One user's queue: ``entries[head:]`` in seq order, plus delivered-unread messages."""
 
-    __slots__ = ("entries", "head", "last_seq", "reserved", "unread")
+    __slots__ = ("acked", "entries", "head", "last_seq", "reserved", "unread")
 
     def __init__(self) -> None:
         self.entries: list[Stored] = []
         self.head = 0
         self.last_seq = 0
         self.reserved = 0
+        self.acked = 0  # the highest seq acknowledged as delivered (or read)
         self.unread: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
 
 
@@ -148,6 +164,11 @@ class QueueIndex:
         queue = self._queues.get(user)
         return queue.last_seq if queue else 0
 
+    def acked(self, user: str) -> int:
+        """The highest seq ``user`` acknowledged (0 if none)."""
+        queue = self._queues.get(user)
+        return queue.acked if queue else 0
+
     def queued(self, user: str) -> int:
         """How many items wait in ``user``'s queue."""
         queue = self._queues.get(user)
@@ -204,6 +225,7 @@ class QueueIndex:
             del entries[:end]
             end = 0
         queue.head = end
+        queue.acked = max(queue.acked, min(upto, queue.last_seq))
         while len(queue.unread) > self._max_unread:
             queue.unread.popitem(last=False)
         if status == "read":
@@ -215,21 +237,83 @@ class QueueIndex:
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def users(self) -> Iterator[tuple[str, int, Sequence[Entry], list[tuple[int, str, str]]]]:
-        """Every user's (user, last_seq, pending entries, unread [seq, sender, id])."""
+    def users(self) -> Iterator[tuple[str, int, Sequence[Entry], list[tuple[int, str, str]],
+                                      int]]:
+        """Every user's (user, last_seq, pending entries, unread [seq, sender, id], acked)."""
         for user, queue in self._queues.items():
             unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
             yield (user, queue.last_seq, [_unpack(stored) for stored in queue.entries[queue.head:]],
-                   unread)
+                   unread, queue.acked)
 
     def restore_user(self, user: str, last_seq: int,
-                     unread: Sequence[tuple[int, str, str]]) -> None:
+                     unread: Sequence[tuple[int, str, str]], acked: int = 0) -> None:
         """Set a user's counters and unread messages from a snapshot."""
         queue = self._queue(user)
         queue.last_seq = max(queue.last_seq, last_seq)
         queue.reserved = max(queue.reserved, last_seq)
+        queue.acked = max(queue.acked, acked)
         for seq, sender, msg_id in unread:
             queue.unread[seq] = (sender, msg_id)
+
+    # -- replicas (the cluster's placement of queues on two nodes) -----------------------
+
+    def names(self) -> list[str]:
+        """Every user with a queue here."""
+        return list(self._queues)
+
+    def put(self, user: str, entry: Entry) -> bool:
+        """Queue a replicated ``entry`` unless its seq is acknowledged or already taken.
+
+        Returns:
+            Whether it was queued (a repeated replication is not).
+        """
+        queue = self._queue(user)
+        if entry.seq <= queue.acked:
+            return False
+        entries = queue.entries
+        at = bisect.bisect_left(entries, entry.seq, lo=queue.head, key=_SEQ)
+        if at < len(entries) and entries[at][0] == entry.seq:
+            return False
+        item = entry.item
+        if isinstance(item, Message):
+            self.remember(item.sender, item.id, item.to, item.ts)
+        self.add(user, entry)
+        return True
+
+    def export(self, users: Sequence[str]) -> dict[str, UserState]:
+        """The replicable state of each of ``users`` (one pass over the message ids)."""
+        known: dict[str, list[tuple[str, str, int]]] = {user: [] for user in users}
+        for (sender, msg_id), (to, ts, _) in self.ids.items():
+            found = known.get(to)
+            if found is not None:
+                found.append((sender, msg_id, ts))
+        states = {}
+        for user in users:
+            queue = self._queues.get(user) or _Queue()
+            states[user] = UserState(
+                queue.last_seq, queue.acked,
+                tuple(_unpack(stored) for stored in queue.entries[queue.head:]),
+                tuple((seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()),
+                tuple(known[user]))
+        return states
+
+    def replace(self, user: str, state: UserState) -> None:
+        """Make ``user``'s queue exactly ``state`` (an empty state forgets the user)."""
+        old = self._queues.pop(user, None)
+        if old is not None:
+            self.pending_total -= len(old.entries) - old.head
+        if not (state.last_seq or state.entries or state.unread):
+            return
+        queue = self._queue(user)
+        queue.acked = state.acked
+        for entry in state.entries:
+            self.add(user, entry)
+        queue.last_seq = queue.reserved = max(queue.last_seq, state.last_seq)
+        for seq, sender, msg_id in state.unread:
+            queue.unread[seq] = (sender, msg_id)
+        for sender, msg_id, ts in state.known:
+            if (sender, msg_id) not in self.ids:
+                self.remember(sender, msg_id, user, ts)
 
 
 def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -248,7 +332,7 @@ class IndexedStore:
         """Up to ``limit`` queued entries with ``seq > after``, in order."""
         return self.index.pending(user, after, limit)
 
-    def last_seq(self, user: str) -> int:
+    async def last_seq(self, user: str) -> int:
         """The highest sequence number committed for ``user`` (0 if none)."""
         return self.index.last_seq(user)
 

@@ -13,11 +13,14 @@ sending the same id twice never creates a second message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    from ._index import QueueIndex, UserState
 
 __all__ = [
     "Accepted",
@@ -26,6 +29,7 @@ __all__ = [
     "Item",
     "Message",
     "ReceiptItem",
+    "ReplicaStore",
     "Store",
     "StoreUnavailable",
 ]
@@ -122,5 +126,36 @@ class Store(Protocol):
             The receipt entries queued, each with the user (a sender) it is queued for.
         """
 
-    def last_seq(self, user: str) -> int:
+    async def last_seq(self, user: str) -> int:
         """The highest sequence number given to an item of ``user`` (0 if none)."""
+
+
+class ReplicaStore(Store, Protocol):
+    """A node's own store as the cluster uses it: one replica of other users' queues.
+
+    In a cluster, each user's queue lives on two nodes (:mod:`chatd.cluster.replicas`). The
+    node that leads a user's queue numbers its items and writes them to both replicas with
+    :meth:`put`; merges after a membership change set a queue anew with :meth:`replace`.
+    The synchronous reads (sequence numbers, message ids, exports) go to ``index``.
+    """
+
+    index: QueueIndex
+
+    async def put(self, user: str, entries: Sequence[Entry]) -> None:
+        """Store ``entries`` of ``user``'s queue at their sequence numbers.
+
+        An entry whose seq is acknowledged or already taken is skipped, so replicating the
+        same entry twice changes nothing.
+        """
+
+    async def acknowledge_only(self, user: str, status: str, upto: int, peer: str | None
+                               ) -> list[tuple[str, ReceiptItem]]:
+        """Apply an acknowledgement as :meth:`Store.acknowledge` does, but queue nothing.
+
+        Returns:
+            The receipts it produces, by sender, for the caller to queue where the senders'
+            queues live.
+        """
+
+    async def replace(self, states: Mapping[str, UserState]) -> None:
+        """Make each user's queue exactly the given state, durably and as one change."""

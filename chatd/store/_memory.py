@@ -7,12 +7,14 @@ persistence "actor" here has no mailbox: its ``run`` only marks it started.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import trio
 
 from chatd.clock import now_ms
 
-from ._index import IndexedStore, QueueIndex
-from ._interface import Accepted, Entry, Message, Store
+from ._index import IndexedStore, QueueIndex, UserState
+from ._interface import Accepted, Entry, Message, ReceiptItem, Store
 
 __all__ = ["MemoryStore"]
 
@@ -63,3 +65,20 @@ class MemoryStore(IndexedStore):
             index.add(sender, entry)
             queued.append((sender, entry))
         return queued
+
+    async def put(self, user: str, entries: Sequence[Entry]) -> None:
+        """Store entries replicated from another node; see :meth:`ReplicaStore.put`."""
+        for entry in entries:
+            self.index.put(user, entry)
+
+    async def acknowledge_only(self, user: str, status: str, upto: int, peer: str | None
+                               ) -> list[tuple[str, ReceiptItem]]:
+        """Acknowledge without queuing receipts; see :meth:`ReplicaStore.acknowledge_only`."""
+        plan = self.index.plan_ack(user, status, upto, peer, now_ms())
+        self.index.apply_ack(user, status, upto, peer)
+        return list(plan.receipts)
+
+    async def replace(self, states: Mapping[str, UserState]) -> None:
+        """Set users' queues anew; see :meth:`ReplicaStore.replace`."""
+        for user, state in states.items():
+            self.index.replace(user, state)

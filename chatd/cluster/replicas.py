@@ -1,0 +1,558 @@
+"""The cluster's store: every user's queue on two nodes, led by one of them.
+
+:class:`Replicas` implements :class:`chatd.store.Store` for the router and sessions of a
+node in a cluster, on top of the node's own store (one replica among others). Placement
+(:mod:`chatd.cluster.placement`) names, for each user, the two reachable nodes that keep
+the queue; the first *leads* it:
+
+- A message for bob goes to bob's leader (a ``put`` request over the link, unless this
+  node leads). The leader checks the id, numbers the message, and writes it to its own
+  store and to the other replica (``rep``) at the same time; ``sent`` is answered when
+  both have it on disk. An acknowledgement goes the same way (``ack`` / ``ackrep``); the
+  receipts it produces go to each sender's leader (``rcpt``).
+- A session catching up asks both replicas (``pend``) and merges what they hold.
+- When a node goes down, placement moves on: the next member of the ranking becomes a
+  replica (a hinted one) and the other owner leads. Requests in flight to the dead node
+  fail over to the new leader with the same message id, which the replicas recognise.
+- After every membership change, each node hands its queues to their leaders: a node
+  that holds a queue it does not lead sends it to the leader (``merge``), a leader asks
+  its follower for the follower's copy (``pull``); the leader merges
+  (:func:`chatd.cluster.merge.merge_states`) and sets both replicas to the result
+  (``set``). A node that is no longer a replica of a queue then forgets it: this is how
+  hinted data moves back to its owner.
+
+Requests are link frames ``{"t": "q", "id", "op", ...}`` answered by ``{"t": "r", "id",
+...}``; a request to a peer that goes down fails at once, one that gets no answer within
+the request timeout fails too, and the caller tries the new placement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from chatd.clock import now_ms
+from chatd.logs import EventLog
+from chatd.store import (
+    Accepted,
+    Entry,
+    IdConflict,
+    Message,
+    ReceiptItem,
+    ReplicaStore,
+    StoreUnavailable,
+    UserState,
+)
+
+from .merge import EMPTY, merge_states, pack_entry, pack_state, unpack_entry, unpack_state
+from .placement import Placement
+
+__all__ = ["Replicas"]
+
+logger = logging.getLogger(__name__)
+
+#: Users' states carried by one merge, pull or set frame at most (by pending entries).
+BATCH_ENTRIES = 5000
+#: How many times a request is tried again under a new placement after its node failed.
+ATTEMPTS = 3
+
+
+class PeerGone(Exception):
+    """A request's node went down or did not answer in time."""
+
+
+class _Refused(Exception):
+    """A request was answered with an error."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@attrs.define(slots=True)
+class _Call:
+    peer: str
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: dict[str, Any] | None = None
+
+
+#: Sends a link frame to a peer.
+Send = Callable[[str, dict[str, Any]], None]
+
+
+class Replicas:
+    """The :class:`chatd.store.Store` of a node in a cluster.
+
+    Args:
+        node: This node's name.
+        members: Every member of the cluster.
+        local: This node's own store.
+        send: Sends a frame on the link to a peer.
+        is_up: Whether a peer is reachable now.
+        timeout: Seconds a request may wait for its answer.
+        settle: Seconds a node waits for its peers when it starts before it serves.
+    """
+
+    waits_for_io = True
+
+    def __init__(self, node: str, members: Sequence[str], local: ReplicaStore, send: Send,
+                 is_up: Callable[[str], bool], *, timeout: float, settle: float) -> None:
+        self.node = node
+        self.local = local
+        self.placement = Placement(node, members, is_up)
+        self._send = send
+        self._is_up = is_up
+        self._timeout = timeout
+        self._settle = settle
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._inflight: dict[tuple[str, str], trio.Event] = {}
+        self._writers: dict[str, int] = {}
+        self._merging: dict[str, trio.Event] = {}
+        self._drained: dict[str, trio.Event] = {}
+        self._merge_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._log = EventLog(logger, node, "replicas")
+        #: Completed hand-offs (for tests and metrics).
+        self.handoffs = 0
+
+    # -- the actor -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Replicas] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Wait for the peers (up to ``settle``), hand queues over, then serve requests."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            peers = [m for m in self.placement.members if m != self.node]
+            with trio.move_on_after(self._settle):
+                while not all(self._is_up(p) for p in peers):
+                    await self._wait_changed()
+            await self._handoff()
+            task_status.started(self)
+            while True:
+                await self._wait_changed()
+                await self._handoff()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+        self._changed = trio.Event()
+
+    def peer_changed(self, peer: str, up: bool) -> None:
+        """Membership changed: fail requests to a peer that went down, hand over queues."""
+        if not up:
+            for call in self._calls.values():
+                if call.peer == peer and not call.done.is_set():
+                    call.done.set()
+        self._changed.set()
+
+    # -- the Store interface -------------------------------------------------------------
+
+    async def submit(self, message: Message) -> Accepted:
+        """Queue ``message`` on both replicas of its recipient; see :meth:`Store.submit`."""
+        reply = await self._lead("put", message.to, {"msg": list(message)},
+                                 lambda: self._lead_submit(message))
+        entry = reply.get("entry")
+        return Accepted(int(reply["ts"]), bool(reply["dup"]),
+                        unpack_entry(message.to, entry) if entry else None)
+
+    async def acknowledge(self, user: str, status: str, upto: int,
+                          peer: str | None = None) -> list[tuple[str, Entry]]:
+        """Acknowledge on both replicas, then queue the receipts with their senders."""
+        reply = await self._lead("ack", user, {"status": status, "upto": upto, "peer": peer},
+                                 lambda: self._lead_ack(user, status, upto, peer))
+        receipts: dict[str, list[ReceiptItem]] = {}
+        for sender, status_, by, ids, ts in reply["receipts"]:
+            receipts.setdefault(sender, []).append(ReceiptItem(status_, by, tuple(ids), ts))
+        queued: list[tuple[str, Entry]] = []
+        for sender, items in receipts.items():
+            packed = [[i.status, i.by, list(i.ids), i.ts] for i in items]
+            try:
+                answer = await self._lead("rcpt", sender, {"items": packed},
+                                          functools.partial(self._lead_receipts, sender, items))
+            except StoreUnavailable:
+                self._log.warning("receipts_not_queued", user=sender, receipts=len(items))
+                continue
+            queued.extend((sender, unpack_entry(sender, e)) for e in answer["entries"])
+        return queued
+
+    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
+        """Up to ``limit`` entries after ``after``, merged from both replicas."""
+        _, entries = await self._read(user, after, limit)
+        return entries
+
+    async def last_seq(self, user: str) -> int:
+        """The highest sequence number either replica gave an item of ``user``."""
+        last, _ = await self._read(user, 0, 0)
+        return last
+
+    async def _read(self, user: str, after: int, limit: int) -> tuple[int, list[Entry]]:
+        replies: list[dict[str, Any]] = []
+
+        async def ask(node: str) -> None:
+            with contextlib.suppress(PeerGone, _Refused):
+                replies.append(await self._ask(node, "pend", {"user": user, "after": after,
+                                                              "limit": limit}))
+
+        async with trio.open_nursery() as nursery:
+            for node in self.placement.replicas(user):
+                nursery.start_soon(ask, node)
+        if not replies:
+            raise StoreUnavailable(f"no replica of {user}'s queue is reachable")
+        acked = max(int(r["acked"]) for r in replies)
+        floor = max(after, acked)
+        entries: dict[int, Entry] = {}
+        for reply in replies:
+            for fields in reply["entries"]:
+                entry = unpack_entry(user, fields)
+                if entry.seq > floor:
+                    entries.setdefault(entry.seq, entry)
+        last = max(int(r["last"]) for r in replies)
+        return last, [entries[seq] for seq in sorted(entries)[:limit]]
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _lead(self, op: str, user: str, fields: dict[str, Any],
+                    here: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Run ``op`` for ``user`` on its leader: here, or on a peer, trying again on
+        another leader if the first one goes down.
+
+        Raises:
+            IdConflict: The leader found the message id used for another recipient.
+            StoreUnavailable: No leader could make the change durable on two replicas.
+        """
+        for _ in range(ATTEMPTS):
+            replicas = self.placement.replicas(user)
+            if len(replicas) < 2:
+                break
+            try:
+                if replicas[0] == self.node:
+                    return await here()
+                return await self._call(replicas[0], {"op": op, "user": user, **fields})
+            except PeerGone:
+                continue
+            except _Refused as refused:
+                if refused.code == "id_conflict":
+                    raise IdConflict(user) from None
+                if refused.code != "moved":
+                    break
+        raise StoreUnavailable(f"{user}'s queue cannot be written on two replicas now")
+
+    async def _ask(self, node: str, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Run a replica operation here or on ``node``."""
+        if node == self.node:
+            return await self._serve(op, fields, forwarded=True)
+        return await self._call(node, {"op": op, **fields})
+
+    async def _call(self, peer: str, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send a request to ``peer`` and wait for its answer.
+
+        Raises:
+            PeerGone: The peer is down, went down, or did not answer within the timeout.
+            _Refused: The peer answered with an error.
+        """
+        if not self._is_up(peer):
+            raise PeerGone(peer)
+        call_id = next(self._ids)
+        call = self._calls[call_id] = _Call(peer)
+        try:
+            self._send(peer, {"t": "q", "id": call_id, **frame})
+            with trio.move_on_after(self._timeout):
+                await call.done.wait()
+        finally:
+            del self._calls[call_id]
+        reply = call.reply
+        if reply is None:
+            raise PeerGone(peer)
+        if "err" in reply:
+            raise _Refused(str(reply["err"]))
+        return reply
+
+    def remote(self, peer: str, frame: dict[str, Any]) -> None:
+        """A request or an answer from ``peer``."""
+        if frame["t"] == "r":
+            call = self._calls.get(frame.get("id", 0))
+            if call is not None and call.peer == peer:
+                call.reply = frame
+                call.done.set()
+            return
+        if self._nursery is not None:
+            self._nursery.start_soon(self._answer, peer, frame)
+
+    async def _answer(self, peer: str, frame: dict[str, Any]) -> None:
+        try:
+            reply = await self._serve(str(frame["op"]), frame, forwarded=bool(frame.get("fw")))
+        except IdConflict:
+            reply = {"err": "id_conflict"}
+        except StoreUnavailable:
+            reply = {"err": "unavailable"}
+        except PeerGone:
+            reply = {"err": "moved"}
+        except (KeyError, TypeError, ValueError) as err:
+            self._log.warning("link_frame_refused", peer=peer, op=str(frame.get("op")),
+                              reason=repr(err))
+            reply = {"err": "bad_request"}
+        self._send(peer, {"t": "r", "id": frame.get("id"), **reply})
+
+    async def _serve(self, op: str, frame: Mapping[str, Any], *, forwarded: bool
+                     ) -> dict[str, Any]:
+        """Carry out one request (from a peer, or from this node for itself)."""
+        local = self.local
+        user = str(frame.get("user", ""))
+        if op in ("put", "ack", "rcpt") and self.placement.replicas(user)[:1] != [self.node]:
+            # Not the leader from here: pass it on once, to the leader this node sees.
+            if forwarded:
+                raise PeerGone(user)
+            leader = self.placement.replicas(user)
+            if not leader:
+                raise StoreUnavailable(user)
+            fields = {k: v for k, v in frame.items() if k not in ("t", "id")}
+            return await self._call(leader[0], {**fields, "fw": True})
+        match op:
+            case "put":
+                return await self._lead_submit(Message(*frame["msg"]))
+            case "ack":
+                return await self._lead_ack(user, str(frame["status"]), int(frame["upto"]),
+                                            frame["peer"])
+            case "rcpt":
+                items = [ReceiptItem(str(s), str(b), tuple(ids), int(ts))
+                         for s, b, ids, ts in frame["items"]]
+                return await self._lead_receipts(user, items)
+            case "rep":
+                await local.put(user, [unpack_entry(user, e) for e in frame["entries"]])
+                return {}
+            case "ackrep":
+                await local.acknowledge_only(user, str(frame["status"]), int(frame["upto"]),
+                                             frame["peer"])
+                return {}
+            case "pend":
+                index = local.index
+                entries = index.pending(user, int(frame["after"]), int(frame["limit"]))
+                return {"acked": index.acked(user), "last": index.last_seq(user),
+                        "entries": [pack_entry(e) for e in entries]}
+            case "merge":
+                states = {str(u): unpack_state(str(u), s) for u, s in frame["states"].items()}
+                await self._merge(states)
+                return {}
+            case "pull":
+                users = [str(u) for u in frame["users"]]
+                exported = local.index.export(users)
+                return {"states": {u: pack_state(s) for u, s in exported.items()}}
+            case "set":
+                states = {str(u): unpack_state(str(u), s) for u, s in frame["states"].items()}
+                await local.replace(states)
+                return {}
+        raise ValueError(f"unknown operation {op!r}")
+
+    # -- what a leader does --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, user: str) -> AsyncIterator[None]:
+        """Hold ``user``'s queue for a write (merges of it wait for writes to finish)."""
+        while (merging := self._merging.get(user)) is not None:
+            await merging.wait()
+        self._writers[user] = self._writers.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            count = self._writers.pop(user) - 1
+            if count:
+                self._writers[user] = count
+            elif user in self._drained:
+                self._drained[user].set()
+
+    async def _both(self, user: str, here: Callable[[], Awaitable[object]],
+                    frame: dict[str, Any]) -> None:
+        """Run a change here and on the other replica of ``user`` at the same time.
+
+        Raises:
+            StoreUnavailable: Either copy could not be made.
+        """
+        failure: StoreUnavailable | None = None
+
+        async def locally() -> None:
+            nonlocal failure
+            try:
+                await here()
+            except StoreUnavailable as err:
+                failure = err
+
+        replicated = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(locally)
+            for _ in range(ATTEMPTS):
+                replicas = self.placement.replicas(user)
+                if len(replicas) < 2 or replicas[0] != self.node:
+                    break
+                try:
+                    await self._call(replicas[1], {**frame, "user": user})
+                except (PeerGone, _Refused):
+                    continue
+                replicated = True
+                break
+        if failure is not None:
+            raise failure
+        if not replicated:
+            raise StoreUnavailable(f"{user}'s queue has no second replica now")
+
+    async def _lead_submit(self, message: Message) -> dict[str, Any]:
+        user, key = message.to, (message.sender, message.id)
+        index = self.local.index
+        async with self._writing(user):
+            while True:
+                seen = index.seen(message, now_ms())
+                if seen is not None:
+                    return {"ts": seen[1], "dup": True}
+                inflight = self._inflight.get(key)
+                if inflight is None:
+                    break
+                await inflight.wait()
+            done = self._inflight[key] = trio.Event()
+            try:
+                entry = Entry(index.reserve(user), message)
+                await self._both(user, lambda: self.local.put(user, [entry]),
+                                 {"op": "rep", "entries": [pack_entry(entry)]})
+            finally:
+                del self._inflight[key]
+                done.set()
+        return {"ts": message.ts, "dup": False, "entry": pack_entry(entry)}
+
+    async def _lead_ack(self, user: str, status: str, upto: int, peer: str | None
+                        ) -> dict[str, Any]:
+        receipts: list[tuple[str, ReceiptItem]] = []
+
+        async def here() -> None:
+            receipts.extend(await self.local.acknowledge_only(user, status, upto, peer))
+
+        async with self._writing(user):
+            await self._both(user, here, {"op": "ackrep", "status": status, "upto": upto,
+                                          "peer": peer})
+        return {"receipts": [[sender, *item[:2], list(item.ids), item.ts]
+                             for sender, item in receipts]}
+
+    async def _lead_receipts(self, user: str, items: Sequence[ReceiptItem]) -> dict[str, Any]:
+        index = self.local.index
+        async with self._writing(user):
+            entries = [Entry(index.reserve(user), item) for item in items]
+            await self._both(user, lambda: self.local.put(user, entries),
+                             {"op": "rep", "entries": [pack_entry(e) for e in entries]})
+        return {"entries": [pack_entry(e) for e in entries]}
+
+    async def _merge(self, states: Mapping[str, UserState]) -> None:
+        """Merge other replicas' states into the queues this node leads; set both replicas.
+
+        Queues this node does not lead (placement moved again) are passed to their leader.
+        """
+        mine = {u: s for u, s in states.items()
+                if self.placement.replicas(u)[:1] == [self.node]}
+        others = {u: s for u, s in states.items() if u not in mine}
+        if others:
+            await self._push(others)
+        if not mine:
+            return
+        async with self._merge_lock:
+            for user in mine:
+                self._merging[user] = trio.Event()
+            try:
+                for user in mine:
+                    if self._writers.get(user):
+                        drained = self._drained[user] = trio.Event()
+                        await drained.wait()
+                        del self._drained[user]
+                current = self.local.index.export(list(mine))
+                merged = {u: merge_states(current[u], s) for u, s in mine.items()}
+                followers: dict[str, dict[str, UserState]] = {}
+                for user, state in merged.items():
+                    replicas = self.placement.replicas(user)
+                    if len(replicas) > 1:
+                        followers.setdefault(replicas[1], {})[user] = state
+                await self.local.replace(merged)
+                for follower, group in followers.items():
+                    with contextlib.suppress(PeerGone, _Refused):
+                        await self._call(follower, {"op": "set", "states": {
+                            u: pack_state(s) for u, s in group.items()}})
+            finally:
+                for user in mine:
+                    self._merging.pop(user).set()
+
+    async def _push(self, states: Mapping[str, UserState]) -> None:
+        """Send states to the leaders of their queues, in batches."""
+        by_leader: dict[str, dict[str, UserState]] = {}
+        for user, state in states.items():
+            replicas = self.placement.replicas(user)
+            if replicas and replicas[0] != self.node:
+                by_leader.setdefault(replicas[0], {})[user] = state
+        for leader, group in by_leader.items():
+            for batch in _batches(group):
+                await self._call(leader, {"op": "merge", "states": {
+                    u: pack_state(s) for u, s in batch.items()}})
+
+    # -- hand-off after a membership change ----------------------------------------------
+
+    async def _handoff(self) -> None:
+        """Bring every queue held here together with its other replica, and let go of
+        queues this node is no longer a replica of."""
+        index = self.local.index
+        push: dict[str, list[str]] = {}
+        pull: dict[str, list[str]] = {}
+        for user in index.names():
+            replicas = self.placement.replicas(user)
+            if not replicas:
+                continue
+            if replicas[0] != self.node:
+                push.setdefault(replicas[0], []).append(user)
+            elif len(replicas) > 1:
+                pull.setdefault(replicas[1], []).append(user)
+        pushed = pulled = dropped = failed = 0
+        for leader, users in push.items():
+            for batch in _batches(index.export(users)):
+                try:
+                    await self._call(leader, {"op": "merge", "states": {
+                        u: pack_state(s) for u, s in batch.items()}})
+                except (PeerGone, _Refused):
+                    failed += len(batch)
+                    continue
+                pushed += len(batch)
+                gone = {u: EMPTY for u in batch if self.node not in self.placement.replicas(u)}
+                if gone:
+                    await self.local.replace(gone)
+                    dropped += len(gone)
+        for follower, users in pull.items():
+            for start in range(0, len(users), 500):
+                try:
+                    reply = await self._call(follower, {"op": "pull",
+                                                        "users": users[start:start + 500]})
+                    states = {str(u): unpack_state(str(u), s)
+                              for u, s in reply["states"].items()}
+                    await self._merge(states)
+                except (PeerGone, _Refused):
+                    failed += len(users[start:start + 500])
+                    continue
+                pulled += len(states)
+        self.handoffs += 1
+        self._log.info("handoff_done", pushed=pushed, pulled=pulled, dropped=dropped,
+                       failed=failed, up=sorted(m for m in self.placement.members
+                                                if m == self.node or self._is_up(m)))
+
+
+def _batches(states: Mapping[str, UserState]) -> list[dict[str, UserState]]:
+    """``states`` in groups of at most about BATCH_ENTRIES entries."""
+    batches: list[dict[str, UserState]] = []
+    current: dict[str, UserState] = {}
+    size = 0
+    for user, state in states.items():
+        if current and size + len(state.entries) > BATCH_ENTRIES:
+            batches.append(current)
+            current, size = {}, 0
+        current[user] = state
+        size += len(state.entries) + 1
+    if current:
+        batches.append(current)
+    return batches
