@@ -3,6 +3,9 @@
 Exit status: 0 on success; 1 when the operation failed at run time (refused, timed out,
 connection lost), with a one-line ``chatd: error: ...`` on stderr; 2 for a usage or
 configuration error. Client commands print one JSON object per line on stdout.
+
+``chatd serve`` runs one node in this process; with ``--workers N`` (above 1) it supervises
+N node processes instead (:mod:`chatd.workers`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from chatd.logs import configure, root_cause
 from chatd.node import Node
 from chatd.protocol import Error, ErrorCode, Msg, Receipt, Sent
 from chatd.store import ReplicaFailed
+from chatd.workers import WorkersFailed, report_ready, run_workers, watch_supervisor
 
 __all__ = ["main"]
 
@@ -48,7 +52,9 @@ def _config(args: argparse.Namespace) -> Config:
                        store=getattr(args, "store", None),
                        store_dirs=getattr(args, "store_dir", None),
                        cluster_listen=getattr(args, "cluster_listen", None),
-                       peers=_peers(getattr(args, "peer", None)))
+                       peers=_peers(getattr(args, "peer", None)),
+                       workers=getattr(args, "workers", None),
+                       reuse_port=getattr(args, "reuse_port", None))
 
 
 def _peers(values: list[str] | None) -> dict[str, str] | None:
@@ -70,8 +76,14 @@ def _peers(values: list[str] | None) -> dict[str, str] | None:
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     configure(config.log_level)
+    if config.workers > 1:
+        try:
+            run_workers(config, _passthrough(args))
+        except WorkersFailed as exc:
+            raise CommandError(str(exc)) from None
+        return 0
     try:
-        graceful = trio.run(_run_node, config)
+        graceful = trio.run(_run_node, config, getattr(args, "supervised", False))
     except BaseExceptionGroup as group:
         leaf = root_cause(group)
         if isinstance(leaf, OSError) and leaf.filename:
@@ -87,21 +99,58 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_node(config: Config) -> bool:
-    """Run a node until it stops; False if a second signal cut the shutdown short."""
+async def _run_node(config: Config, supervised: bool = False) -> bool:
+    """Run a node until it stops; False if a second signal cut the shutdown short.
+
+    Args:
+        config: The node's configuration.
+        supervised: The node is a worker of ``chatd serve --workers``: it reports on
+            stdout when it serves, and stops when its supervisor is gone.
+    """
     node = Node(config)
     forced = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, node, nursery.cancel_scope, forced)
+            if supervised:
+                nursery.start_soon(watch_supervisor, config.node, node.request_shutdown)
 
             async def serve(*, task_status: trio.TaskStatus[Node]) -> None:
                 await node.run(task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve)
+            if supervised:
+                report_ready(node.url)
             freeze_startup_heap()
     return not forced.is_set()
+
+
+#: ``chatd serve`` options the supervisor of ``--workers`` sets itself for each worker.
+_PER_WORKER = frozenset({"data_dir", "host", "port", "node", "secret_file", "store_dir",
+                         "cluster_listen", "peer", "workers", "reuse_port", "supervised"})
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    """The ``chatd serve`` options of this command line that every worker gets as they are.
+
+    Every option of the ``serve`` parser that was given and is not set per worker
+    (``--config``, ``--log-level``, ``--store``, and any option added later) is written
+    back as ``--option=value``.
+    """
+    options: list[str] = []
+    parser: argparse.ArgumentParser = args.serve_parser
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in _PER_WORKER or value in (None, False):
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            options.append(flag)
+        else:
+            options += [f"{flag}={item}" for item in (value if isinstance(value, list)
+                                                      else [value])]
+    return options
 
 
 def freeze_startup_heap() -> None:
@@ -296,7 +345,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--store-dir", type=Path, action="append",
                        help="a replica directory; give it twice (default "
                             "DATA_DIR/store/0 and DATA_DIR/store/1)")
-    serve.set_defaults(run=_serve)
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="node processes to run on this machine, sharing the port "
+                            "(default 1)")
+    serve.add_argument("--reuse-port", action="store_true", default=None,
+                       help="listen with SO_REUSEPORT, so other processes may share the port")
+    # A worker of `chatd serve --workers`: report readiness on stdout, stop at stdin EOF.
+    serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(run=_serve, serve_parser=serve)
 
     token = commands.add_parser("token", help="print a token for USER")
     token.add_argument("user", metavar="USER")

@@ -8,6 +8,7 @@ never passes silently. docs/operations.md lists every key with its default.
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import attrs
 
 from chatd.protocol import MAX_RECEIPT_IDS, Limits
 
-__all__ = ["Config", "ConfigError", "host_port", "load_config"]
+__all__ = ["MAX_WORKERS", "Config", "ConfigError", "host_port", "load_config"]
 
 
 class ConfigError(Exception):
@@ -30,6 +31,10 @@ def _paths(values: Any) -> tuple[Path, ...]:
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name} must be positive, not {value}")
+
+
+#: The most worker processes ``chatd serve --workers`` starts.
+MAX_WORKERS = 64
 
 
 @attrs.frozen
@@ -67,6 +72,11 @@ class Config:
     peers: dict[str, str] = attrs.field(factory=dict)
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
     failure_timeout: float = attrs.field(default=3.0, validator=_positive)
+    #: Node processes ``chatd serve`` runs on this machine, 1-64; above 1 it supervises
+    #: that many workers sharing ``port`` (:mod:`chatd.workers`).
+    workers: int = 1
+    #: Set SO_REUSEPORT on the WebSocket sockets, so that several processes share the port.
+    reuse_port: bool = False
     limits: Limits = attrs.field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
@@ -95,6 +105,11 @@ class Config:
             raise ConfigError("a node with peers needs cluster_listen (HOST:PORT)")
         if self.heartbeat_interval >= self.failure_timeout:
             raise ConfigError("heartbeat_interval must be shorter than failure_timeout")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 1-{MAX_WORKERS}, not {self.workers}")
+        if (self.workers > 1 or self.reuse_port) and not hasattr(socket, "SO_REUSEPORT"):
+            raise ConfigError("workers and reuse_port need SO_REUSEPORT, which this system "
+                              "does not have")
 
     @property
     def replica_paths(self) -> tuple[Path, ...]:

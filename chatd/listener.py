@@ -10,6 +10,10 @@ then runs the session, so a connection costs no extra supervision task.
 Shutdown comes in layers, driven by the node: :meth:`Listener.stop_accepting` closes the
 listening sockets; :meth:`Listener.drain` asks every session to close with 1001 and waits,
 up to a deadline, for them to finish.
+
+With ``reuse_port`` the listening sockets carry SO_REUSEPORT: the workers of
+``chatd serve --workers`` each listen on the same port, and the kernel spreads new
+connections among them (:mod:`chatd.workers`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from chatd.protocol.websocket import HandshakeError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
 from chatd.transport import ConnectionClosed, WebSocket, is_fd_exhaustion
 
-__all__ = ["Listener", "open_listening_sockets"]
+__all__ = ["Listener", "open_listening_sockets", "reserve_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ class Listener:
                   ) -> None:
         """Listen, start a session per connection, and serve until cancelled."""
         config = self._ctx.config
-        sockets = open_listening_sockets(config.host, config.port)
+        sockets = open_listening_sockets(config.host, config.port,
+                                         reuse_port=config.reuse_port)
         host, port = sockets[0].getsockname()[:2]
         self.url = f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
         try:
@@ -169,14 +174,49 @@ class Listener:
                 self._idle.set()
 
 
-def open_listening_sockets(host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
+def open_listening_sockets(host: str, port: int, *, backlog: int = 1024,
+                           reuse_port: bool = False) -> list[socket.socket]:
     """Bind and listen on every address ``host`` resolves to, non-blocking.
 
     With port 0 the first socket picks a free port and the others use the same one.
 
+    Args:
+        host: The address (or name) to listen on; empty for every interface.
+        port: The port; 0 picks a free one.
+        backlog: Connections the kernel may queue before they are accepted.
+        reuse_port: Set SO_REUSEPORT, so that other processes of this user may listen on
+            the same port and the kernel spreads new connections among them (the workers
+            of ``chatd serve --workers``).
+
     Raises:
         OSError: An address cannot be bound (in use, not local, ...).
     """
+    sockets = _bind_all(host, port, reuse_port=reuse_port)
+    try:
+        for sock in sockets:
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        _close_all(sockets)
+        raise
+    return sockets
+
+
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind, but do not listen on, every address ``host`` resolves to, with SO_REUSEPORT.
+
+    The sockets hold the port for processes that then listen on it with ``reuse_port``:
+    nobody else can bind it meanwhile, and since they never listen, the kernel never hands
+    them a connection. With port 0 the system picks a free port (read it with
+    ``getsockname``).
+
+    Raises:
+        OSError: An address cannot be bound (in use, not local, ...).
+    """
+    return _bind_all(host, port, reuse_port=True)
+
+
+def _bind_all(host: str, port: int, *, reuse_port: bool) -> list[socket.socket]:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -185,15 +225,16 @@ def open_listening_sockets(host: str, port: int, *, backlog: int = 1024) -> list
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
     except OSError:
-        _close_all(sockets)
+        for sock in sockets:  # never waited on: no need to tell trio
+            sock.close()
         raise
     return sockets
 

@@ -1,0 +1,312 @@
+"""``chatd serve --workers N`` against real processes: one port, several node processes.
+
+The supervisor starts N workers, each a node of one cluster, all listening on the same
+port with SO_REUSEPORT. These tests connect through that one port and read which worker
+answered from the welcome's session id (``NODE.SERIAL``); they stop the supervisor with
+SIGTERM and SIGKILL, kill workers, and check the configuration of ``workers``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from daemons import CHATD, DEADLINE, Daemon, serve
+
+from chatd.cli import _config, _parser, _passthrough
+from chatd.client import Client, connect
+from chatd.config import ConfigError, load_config
+from chatd.protocol import Msg, Receipt
+from chatd.workers import plan_workers, worker_names
+
+pytestmark = pytest.mark.slow
+
+WORKERS = ("node1-w1", "node1-w2")
+#: Connections opened to see both workers answer: all on one of two is 2 ** -39 likely.
+CONNECTIONS = 40
+#: Connections tried to land one user on a given worker (each lands there half the time).
+ATTEMPTS = 40
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def workers(tmp_path: Path, *args: str, graceful: bool = True
+                  ) -> AsyncIterator[Daemon]:
+    """``chatd serve --workers 2`` until the block ends (SIGTERM, exit 0 if graceful)."""
+    async with serve(tmp_path / "data", "--workers", "2", *args, graceful=graceful) as daemon:
+        yield daemon
+
+
+async def logged(daemon: Daemon, event: str, **match: Any) -> dict[str, Any]:
+    """Wait (with a deadline) until ``daemon`` has logged ``event`` with fields ``match``."""
+    with trio.fail_after(DEADLINE):
+        while True:
+            for record in daemon.events(event):
+                if all(record.get(key) == value for key, value in match.items()):
+                    return record
+            await trio.sleep(0.02)
+
+
+def worker_of(client: Client) -> str:
+    """The node that serves ``client``: its welcome's session id is ``NODE.SERIAL``."""
+    assert client.welcome is not None
+    return client.welcome.session.rpartition(".")[0]
+
+
+async def workers_seen(daemon: Daemon) -> collections.Counter[str]:
+    """Open :data:`CONNECTIONS` connections at once; count them by the worker that answers."""
+    seen: collections.Counter[str] = collections.Counter()
+    with trio.fail_after(DEADLINE):
+        async with AsyncExitStack() as stack:
+            for index in range(CONNECTIONS):
+                client = await stack.enter_async_context(
+                    connect(daemon.url, daemon.token(f"user{index}")))
+                seen[worker_of(client)] += 1
+    return seen
+
+
+async def connect_on(stack: AsyncExitStack, daemon: Daemon, user: str, worker: str
+                     ) -> Client:
+    """Connect as ``user`` until the connection lands on ``worker``; keep it in ``stack``."""
+    for _ in range(ATTEMPTS):
+        attempt = AsyncExitStack()
+        client = await attempt.enter_async_context(connect(daemon.url, daemon.token(user)))
+        if worker_of(client) == worker:
+            stack.push_async_exit(attempt)
+            return client
+        await attempt.aclose()
+    raise AssertionError(f"{ATTEMPTS} connections of {user} never landed on {worker}")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an unreaped zombie does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def gone(pids: list[int]) -> None:
+    with trio.fail_after(DEADLINE):
+        while any(alive(pid) for pid in pids):
+            await trio.sleep(0.02)
+
+
+async def test_both_workers_serve_through_one_port(tmp_path: Path) -> None:
+    port = free_port()
+    async with workers(tmp_path, "--port", str(port)) as daemon:
+        assert daemon.url == f"ws://127.0.0.1:{port}"
+        (listening,) = daemon.events("listening")
+        assert (listening["node"], listening["component"], listening["workers"]) == (
+            "node1", "workers", 2)
+        # Only the supervisor says `listening`, and only once every worker serves.
+        ready = {r["worker"] for r in daemon.records[:daemon.records.index(listening)]
+                 if r.get("event") == "worker_ready"}
+        assert ready == set(WORKERS)
+        seen = await workers_seen(daemon)
+        assert set(seen) == set(WORKERS), seen
+        # Each worker has its own data directory; the secret is shared.
+        assert {p.name for p in (tmp_path / "data").iterdir()} == {"secret", "w1", "w2"}
+        assert not daemon.errors()
+
+
+async def test_users_on_two_workers_chat(tmp_path: Path) -> None:
+    async with workers(tmp_path) as daemon:
+        with trio.fail_after(DEADLINE):
+            async with AsyncExitStack() as stack:
+                alice = await connect_on(stack, daemon, "alice", "node1-w1")
+                bob = await connect_on(stack, daemon, "bob", "node1-w2")
+                sent = await alice.send("bob", "hello from the other core")
+                async for event in bob.events():
+                    if isinstance(event, Msg):
+                        assert (event.id, event.sender, event.body) == (
+                            sent.id, "alice", "hello from the other core")
+                        await bob.ack(event.seq)
+                        break
+                async for event in alice.events():
+                    if (isinstance(event, Receipt) and event.status == "delivered"
+                            and sent.id in event.ids):
+                        assert event.by == "bob"
+                        break
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_every_worker_and_exits_0(tmp_path: Path, signum: int) -> None:
+    async with workers(tmp_path, graceful=False) as daemon:
+        pids = [r["pid"] for r in daemon.events("worker_started")]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        with trio.fail_after(DEADLINE):
+            async with connect(daemon.url, daemon.token("carol")) as carol:
+                daemon.process.send_signal(signum)
+                async for _ in carol.events():
+                    pass  # ends when carol's worker closes her session
+            assert carol.closed is not None
+            assert (carol.closed.code, carol.closed.reason) == (1001, "shutting_down")
+            assert await daemon.process.wait() == 0
+        await logged(daemon, "stopped", component="workers")
+        assert all(not alive(pid) for pid in pids)
+        exited = {r["worker"]: r for r in daemon.events("worker_exited")}
+        assert set(exited) == set(WORKERS)
+        assert all(r["status"] == 0 and r["level"] == "info" for r in exited.values())
+        assert not daemon.errors()
+
+
+async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
+        tmp_path: Path) -> None:
+    async with workers(tmp_path) as daemon:  # and SIGTERM at the end still exits 0
+        (victim,) = [r for r in daemon.events("worker_started") if r["worker"] == "node1-w2"]
+        os.kill(victim["pid"], signal.SIGKILL)
+        exited = await logged(daemon, "worker_exited", worker="node1-w2")
+        assert (exited["status"], exited["level"]) == (-signal.SIGKILL, "error")
+        again = await logged(daemon, "worker_started", worker="node1-w2", restarts=1)
+        assert again["pid"] != victim["pid"]
+        await logged(daemon, "worker_ready", pid=again["pid"])
+        assert set(await workers_seen(daemon)) == set(WORKERS)
+        assert daemon.process.poll() is None
+        assert [r["event"] for r in daemon.errors()] == ["worker_exited"]
+        assert len(daemon.events("listening")) == 1
+
+
+async def test_too_many_restarts_stop_everything_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "chatd.toml"
+    config.write_text("restart_intensity = 1\nrestart_period = 60.0\n")
+    async with workers(tmp_path, "--config", str(config), graceful=False) as daemon:
+        pids = [r["pid"] for r in daemon.events("worker_started")]
+        first = await logged(daemon, "worker_started", worker="node1-w1", restarts=0)
+        os.kill(first["pid"], signal.SIGKILL)
+        second = await logged(daemon, "worker_started", worker="node1-w1", restarts=1)
+        pids.append(second["pid"])
+        await logged(daemon, "worker_ready", pid=second["pid"])
+        os.kill(second["pid"], signal.SIGKILL)
+        with trio.fail_after(DEADLINE):
+            assert await daemon.process.wait() == 1
+        await logged(daemon, "stopped", component="workers")
+        exceeded = await logged(daemon, "restart_intensity_exceeded")
+        assert (exceeded["worker"], exceeded["intensity"]) == ("node1-w1", 1)
+        assert daemon.records[-1] == {
+            "event": "not_json",
+            "line": "chatd: error: workers restarted more than 1 times in 60.0 s "
+                    "(the last: node1-w1, killed by SIGKILL)"}
+        assert all(not alive(pid) for pid in pids)
+
+
+async def test_a_worker_that_cannot_start_fails_the_whole(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "w1").write_text("not a directory")
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process(
+            [*CHATD, "serve", "--workers", "2", "--port", "0", "--data-dir", str(data)],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith("chatd: error: worker node1-w1 failed to start: "), last
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    async with workers(tmp_path, graceful=False) as daemon:
+        pids = [r["pid"] for r in daemon.events("worker_started")]
+        await daemon.crash()
+        # Their stdin, a pipe from the supervisor, closes: each shuts down by itself.
+        await gone(pids)
+
+
+async def test_the_port_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(DEADLINE):
+            result = await trio.run_process(
+                [*CHATD, "serve", "--workers", "2", "--port", str(port),
+                 "--data-dir", str(tmp_path / "data")],
+                capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode() == (f"chatd: error: cannot serve on 127.0.0.1:{port}: "
+                                      "Address already in use\n")
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, 65])
+def test_workers_must_be_1_to_64(value: int) -> None:
+    with pytest.raises(ConfigError, match=f"workers must be 1-64, not {value}"):
+        load_config(workers=value)
+
+
+def test_workers_and_reuse_port_from_the_file_and_their_defaults(tmp_path: Path) -> None:
+    assert (load_config().workers, load_config().reuse_port) == (1, False)
+    config = tmp_path / "chatd.toml"
+    config.write_text("workers = 64\nreuse_port = true\n")
+    loaded = load_config(config)
+    assert (loaded.workers, loaded.reuse_port) == (64, True)
+    config.write_text('workers = "2"\n')
+    with pytest.raises(ConfigError, match="'workers' must be int"):
+        load_config(config)
+    config.write_text("reuse_port = 1\n")
+    with pytest.raises(ConfigError, match="'reuse_port' must be bool"):
+        load_config(config)
+
+
+async def test_workers_0_on_the_command_line_exits_2() -> None:
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process([*CHATD, "serve", "--workers", "0"],
+                                         capture_stdout=True, capture_stderr=True,
+                                         check=False)
+    assert result.returncode == 2
+    assert result.stderr.decode() == "chatd: error: workers must be 1-64, not 0\n"
+
+
+def test_worker_names_keep_within_32_characters() -> None:
+    names = worker_names(load_config(node="n" * 32, workers=12))
+    assert len(set(names)) == 12 and all(len(name) <= 32 for name in names)
+    assert names[0] == "n" * 29 + "-w1" and names[11] == "n" * 28 + "-w12"
+    with pytest.raises(ConfigError, match="name of one of this node's workers"):
+        worker_names(load_config(workers=2, cluster_listen="10.0.0.1:7800",
+                                 peers={"node1-w2": "10.0.0.2:7800"}))
+
+
+def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path) -> None:
+    (tmp_path / "chatd.toml").write_text("")
+    args = _parser().parse_args([
+        "serve", "--workers", "3", "--config", str(tmp_path / "chatd.toml"),
+        "--log-level", "debug",
+        "--store", "memory", "--node", "edge", "--data-dir", "/srv/chatd", "--port", "9000",
+        "--cluster-listen", "10.0.0.1:7800", "--peer", "far=10.0.0.9:7800",
+        "--store-dir", "/disk0", "--store-dir", "/disk1"])
+    config = _config(args)
+    options = _passthrough(args)
+    assert options == [f"--config={tmp_path / 'chatd.toml'}", "--log-level=debug",
+                       "--store=memory"]
+    names = worker_names(config)
+    specs = plan_workers(config, names, [7800, 7801, 7802], 9000, options)
+    assert [spec.name for spec in specs] == ["edge-w1", "edge-w2", "edge-w3"]
+    argv = specs[1].argv
+    assert argv[:4] == (argv[0], "-m", "chatd", "serve") and argv[4:7] == tuple(options)
+    assert set(argv[7:]) == {
+        "--workers=1", "--reuse-port", "--supervised", "--node=edge-w2",
+        "--host=127.0.0.1", "--port=9000", "--data-dir=/srv/chatd/w2",
+        "--secret-file=/srv/chatd/secret", "--cluster-listen=10.0.0.1:7801",
+        "--peer=far=10.0.0.9:7800", "--peer=edge-w1=10.0.0.1:7800",
+        "--peer=edge-w3=10.0.0.1:7802", "--store-dir=/disk0/w2", "--store-dir=/disk1/w2"}
+    # What a worker's own command line makes of it.
+    worker = _config(_parser().parse_args(list(argv[3:])))
+    assert (worker.workers, worker.reuse_port, worker.node, worker.port) == (
+        1, True, "edge-w2", 9000)
+    assert worker.peers == {"far": "10.0.0.9:7800", "edge-w1": "10.0.0.1:7800",
+                            "edge-w3": "10.0.0.1:7802"}
