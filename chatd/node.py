@@ -71,6 +71,8 @@ class Node:
             self.router = Router(self.actors, self.registry, self.replicas,
                                  forward=lambda node, user, entry: cluster.send(
                                      node, {"t": "dl", "u": user, "e": pack_entry(entry)}))
+            self.replicas.offer = self.router.offer
+            self.replicas.locate = self.registry.table.__contains__
             cluster.handler = NodeLinks(
                 config.node, self.registry, self.replicas,
                 lambda user, entry: self.router.offer(user, entry, forward=False))

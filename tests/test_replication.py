@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 from daemons import DEADLINE, Daemon, serve
+from test_cluster import LinkCutter
 
 from chatd.actors import ActorTable
 from chatd.auth import mint_token, read_secret
@@ -67,6 +68,9 @@ class Cluster:
         self.config.write_text(f"heartbeat_interval = {HEARTBEAT}\n"
                                f"failure_timeout = {FAILURE}\n")
         self.nodes: dict[str, Daemon] = {}
+        #: (node, peer) -> the port ``node`` dials to reach ``peer`` (a relay), if not
+        #: the peer's own.
+        self.via: dict[tuple[str, str], int] = {}
         self._stop: dict[str, trio.Event] = {}
         self._done: dict[str, trio.Event] = {}
 
@@ -87,7 +91,7 @@ class Cluster:
                 await event.wait()
 
     async def _run(self, name: str, ready: trio.Event) -> None:
-        peers = [f"--peer={peer}=127.0.0.1:{port}"
+        peers = [f"--peer={peer}=127.0.0.1:{self.via.get((name, peer), port)}"
                  for peer, port in self.cluster_ports.items() if peer != name]
         try:
             async with serve(self.tmp_path / name, "--config", str(self.config),
@@ -198,6 +202,7 @@ async def test_a_node_killed_under_traffic_loses_nothing_and_replicas_converge(
     bob = user_ranked("bob", ["n2", "n3", "n1"])  # n2 leads bob's queue, n3 follows
     everyone = list(NODES)
     ids = [f"m{i}" for i in range(60)]
+    offline = [f"offline{i}" for i in range(5)]
     later = [f"later{i}" for i in range(5)]
     async with trio.open_nursery() as nursery:
         cluster = Cluster(tmp_path, nursery)
@@ -205,38 +210,43 @@ async def test_a_node_killed_under_traffic_loses_nothing_and_replicas_converge(
         got: list[Msg] = []
         all_received = trio.Event()
         with trio.fail_after(DEADLINE * 3):
-            async with (connect(cluster.url("n1"), cluster.token("alice")) as alice,
-                        connect([cluster.url("n2"), cluster.url("n3")], cluster.token(bob),
-                                reconnect=True, backoff=FAST) as bob_client,
-                        trio.open_nursery() as chat):
-                assert bob_client.url == cluster.url("n2")
-                chat.start_soon(collect, bob_client, len(ids), got, all_received, True)
-                receipts: dict[str, set[str]] = {}
-                first_receipts = trio.Event()
+            async with connect(cluster.url("n1"), cluster.token("alice")) as alice:
+                async with (connect([cluster.url("n2"), cluster.url("n3")],
+                                    cluster.token(bob), reconnect=True,
+                                    backoff=FAST) as bob_client,
+                            trio.open_nursery() as chat):
+                    assert bob_client.url == cluster.url("n2")
+                    chat.start_soon(collect, bob_client, len(ids), got, all_received, True)
+                    receipts: dict[str, set[str]] = {}
+                    first_receipts = trio.Event()
 
-                async def watch() -> None:
-                    async for event in alice.events():
-                        if isinstance(event, Receipt):
-                            receipts.setdefault(event.status, set()).update(event.ids)
-                            if all(set(ids[:10]) <= receipts.get(s, set())
-                                   for s in ("delivered", "read")):
-                                first_receipts.set()
+                    async def watch() -> None:
+                        async for event in alice.events():
+                            if isinstance(event, Receipt):
+                                receipts.setdefault(event.status, set()).update(event.ids)
+                                if all(set(ids[:10]) <= receipts.get(s, set())
+                                       for s in ("delivered", "read")):
+                                    first_receipts.set()
 
-                chat.start_soon(watch)
-                # Both on their nodes: chat with every receipt.
-                for msg_id in ids[:10]:
+                    chat.start_soon(watch)
+                    # Both on their nodes: chat with every receipt.
+                    for msg_id in ids[:10]:
+                        await alice.send(bob, f"body {msg_id}", id=msg_id)
+                    await first_receipts.wait()
+                    # Kill bob's node (the leader of bob's queue) while alice keeps sending.
+                    for msg_id in ids[10:20]:
+                        await alice.send(bob, f"body {msg_id}", id=msg_id)
+                    await cluster.kill("n2")
+                    for msg_id in ids[20:]:
+                        sent = await alice.send(bob, f"body {msg_id}", id=msg_id)
+                        assert not sent.dup
+                    await all_received.wait()
+                    assert bob_client.url == cluster.url("n3")
+                    chat.cancel_scope.cancel()
+                # With bob away and n2 still down, messages wait on n3 and on n1 (the
+                # next member of bob's ranking, holding a hinted copy).
+                for msg_id in offline:
                     await alice.send(bob, f"body {msg_id}", id=msg_id)
-                await first_receipts.wait()
-                # Kill bob's node (the leader of bob's queue) while alice keeps sending.
-                for msg_id in ids[10:20]:
-                    await alice.send(bob, f"body {msg_id}", id=msg_id)
-                await cluster.kill("n2")
-                for msg_id in ids[20:]:
-                    sent = await alice.send(bob, f"body {msg_id}", id=msg_id)
-                    assert not sent.dup
-                await all_received.wait()
-                assert bob_client.url == cluster.url("n3")
-                chat.cancel_scope.cancel()
             assert [m.id for m in got] == ids  # every message once, in order
             assert [m.body for m in got] == [f"body {i}" for i in ids]
 
@@ -252,11 +262,84 @@ async def test_a_node_killed_under_traffic_loses_nothing_and_replicas_converge(
             async with connect(cluster.url("n1"), cluster.token("alice")) as alice:
                 for msg_id in later:
                     await alice.send(bob, f"body {msg_id}", id=msg_id)
+        # n1 first: with n1 gone, n2 and n3 are still bob's replicas, so nothing moves.
         for name in NODES:
             await cluster.stop(name)
     held = {name: [(e.seq, e.item.id) for e in await pending_on(tmp_path / name, bob)]
             for name in NODES}
-    assert [msg_id for _, msg_id in held["n2"]] == later
+    assert [msg_id for _, msg_id in held["n2"]] == offline + later  # moved back to n2
     assert held["n2"] == held["n3"]  # both replicas hold the same pending set
     assert held["n1"] == []  # the hinted copy went back to the owners
+    assert not any(d.errors() for d in cluster.nodes.values())
+
+
+async def test_a_cut_link_is_bridged_by_the_third_node_and_the_queues_merge_after(
+        tmp_path: Path) -> None:
+    # bob's queue is owned by n1 and n2, the two nodes that lose each other: during the
+    # cut each of them sees itself as its leader, and n3 (which sees both) arbitrates.
+    bob = user_ranked("bob", ["n1", "n2", "n3"])
+    alice = user_ranked("alice", ["n2", "n1", "n3"])
+    everyone = list(NODES)
+    during = [f"cut{i}" for i in range(10)]
+    after = [f"healed{i}" for i in range(5)]
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        cutter = await nursery.start(LinkCutter(cluster.cluster_ports["n2"]).run)
+        cluster.via[("n1", "n2")] = cutter.port  # n1 dials n2 through the relay
+        await cluster.start(*NODES)
+        n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
+        with trio.fail_after(DEADLINE * 3):
+            async with (connect(cluster.url("n1"), cluster.token(alice)) as on_n1,
+                        connect(cluster.url("n2"), cluster.token(bob)) as on_n2,
+                        trio.open_nursery() as chat):
+                got: list[Msg] = []
+                all_read = trio.Event()
+                chat.start_soon(collect, on_n2, len(during), got, all_read, True)
+                read: set[str] = set()
+                receipts_in = trio.Event()
+
+                async def watch() -> None:
+                    async for event in on_n1.events():
+                        if isinstance(event, Receipt) and event.status == "read":
+                            read.update(event.ids)
+                            if read >= set(during):
+                                receipts_in.set()
+
+                chat.start_soon(watch)
+                downs = {d: len(d.events("peer_down")) for d in (n1, n2)}
+                cutter.cut = True
+                assert (await logged(n1, "peer_down", downs[n1] + 1))["peer"] == "n2"
+                assert (await logged(n2, "peer_down", downs[n2] + 1))["peer"] == "n1"
+                # During the cut: every message is accepted, and reaches bob at once
+                # through n3; his read receipts come back the same way.
+                for msg_id in during:
+                    assert not (await on_n1.send(bob, msg_id, id=msg_id)).dup
+                await all_read.wait()
+                await receipts_in.wait()
+                assert [m.id for m in got] == during
+                # The link heals: the nodes link again and merge bob's two copies.
+                handoffs = {name: sum(r["up"] == everyone
+                                      for r in cluster.nodes[name].events("handoff_done"))
+                            for name in NODES}
+                ups = {d: len(d.events("peer_up")) for d in (n1, n2)}
+                cutter.cut = False
+                await logged(n1, "peer_up", ups[n1] + 1)
+                await logged(n2, "peer_up", ups[n2] + 1)
+                for name in ("n1", "n2"):
+                    await logged(cluster.nodes[name], "handoff_done", handoffs[name] + 1,
+                                 lambda r: r["up"] == everyone)
+                chat.cancel_scope.cancel()
+            # Messages for bob while he is away wait on both of his queue's owners.
+            async with connect(cluster.url("n3"), cluster.token(alice)) as on_n3:
+                for msg_id in after:
+                    await on_n3.send(bob, msg_id, id=msg_id)
+        # n3 first: with n3 gone, n1 and n2 are still bob's replicas, so nothing moves.
+        for name in ("n3", "n1", "n2"):
+            await cluster.stop(name)
+        nursery.cancel_scope.cancel()  # the relay
+    held = {name: [(e.seq, e.item.id) for e in await pending_on(tmp_path / name, bob)]
+            for name in NODES}
+    assert [msg_id for _, msg_id in held["n1"]] == after
+    assert held["n1"] == held["n2"]
+    assert held["n3"] == []
     assert not any(d.errors() for d in cluster.nodes.values())

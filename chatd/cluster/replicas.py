@@ -60,12 +60,26 @@ logger = logging.getLogger(__name__)
 
 #: Users' states carried by one merge, pull or set frame at most (by pending entries).
 BATCH_ENTRIES = 5000
-#: How many times a request is tried again under a new placement after its node failed.
-ATTEMPTS = 3
+#: How many times a request is tried, under the placement of the moment, before it fails.
+ATTEMPTS = 6
+#: Seconds before the first retry; each later one waits twice as long (3.2 s in all).
+RETRY_PAUSE = 0.05
 
 
 class PeerGone(Exception):
     """A request's node went down or did not answer in time."""
+
+
+class _Moved(Exception):
+    """A replica does not take a change from a node it does not see as the leader.
+
+    ``via`` is the replica that refused, when the request can be passed on to it (it
+    passes it to the leader it sees).
+    """
+
+    def __init__(self, user: str, via: str | None = None) -> None:
+        super().__init__(user)
+        self.via = via
 
 
 class _Refused(Exception):
@@ -121,6 +135,10 @@ class Replicas:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._log = EventLog(logger, node, "replicas")
+        #: Offers a stored entry to the user's session, wherever it is (set by the node).
+        self.offer: Callable[[str, Entry], None] = lambda user, entry: None
+        #: Whether the registry knows a session of the user (set by the node).
+        self.locate: Callable[[str], bool] = lambda user: False
         #: Completed hand-offs (for tests and metrics).
         self.handoffs = 0
 
@@ -157,17 +175,19 @@ class Replicas:
 
     async def submit(self, message: Message) -> Accepted:
         """Queue ``message`` on both replicas of its recipient; see :meth:`Store.submit`."""
-        reply = await self._lead("put", message.to, {"msg": list(message)},
-                                 lambda: self._lead_submit(message))
+        reply, here = await self._lead("put", message.to, {"msg": list(message)},
+                                       lambda: self._lead_submit(message))
         entry = reply.get("entry")
+        # A remote leader offered the entry itself; one led here is the router's to offer.
         return Accepted(int(reply["ts"]), bool(reply["dup"]),
-                        unpack_entry(message.to, entry) if entry else None)
+                        unpack_entry(message.to, entry) if entry and here else None)
 
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> list[tuple[str, Entry]]:
         """Acknowledge on both replicas, then queue the receipts with their senders."""
-        reply = await self._lead("ack", user, {"status": status, "upto": upto, "peer": peer},
-                                 lambda: self._lead_ack(user, status, upto, peer))
+        reply, _ = await self._lead("ack", user, {"status": status, "upto": upto,
+                                                  "peer": peer},
+                                    lambda: self._lead_ack(user, status, upto, peer))
         receipts: dict[str, list[ReceiptItem]] = {}
         for sender, status_, by, ids, ts in reply["receipts"]:
             receipts.setdefault(sender, []).append(ReceiptItem(status_, by, tuple(ids), ts))
@@ -175,12 +195,14 @@ class Replicas:
         for sender, items in receipts.items():
             packed = [[i.status, i.by, list(i.ids), i.ts] for i in items]
             try:
-                answer = await self._lead("rcpt", sender, {"items": packed},
-                                          functools.partial(self._lead_receipts, sender, items))
+                answer, here = await self._lead(
+                    "rcpt", sender, {"items": packed},
+                    functools.partial(self._lead_receipts, sender, items))
             except StoreUnavailable:
                 self._log.warning("receipts_not_queued", user=sender, receipts=len(items))
                 continue
-            queued.extend((sender, unpack_entry(sender, e)) for e in answer["entries"])
+            if here:
+                queued.extend((sender, unpack_entry(sender, e)) for e in answer["entries"])
         return queued
 
     async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
@@ -220,22 +242,33 @@ class Replicas:
     # -- requests ------------------------------------------------------------------------
 
     async def _lead(self, op: str, user: str, fields: dict[str, Any],
-                    here: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Run ``op`` for ``user`` on its leader: here, or on a peer, trying again on
-        another leader if the first one goes down.
+                    here: Callable[[], Awaitable[dict[str, Any]]]
+                    ) -> tuple[dict[str, Any], bool]:
+        """Run ``op`` for ``user`` on its leader: here, or on a peer, trying again (after
+        a short, growing pause) while placement settles after a node went away.
+
+        Returns:
+            The answer, and whether the operation was led here.
 
         Raises:
             IdConflict: The leader found the message id used for another recipient.
             StoreUnavailable: No leader could make the change durable on two replicas.
         """
-        for _ in range(ATTEMPTS):
+        via: str | None = None
+        for attempt in range(ATTEMPTS):
+            if attempt and via is None:
+                await trio.sleep(RETRY_PAUSE * 2 ** attempt)
             replicas = self.placement.replicas(user)
             if len(replicas) < 2:
-                break
+                continue
+            target, via = via or replicas[0], None
             try:
-                if replicas[0] == self.node:
-                    return await here()
-                return await self._call(replicas[0], {"op": op, "user": user, **fields})
+                if target == self.node:
+                    return await here(), True
+                return await self._call(target, {"op": op, "user": user, **fields}), False
+            except _Moved as moved:
+                via = moved.via
+                continue
             except PeerGone:
                 continue
             except _Refused as refused:
@@ -248,7 +281,7 @@ class Replicas:
     async def _ask(self, node: str, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Run a replica operation here or on ``node``."""
         if node == self.node:
-            return await self._serve(op, fields, forwarded=True)
+            return await self._serve(op, fields)
         return await self._call(node, {"op": op, **fields})
 
     async def _call(self, peer: str, frame: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +306,7 @@ class Replicas:
             raise PeerGone(peer)
         if "err" in reply:
             raise _Refused(str(reply["err"]))
-        return reply
+        return {k: v for k, v in reply.items() if k not in ("t", "id")}
 
     def remote(self, peer: str, frame: dict[str, Any]) -> None:
         """A request or an answer from ``peer``."""
@@ -288,12 +321,12 @@ class Replicas:
 
     async def _answer(self, peer: str, frame: dict[str, Any]) -> None:
         try:
-            reply = await self._serve(str(frame["op"]), frame, forwarded=bool(frame.get("fw")))
+            reply = await self._serve(str(frame["op"]), frame)
         except IdConflict:
             reply = {"err": "id_conflict"}
         except StoreUnavailable:
             reply = {"err": "unavailable"}
-        except PeerGone:
+        except (PeerGone, _Moved):
             reply = {"err": "moved"}
         except (KeyError, TypeError, ValueError) as err:
             self._log.warning("link_frame_refused", peer=peer, op=str(frame.get("op")),
@@ -301,42 +334,33 @@ class Replicas:
             reply = {"err": "bad_request"}
         self._send(peer, {"t": "r", "id": frame.get("id"), **reply})
 
-    async def _serve(self, op: str, frame: Mapping[str, Any], *, forwarded: bool
-                     ) -> dict[str, Any]:
+    async def _serve(self, op: str, frame: Mapping[str, Any]) -> dict[str, Any]:
         """Carry out one request (from a peer, or from this node for itself)."""
+        if op in ("put", "ack", "rcpt"):
+            return await self._serve_leading(op, frame)
         local = self.local
         user = str(frame.get("user", ""))
-        if op in ("put", "ack", "rcpt") and self.placement.replicas(user)[:1] != [self.node]:
-            # Not the leader from here: pass it on once, to the leader this node sees.
-            if forwarded:
-                raise PeerGone(user)
-            leader = self.placement.replicas(user)
-            if not leader:
-                raise StoreUnavailable(user)
-            fields = {k: v for k, v in frame.items() if k not in ("t", "id")}
-            return await self._call(leader[0], {**fields, "fw": True})
         match op:
-            case "put":
-                return await self._lead_submit(Message(*frame["msg"]))
-            case "ack":
-                return await self._lead_ack(user, str(frame["status"]), int(frame["upto"]),
-                                            frame["peer"])
-            case "rcpt":
-                items = [ReceiptItem(str(s), str(b), tuple(ids), int(ts))
-                         for s, b, ids, ts in frame["items"]]
-                return await self._lead_receipts(user, items)
             case "rep":
-                await local.put(user, [unpack_entry(user, e) for e in frame["entries"]])
+                self._check_leader(user, frame)
+                entries = [unpack_entry(user, e) for e in frame["entries"]]
+                await local.put(user, entries)
+                if not frame.get("known", True) and self.locate(user):
+                    # The leader cannot see the user's session (a cut link), this node
+                    # can: the entries reach the session through here.
+                    for entry in entries:
+                        self.offer(user, entry)
                 return {}
             case "ackrep":
+                self._check_leader(user, frame)
                 await local.acknowledge_only(user, str(frame["status"]), int(frame["upto"]),
                                              frame["peer"])
                 return {}
             case "pend":
                 index = local.index
-                entries = index.pending(user, int(frame["after"]), int(frame["limit"]))
+                found = index.pending(user, int(frame["after"]), int(frame["limit"]))
                 return {"acked": index.acked(user), "last": index.last_seq(user),
-                        "entries": [pack_entry(e) for e in entries]}
+                        "entries": [pack_entry(e) for e in found]}
             case "merge":
                 states = {str(u): unpack_state(str(u), s) for u, s in frame["states"].items()}
                 await self._merge(states)
@@ -350,6 +374,52 @@ class Replicas:
                 await local.replace(states)
                 return {}
         raise ValueError(f"unknown operation {op!r}")
+
+    async def _serve_leading(self, op: str, frame: Mapping[str, Any]) -> dict[str, Any]:
+        """Carry out a request for a queue's leader, or pass it on to the leader.
+
+        A request is passed on at most twice: to the leader this node sees, or to the
+        replica that refused this node's lead (which passes it to the leader it sees).
+        """
+        user = str(frame["user"])
+        hops = int(frame.get("hops", 0))
+        replicas = self.placement.replicas(user)
+        if not replicas:
+            raise StoreUnavailable(user)
+        via = replicas[0] if replicas[0] != self.node else None
+        if via is None:
+            try:
+                match op:
+                    case "put":
+                        return await self._lead_submit(Message(*frame["msg"]), offer=True)
+                    case "ack":
+                        return await self._lead_ack(user, str(frame["status"]),
+                                                    int(frame["upto"]), frame["peer"])
+                    case _:
+                        items = [ReceiptItem(str(s), str(b), tuple(ids), int(ts))
+                                 for s, b, ids, ts in frame["items"]]
+                        return await self._lead_receipts(user, items, offer=True)
+            except _Moved as moved:
+                if moved.via is None:
+                    raise
+                via = moved.via
+        if hops >= 2:
+            raise _Moved(user)
+        fields = {k: v for k, v in frame.items() if k not in ("t", "id")}
+        return await self._call(via, {**fields, "hops": hops + 1})
+
+    def _check_leader(self, user: str, frame: Mapping[str, Any]) -> None:
+        """Refuse a change from a node this one does not see as the leader of ``user``.
+
+        Two nodes that cannot see each other may both think they lead a queue; a replica
+        that sees both takes changes from one only, so that it never holds two different
+        items under one number (the other's write fails over, or is refused).
+
+        Raises:
+            _Moved: The sender is not the leader from here.
+        """
+        if self.placement.replicas(user)[:1] != [frame.get("from")]:
+            raise _Moved(user)
 
     # -- what a leader does --------------------------------------------------------------
 
@@ -374,6 +444,8 @@ class Replicas:
 
         Raises:
             StoreUnavailable: Either copy could not be made.
+            _Moved: The other replica sees another node as the leader (the caller
+                passes the request on to it).
         """
         failure: StoreUnavailable | None = None
 
@@ -385,6 +457,7 @@ class Replicas:
                 failure = err
 
         replicated = False
+        moved: str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(locally)
             for _ in range(ATTEMPTS):
@@ -392,17 +465,27 @@ class Replicas:
                 if len(replicas) < 2 or replicas[0] != self.node:
                     break
                 try:
-                    await self._call(replicas[1], {**frame, "user": user})
-                except (PeerGone, _Refused):
+                    await self._call(replicas[1], {**frame, "user": user, "from": self.node,
+                                                   "known": self.locate(user)})
+                except _Refused as refused:
+                    if refused.code == "moved":
+                        moved = replicas[1]
+                        break
+                    await trio.sleep(RETRY_PAUSE)
+                    continue
+                except PeerGone:
+                    await trio.sleep(RETRY_PAUSE)
                     continue
                 replicated = True
                 break
         if failure is not None:
             raise failure
+        if moved is not None:
+            raise _Moved(user, via=moved)
         if not replicated:
             raise StoreUnavailable(f"{user}'s queue has no second replica now")
 
-    async def _lead_submit(self, message: Message) -> dict[str, Any]:
+    async def _lead_submit(self, message: Message, *, offer: bool = False) -> dict[str, Any]:
         user, key = message.to, (message.sender, message.id)
         index = self.local.index
         async with self._writing(user):
@@ -422,6 +505,8 @@ class Replicas:
             finally:
                 del self._inflight[key]
                 done.set()
+        if offer:
+            self.offer(user, entry)
         return {"ts": message.ts, "dup": False, "entry": pack_entry(entry)}
 
     async def _lead_ack(self, user: str, status: str, upto: int, peer: str | None
@@ -437,12 +522,16 @@ class Replicas:
         return {"receipts": [[sender, *item[:2], list(item.ids), item.ts]
                              for sender, item in receipts]}
 
-    async def _lead_receipts(self, user: str, items: Sequence[ReceiptItem]) -> dict[str, Any]:
+    async def _lead_receipts(self, user: str, items: Sequence[ReceiptItem], *,
+                             offer: bool = False) -> dict[str, Any]:
         index = self.local.index
         async with self._writing(user):
             entries = [Entry(index.reserve(user), item) for item in items]
             await self._both(user, lambda: self.local.put(user, entries),
                              {"op": "rep", "entries": [pack_entry(e) for e in entries]})
+        if offer:
+            for entry in entries:
+                self.offer(user, entry)
         return {"entries": [pack_entry(e) for e in entries]}
 
     async def _merge(self, states: Mapping[str, UserState]) -> None:
@@ -474,6 +563,9 @@ class Replicas:
                     if len(replicas) > 1:
                         followers.setdefault(replicas[1], {})[user] = state
                 await self.local.replace(merged)
+                for user, state in merged.items():
+                    for entry in state.entries:  # what the user's session may not have
+                        self.offer(user, entry)
                 for follower, group in followers.items():
                     with contextlib.suppress(PeerGone, _Refused):
                         await self._call(follower, {"op": "set", "states": {
