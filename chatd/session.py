@@ -57,7 +57,7 @@ from chatd.protocol import (
 from chatd.protocol.websocket import WebSocketError
 from chatd.registry import Registry
 from chatd.router import Router
-from chatd.store import Entry, Message, Store
+from chatd.store import Entry, Message, Store, StoreUnavailable
 from chatd.transport import ConnectionClosed, WebSocket
 
 __all__ = ["CATCH_UP_BATCH", "Session", "SessionContext"]
@@ -68,6 +68,10 @@ logger = logging.getLogger(__name__)
 CATCH_UP_BATCH = 256
 #: Seconds allowed to tell a client why it is being closed.
 CLOSE_TIMEOUT = 2.0
+
+#: Why a session closes when its user's queue cannot be read (in a cluster, no replica of
+#: it answers); the client connects again later.
+_UNREADABLE = "this user's queue cannot be read now; connect again later"
 
 _EXIT_MESSAGES = {
     ErrorCode.SESSION_REPLACED: "a newer login of this user took over",
@@ -193,14 +197,19 @@ class Session:
             with self._open_scope:
                 await ctx.registry.register(user, address)
                 await ctx.presence.session_up(user, address)
-                if hello.resume:
-                    with contextlib.suppress(ProtocolError):  # store_unavailable: redeliver
-                        await ctx.router.acknowledge(
-                            user, "delivered", min(hello.resume, await ctx.store.last_seq(user)))
-                # Everything before the first pending entry reached the user on an earlier
-                # connection: acknowledgements up to there are legitimate on this one.
-                first = await ctx.store.pending(user, 0, 1)
-                self._sent_seq = first[0].seq - 1 if first else await ctx.store.last_seq(user)
+                try:
+                    if hello.resume:
+                        with contextlib.suppress(ProtocolError):  # store_unavailable: redeliver
+                            await ctx.router.acknowledge(user, "delivered", min(
+                                hello.resume, await ctx.store.last_seq(user)))
+                    # Everything before the first pending entry reached the user on an
+                    # earlier connection: acknowledgements up to there are legitimate.
+                    first = await ctx.store.pending(user, 0, 1)
+                    self._sent_seq = (first[0].seq - 1 if first
+                                      else await ctx.store.last_seq(user))
+                except StoreUnavailable:
+                    self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
+                    self._open_scope.cancel()
             if not self._open_scope.cancel_called:
                 welcome = Welcome(self._conn.version, user, f"{address.node}.{address.serial}",
                                   now_ms(), ctx.config.limits.max_frame_bytes,
@@ -471,6 +480,8 @@ class Session:
                         await self._flush()
             except ConnectionClosed:
                 pass
+            except StoreUnavailable:  # in a cluster: no replica of the queue answers
+                self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
         # The writer is done (connection lost, idle, or told to stop): so is the session.
         self._reader_scope.cancel()
 

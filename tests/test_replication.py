@@ -6,19 +6,23 @@ node is killed with SIGKILL while messages keep coming: the senders still get ``
 for every message (the queue's other owner leads, the next node holds a hinted copy), the
 recipient reconnects to another node and gets every message once, in order, and when the
 killed node returns, the queues move back to it and both replicas hold the same entries,
-which the test reads from their store directories after the nodes stop.
+which the test reads from their store directories after the nodes stop. A link cut
+between two nodes is bridged by the third, and ``chatd listen`` fails over to another
+node like the client library.
 """
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from daemons import DEADLINE, Daemon, serve
+from daemons import CHATD, DEADLINE, Daemon, run, serve
 from test_cluster import LinkCutter
 
 from chatd.actors import ActorTable
@@ -343,3 +347,43 @@ async def test_a_cut_link_is_bridged_by_the_third_node_and_the_queues_merge_afte
     assert held["n1"] == held["n2"]
     assert held["n3"] == []
     assert not any(d.errors() for d in cluster.nodes.values())
+
+
+async def test_cli_listen_fails_over_to_another_node(tmp_path: Path) -> None:
+    bob = user_ranked("bob", ["n2", "n3", "n1"])
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        await cluster.start(*NODES)
+        alice, bob_token = cluster.token("alice"), cluster.token(bob)
+        status, _, err = await run(["send", "--url", cluster.url("n1"), "--token", alice,
+                                    "--to", bob, "before"])
+        assert status == 0, err
+        listen = await trio.lowlevel.open_process(
+            [*CHATD, "listen", "--url", cluster.url("n2"), "--url", cluster.url("n3"),
+             "--token", bob_token, "--count", "3", "--timeout", str(DEADLINE)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert listen.stdout is not None
+            first = b""
+            with trio.fail_after(DEADLINE):
+                while not first.endswith(b"\n"):
+                    first += await listen.stdout.receive_some()
+            assert b'"body":"before"' in first
+            await cluster.kill("n2")  # the node bob listens on, and his queue's leader
+            for text in ("after1", "after2"):
+                status, _, err = await run(["send", "--url", cluster.url("n1"), "--token",
+                                            alice, "--to", bob, text])
+                assert status == 0, err
+            rest = b""
+            with trio.fail_after(DEADLINE):
+                async for chunk in listen.stdout:
+                    rest += chunk
+                assert await listen.wait() == 0
+        finally:
+            if listen.poll() is None:
+                listen.kill()
+            await listen.wait()
+        lines = rest.decode().splitlines()
+        assert [json.loads(line)["body"] for line in lines] == ["after1", "after2"]
+        for name in ("n1", "n3"):
+            await cluster.stop(name)
