@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 BATCH_ENTRIES = 5000
 #: How many times a request is tried, under the placement of the moment, before it fails.
 ATTEMPTS = 6
-#: Seconds before the first retry; each later one waits twice as long (3.2 s in all).
+#: Seconds that, doubled, make the first pause between tries; each later pause doubles
+#: again (0.1, 0.2, 0.4, 0.8, 1.6: 3.1 s in all).
 RETRY_PAUSE = 0.05
 
 
