@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable
 
 __all__ = ["Placement", "ranking"]
 
+#: Users whose ranking a node remembers at most; past it, it starts again (a few MB).
+RANKINGS_KEPT = 65536
+
 
 def _score(member: str, user: str) -> bytes:
     return hashlib.blake2b(f"{member}\x00{user}".encode(), digest_size=8).digest()
@@ -43,12 +46,27 @@ class Placement:
         self.node = node
         self.members = tuple(sorted(set(members) | {node}))
         self._is_up = is_up
+        self._rankings: dict[str, tuple[str, ...]] = {}
+
+    def ranking(self, user: str) -> tuple[str, ...]:
+        """``user``'s ranking over the members (remembered: it is asked for per message)."""
+        found = self._rankings.get(user)
+        if found is None:
+            if len(self._rankings) >= RANKINGS_KEPT:
+                self._rankings.clear()
+            found = self._rankings[user] = tuple(ranking(user, self.members))
+        return found
 
     def owners(self, user: str) -> list[str]:
         """The two nodes that keep ``user``'s queue while every member is up."""
-        return ranking(user, self.members)[:2]
+        return list(self.ranking(user)[:2])
 
     def replicas(self, user: str) -> list[str]:
         """The first two reachable members of ``user``'s ranking; the first leads."""
-        up = [m for m in ranking(user, self.members) if m == self.node or self._is_up(m)]
-        return up[:2]
+        up: list[str] = []
+        for member in self.ranking(user):
+            if member == self.node or self._is_up(member):
+                up.append(member)
+                if len(up) == 2:
+                    break
+        return up
