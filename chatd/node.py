@@ -74,9 +74,10 @@ class Node:
             self.replicas.offer = self.router.offer
             self.replicas.locate = self.registry.table.__contains__
             cluster.handler = NodeLinks(
-                config.node, self.registry, self.replicas,
+                config.node, self.registry, self.presence, self.replicas,
                 lambda user, entry: self.router.offer(user, entry, forward=False))
             self.registry.attach(cluster.send)
+            self.presence.attach(cluster.send)
         else:
             self.router = Router(self.actors, self.registry, self.store)
         self.supervisor = Supervisor("node", node=config.node,

@@ -13,11 +13,19 @@ a slow consumer.
 
 State lives in memory and is lost on restart (a user last seen before the restart reads as
 never seen until they are active again).
+
+In a cluster, each node tells its peers about its own users' reports (``pr`` link frames:
+online with the time of activity, or offline with the time the session ended) and sends
+all its online users when a link comes up (``prsync``). So ``lastseen`` and subscriptions
+work for a user on any node; the users of a peer that goes down read as offline, last seen
+at their last report.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -60,6 +68,21 @@ class _Watch:
     add: bool
 
 
+@attrs.frozen
+class _Remote:
+    """A peer's ``pr`` or ``prsync`` frame, or its link going up or down (``frame`` None)."""
+
+    peer: str
+    frame: dict[str, Any] | None
+    up: bool = True
+
+
+_Message = _Up | _Down | _Active | _Watch | _Remote
+
+#: Sends a link frame to a peer (a name) or to every peer (None).
+Send = Callable[[str | None, dict[str, Any]], None]
+
+
 class PresenceService:
     """Owns last-seen times, online state and presence subscriptions.
 
@@ -74,14 +97,15 @@ class PresenceService:
         self._actors = actors
         self.threshold = threshold
         self.report_interval = threshold / 4
-        self._mailbox: Mailbox[_Up | _Down | _Active | _Watch] = actors.open("presence",
-                                                                             capacity)
+        self._mailbox: Mailbox[_Message] = actors.open("presence", capacity)
         self._log = EventLog(logger, actors.node, "presence")
         self._sessions: dict[str, Address] = {}
         self._last_active: dict[str, int] = {}
         self._announced: set[str] = set()
         self._watchers: dict[str, set[Address]] = {}
         self._watching: dict[Address, set[str]] = {}
+        self._remote: dict[str, str] = {}  # user -> the peer holding their session
+        self._send: Send | None = None
 
     def lookup(self, user: str) -> Presence:
         """The presence of ``user`` now, as a frame."""
@@ -90,8 +114,24 @@ class PresenceService:
 
     def _is_online(self, user: str, now: int) -> bool:
         last = self._last_active.get(user)
-        return (user in self._sessions and last is not None
+        return ((user in self._sessions or user in self._remote) and last is not None
                 and now - last < self.threshold * 1000)
+
+    def attach(self, send: Send) -> None:
+        """Join a cluster: tell peers about local users' presence through ``send``."""
+        self._send = send
+
+    async def remote(self, peer: str, frame: dict[str, Any]) -> None:
+        """A ``pr`` or ``prsync`` frame from ``peer``."""
+        await self._mailbox.deliver(_Remote(peer, frame))
+
+    async def peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: it gets every local online user."""
+        await self._mailbox.deliver(_Remote(peer, None, up=True))
+
+    async def peer_down(self, peer: str) -> None:
+        """``peer`` is down: its users read as offline."""
+        await self._mailbox.deliver(_Remote(peer, None, up=False))
 
     async def session_up(self, user: str, address: Address) -> None:
         """Report that ``user`` connected with session ``address``."""
@@ -122,17 +162,19 @@ class PresenceService:
             self._sweep()
             next_sweep = trio.current_time() + self.report_interval
 
-    def _handle(self, message: _Up | _Down | _Active | _Watch) -> None:
+    def _handle(self, message: _Message) -> None:
         match message:
             case _Up(user, address, ts):
                 self._sessions[user] = address
                 self._last_active[user] = ts
                 self._announce(user, ts)
+                self._tell(user, True, ts)
             case _Down(user, address, ts):
                 if self._sessions.get(user) == address:
                     del self._sessions[user]
                     self._last_active[user] = ts
                     self._announce(user, ts)
+                    self._tell(user, False, ts)
                 for watched in self._watching.pop(address, ()):
                     watchers = self._watchers.get(watched)
                     if watchers is not None:
@@ -142,8 +184,48 @@ class PresenceService:
             case _Active(user, ts):
                 self._last_active[user] = ts
                 self._announce(user, ts)
+                self._tell(user, True, ts)
             case _Watch(address, users, add):
                 self._watch(address, users, add)
+            case _Remote(peer, None, up):
+                if up and self._send is not None:
+                    self._send(peer, {"t": "prsync", "users": [
+                        [user, self._last_active[user]] for user in self._sessions]})
+                elif not up:
+                    self._forget(peer)
+            case _Remote(peer, dict() as frame):
+                try:
+                    self._apply(peer, frame)
+                except (KeyError, TypeError, ValueError):
+                    self._log.warning("link_frame_refused", peer=peer,
+                                      frame=str(frame.get("t")))
+
+    def _tell(self, user: str, online: bool, ts: int) -> None:
+        if self._send is not None:
+            self._send(None, {"t": "pr", "u": user, "on": online, "ts": ts})
+
+    def _apply(self, peer: str, frame: dict[str, Any]) -> None:
+        if frame["t"] == "prsync":
+            self._forget(peer, announce=False)
+            reports = [(str(user), True, int(ts)) for user, ts in frame["users"]]
+        else:
+            reports = [(str(frame["u"]), bool(frame["on"]), int(frame["ts"]))]
+        for user, online, ts in reports:
+            if online:
+                self._remote[user] = peer
+            elif self._remote.get(user) == peer:
+                del self._remote[user]
+            self._last_active[user] = max(ts, self._last_active.get(user, ts))
+            self._announce(user, now_ms())
+
+    def _forget(self, peer: str, *, announce: bool = True) -> None:
+        gone = [user for user, node in self._remote.items() if node == peer]
+        for user in gone:
+            del self._remote[user]
+        if announce:
+            now = now_ms()
+            for user in gone:
+                self._announce(user, now)
 
     def _watch(self, address: Address, users: tuple[str, ...], add: bool) -> None:
         watching = self._watching.setdefault(address, set())

@@ -29,7 +29,7 @@ from chatd.actors import ActorTable
 from chatd.auth import mint_token, read_secret
 from chatd.client import Backoff, Client, connect
 from chatd.cluster import ranking
-from chatd.protocol import Msg, Receipt
+from chatd.protocol import Msg, Presence, Receipt
 from chatd.store import DurableStore, Entry
 
 pytestmark = pytest.mark.slow
@@ -385,5 +385,45 @@ async def test_cli_listen_fails_over_to_another_node(tmp_path: Path) -> None:
             await listen.wait()
         lines = rest.decode().splitlines()
         assert [json.loads(line)["body"] for line in lines] == ["after1", "after2"]
+        for name in ("n1", "n3"):
+            await cluster.stop(name)
+
+
+async def test_presence_crosses_nodes(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        await cluster.start(*NODES)
+        with trio.fail_after(DEADLINE):
+            async with connect(cluster.url("n1"), cluster.token("alice")) as alice:
+                never = await alice.last_seen("bob")
+                assert (never.online, never.last_seen) == (False, None)
+                await alice.subscribe(["bob"])
+                updates: list[Presence] = []
+                online, offline = trio.Event(), trio.Event()
+
+                async def watch() -> None:
+                    async for event in alice.events():
+                        if isinstance(event, Presence) and event.user == "bob":
+                            updates.append(event)
+                            (online if event.online else offline).set()
+
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(watch)
+                    await offline.wait()  # the answer to the subscription: never seen
+                    offline = trio.Event()
+                    async with connect(cluster.url("n2"), cluster.token("bob")):
+                        await online.wait()  # pushed to alice on n1 from bob's node n2
+                        seen = await alice.last_seen("bob")
+                        assert seen.online and seen.last_seen is not None
+                    await offline.wait()
+                    gone = await alice.last_seen("bob")
+                    assert not gone.online and gone.last_seen >= seen.last_seen
+                    # A node that dies takes its users' presence with it.
+                    online, offline = trio.Event(), trio.Event()
+                    async with connect(cluster.url("n2"), cluster.token("bob")):
+                        await online.wait()
+                        await cluster.kill("n2")
+                        await offline.wait()
+                    watching.cancel_scope.cancel()
         for name in ("n1", "n3"):
             await cluster.stop(name)
