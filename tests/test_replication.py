@@ -14,16 +14,13 @@ node like the client library.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from daemons import CHATD, DEADLINE, Daemon, run, serve
-from test_cluster import LinkCutter
+from test_cluster import LinkCutter, free_port, logged
 
 from chatd.actors import ActorTable
 from chatd.auth import mint_token, read_secret
@@ -37,12 +34,6 @@ pytestmark = pytest.mark.slow
 HEARTBEAT, FAILURE = 0.25, 1.5
 NODES = ("n1", "n2", "n3")
 FAST = Backoff(initial=0.05, maximum=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def user_ranked(prefix: str, order: list[str]) -> str:
@@ -126,18 +117,6 @@ class Cluster:
         self._stop[name].set()
         with trio.fail_after(DEADLINE):
             await self._done[name].wait()
-
-
-async def logged(daemon: Daemon, event: str, count: int = 1,
-                 where: Callable[[dict[str, Any]], bool] = lambda record: True
-                 ) -> dict[str, Any]:
-    """Wait (with a deadline) until ``daemon`` has logged ``event`` ``count`` times."""
-    with trio.fail_after(DEADLINE):
-        while True:
-            found = [r for r in daemon.events(event) if where(r)]
-            if len(found) >= count:
-                return found[count - 1]
-            await trio.sleep(0.02)
 
 
 async def collect(client: Client, count: int, got: list[Msg], done: trio.Event,
