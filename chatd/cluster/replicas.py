@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import attrs
 import trio
 
 from chatd.clock import now_ms
@@ -51,6 +49,7 @@ from chatd.store import (
     UserState,
 )
 
+from .calls import Calls, PeerGone, Refused, Send
 from .merge import EMPTY, merge_states, pack_entry, pack_state, unpack_entry, unpack_state
 from .placement import Placement
 
@@ -67,10 +66,6 @@ ATTEMPTS = 6
 RETRY_PAUSE = 0.05
 
 
-class PeerGone(Exception):
-    """A request's node went down or did not answer in time."""
-
-
 class _Moved(Exception):
     """A replica does not take a change from a node it does not see as the leader.
 
@@ -81,25 +76,6 @@ class _Moved(Exception):
     def __init__(self, user: str, via: str | None = None) -> None:
         super().__init__(user)
         self.via = via
-
-
-class _Refused(Exception):
-    """A request was answered with an error."""
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-@attrs.define(slots=True)
-class _Call:
-    peer: str
-    done: trio.Event = attrs.field(factory=trio.Event)
-    reply: dict[str, Any] | None = None
-
-
-#: Sends a link frame to a peer.
-Send = Callable[[str, dict[str, Any]], None]
 
 
 class Replicas:
@@ -124,10 +100,8 @@ class Replicas:
         self.placement = Placement(node, members, is_up)
         self._send = send
         self._is_up = is_up
-        self._timeout = timeout
         self._settle = settle
-        self._ids = itertools.count(1)
-        self._calls: dict[int, _Call] = {}
+        self._calls = Calls(send, is_up, timeout)
         self._inflight: dict[tuple[str, str], trio.Event] = {}
         self._writers: dict[str, int] = {}
         self._merging: dict[str, trio.Event] = {}
@@ -167,9 +141,7 @@ class Replicas:
     def peer_changed(self, peer: str, up: bool) -> None:
         """Membership changed: fail requests to a peer that went down, hand over queues."""
         if not up:
-            for call in self._calls.values():
-                if call.peer == peer and not call.done.is_set():
-                    call.done.set()
+            self._calls.peer_down(peer)
         self._changed.set()
 
     # -- the Store interface -------------------------------------------------------------
@@ -220,7 +192,7 @@ class Replicas:
         replies: list[dict[str, Any]] = []
 
         async def ask(node: str) -> None:
-            with contextlib.suppress(PeerGone, _Refused):
+            with contextlib.suppress(PeerGone, Refused):
                 replies.append(await self._ask(node, "pend", {"user": user, "after": after,
                                                               "limit": limit}))
 
@@ -272,7 +244,7 @@ class Replicas:
                 continue
             except PeerGone:
                 continue
-            except _Refused as refused:
+            except Refused as refused:
                 if refused.code == "id_conflict":
                     raise IdConflict(user) from None
                 if refused.code != "moved":
@@ -286,36 +258,12 @@ class Replicas:
         return await self._call(node, {"op": op, **fields})
 
     async def _call(self, peer: str, frame: dict[str, Any]) -> dict[str, Any]:
-        """Send a request to ``peer`` and wait for its answer.
-
-        Raises:
-            PeerGone: The peer is down, went down, or did not answer within the timeout.
-            _Refused: The peer answered with an error.
-        """
-        if not self._is_up(peer):
-            raise PeerGone(peer)
-        call_id = next(self._ids)
-        call = self._calls[call_id] = _Call(peer)
-        try:
-            self._send(peer, {"t": "q", "id": call_id, **frame})
-            with trio.move_on_after(self._timeout):
-                await call.done.wait()
-        finally:
-            del self._calls[call_id]
-        reply = call.reply
-        if reply is None:
-            raise PeerGone(peer)
-        if "err" in reply:
-            raise _Refused(str(reply["err"]))
-        return {k: v for k, v in reply.items() if k not in ("t", "id")}
+        return await self._calls.call(peer, frame)
 
     def remote(self, peer: str, frame: dict[str, Any]) -> None:
         """A request or an answer from ``peer``."""
         if frame["t"] == "r":
-            call = self._calls.get(frame.get("id", 0))
-            if call is not None and call.peer == peer:
-                call.reply = frame
-                call.done.set()
+            self._calls.answered(peer, frame)
             return
         if self._nursery is not None:
             self._nursery.start_soon(self._answer, peer, frame)
@@ -468,7 +416,7 @@ class Replicas:
                 try:
                     await self._call(replicas[1], {**frame, "user": user, "from": self.node,
                                                    "known": self.locate(user)})
-                except _Refused as refused:
+                except Refused as refused:
                     if refused.code == "moved":
                         moved = replicas[1]
                         break
@@ -568,7 +516,7 @@ class Replicas:
                     for entry in state.entries:  # what the user's session may not have
                         self.offer(user, entry)
                 for follower, group in followers.items():
-                    with contextlib.suppress(PeerGone, _Refused):
+                    with contextlib.suppress(PeerGone, Refused):
                         await self._call(follower, {"op": "set", "states": {
                             u: pack_state(s) for u, s in group.items()}})
             finally:
@@ -609,7 +557,7 @@ class Replicas:
                 try:
                     await self._call(leader, {"op": "merge", "states": {
                         u: pack_state(s) for u, s in batch.items()}})
-                except (PeerGone, _Refused):
+                except (PeerGone, Refused):
                     failed += len(batch)
                     continue
                 pushed += len(batch)
@@ -625,7 +573,7 @@ class Replicas:
                     states = {str(u): unpack_state(str(u), s)
                               for u, s in reply["states"].items()}
                     await self._merge(states)
-                except (PeerGone, _Refused):
+                except (PeerGone, Refused):
                     failed += len(users[start:start + 500])
                     continue
                 pulled += len(states)
