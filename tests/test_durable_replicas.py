@@ -22,9 +22,9 @@ A torn tail is made as in tests/test_durable.py, by truncating the segment files
 stopped store in the middle of a record of its last batch: the write was cut by a crash,
 and its caller was never told it succeeded.
 
-Two known bugs are strict xfails: a ``replace`` torn on both replicas is applied in part
-(REPLACE_NOT_ATOMIC: the queue it replaced is lost), and recovery rebuilds a replaced
-user's remembered ids otherwise than the replace set them (KNOWN_NOT_REPLAYED_AS_SET).
+A ``replace`` torn on both replicas is applied whole or not at all (the queue it would
+have replaced stays), and recovery rebuilds a replaced user's remembered ids as the replace
+set them.
 """
 
 from __future__ import annotations
@@ -297,16 +297,7 @@ async def test_replace_of_large_states_survives_restart_and_checkpoint(
         assert exported(store, users) == after
 
 
-#: Recovery rebuilds the remembered ids of a replaced queue differently from the replace.
-KNOWN_NOT_REPLAYED_AS_SET = (
-    "recovery replays a replace's PUT records with QueueIndex.put, which remembers each "
-    "message's id, and its KNOWN records only for ids within the dedup window, while the "
-    "live QueueIndex.replace remembers exactly state.known: after a restart the user's "
-    "export lists other ids than before it")
-
-
 @pytest.mark.parametrize("case", ["entry-id-not-known", "expired-known-id"])
-@pytest.mark.xfail(strict=True, reason=KNOWN_NOT_REPLAYED_AS_SET)
 async def test_replace_recovers_the_remembered_ids_it_set(dirs: list[Path], case: str
                                                           ) -> None:
     # A merged state lists the ids each replica remembered. An entry whose id a replica had
@@ -361,22 +352,9 @@ async def test_torn_put_batch_recovers_a_prefix_of_its_entries(
         records(directory)
 
 
-#: A crash in the middle of writing a replace leaves part of it on disk; recovery applies
-#: that part: the queue is set anew, then only the first of its entries are restored.
-REPLACE_NOT_ATOMIC = (
-    "DurableStore.replace writes REPLACE, UNREAD, KNOWN and PUT records with no commit "
-    "marker, and recovery applies any prefix of them: a batch torn after its REPLACE "
-    "record empties the queue and restores only the entries before the cut")
-
-
-# (No ``raises=AssertionError``: pytest-trio reports a failed assertion in an exception
-# group. The one-replica cases run the same steps and pass.)
-TORN_ON_BOTH = pytest.mark.xfail(strict=True, reason=REPLACE_NOT_ATOMIC)
-
-
 @pytest.mark.parametrize(("torn", "keep"), [
-    pytest.param([0, 1], 1, id="both-replicas-after-replace", marks=TORN_ON_BOTH),
-    pytest.param([0, 1], 4, id="both-replicas-in-puts", marks=TORN_ON_BOTH),
+    pytest.param([0, 1], 1, id="both-replicas-after-replace"),
+    pytest.param([0, 1], 4, id="both-replicas-in-puts"),
     pytest.param([1], 1, id="one-replica-after-replace"),
     pytest.param([0], 4, id="one-replica-in-puts"),
 ])

@@ -6,9 +6,12 @@ died, never confirmed to their sender), or both sides numbered different items w
 same sequence number. :func:`merge_states` joins two such states into one, from which
 both replicas are then set, so that:
 
-- an item is never dropped unless the user acknowledged it: a message the user
-  acknowledged on one side (its id is *known* there and its seq is under that side's
-  acknowledgement) is dropped; anything else survives;
+- a message is dropped only if the user acknowledged it: on one side its id is *known*
+  (that side stored it) and it is no longer pending there; any other message survives;
+- a receipt has no such memory: one numbered under the other side's acknowledgement is
+  taken as acknowledged. Where both sides numbered the queue alike (a replica that missed
+  writes while it was away) that is what happened; where they numbered it independently
+  (a split of the cluster into two groups) such a receipt may be lost;
 - an item appears once: a message is identified by (sender, id), a receipt by its
   content, whatever sequence number each side gave it;
 - numbers stay unique and the user never misses an item: an item whose number is taken
@@ -37,6 +40,13 @@ def _identity(entry: Entry) -> tuple[Any, ...]:
     return ("r", item.status, item.by, item.ids)
 
 
+def _acknowledged(state: UserState) -> set[tuple[Any, ...]]:
+    """The messages ``state``'s side stored and the user has acknowledged there."""
+    pending = {_identity(entry) for entry in state.entries}
+    known = {("m", sender, msg_id) for sender, msg_id, _ in state.known}
+    return known - pending
+
+
 def merge_states(leader: UserState, other: UserState) -> UserState:
     """Join the leader's state of a queue with another replica's.
 
@@ -44,17 +54,19 @@ def merge_states(leader: UserState, other: UserState) -> UserState:
     that already holds everything in it changes nothing.
     """
     acked = max(leader.acked, other.acked)
-    leader_known = {(sender, msg_id) for sender, msg_id, _ in leader.known}
-    other_known = {(sender, msg_id) for sender, msg_id, _ in other.known}
+    leader_done = _acknowledged(leader)
+    other_done = _acknowledged(other)
+    other_pending = {_identity(entry) for entry in other.entries}
     kept: dict[int, Entry] = {}
     moved: list[Entry] = []
     seen: set[tuple[Any, ...]] = set()
     for entry in leader.entries:
         key = _identity(entry)
         seen.add(key)
+        if key in other_done or (key[0] == "r" and entry.seq <= other.acked
+                                 and key not in other_pending):
+            continue  # acknowledged on the other side
         if entry.seq <= other.acked:
-            if key[0] == "r" or (key[1], key[2]) in other_known:
-                continue  # acknowledged on the other side
             moved.append(entry)  # the user acknowledged past it without having it
         else:
             kept[entry.seq] = entry
@@ -63,11 +75,9 @@ def merge_states(leader: UserState, other: UserState) -> UserState:
         if key in seen:
             continue
         seen.add(key)
-        if entry.seq <= leader.acked:
-            if key[0] == "r" or (key[1], key[2]) in leader_known:
-                continue
-            moved.append(entry)
-        elif entry.seq in kept:
+        if key in leader_done or (key[0] == "r" and entry.seq <= leader.acked):
+            continue
+        if entry.seq <= leader.acked or entry.seq in kept:
             moved.append(entry)
         else:
             kept[entry.seq] = entry

@@ -12,9 +12,11 @@ Records (each a CBOR array, the LSN first):
   it queued, [[sender, seq, status, ids, ts], ...], as one record;
 - ``PUT`` [lsn, user, seq, kind, *fields] — an entry replicated from another node (kind
   and fields as in ``CK_ENTRY``);
-- ``REPLACE`` [lsn, user, last_seq, acked] — the user's queue is set anew (a merge of the
-  cluster's replicas), followed in the same batch by ``UNREAD`` [lsn, user, [[seq, from,
-  id], ...]], ``KNOWN`` [lsn, user, [[from, id, ts], ...]] and ``PUT`` records;
+- ``REPLACE`` [lsn, user, last_seq, acked, count] — the user's queue is set anew (a merge
+  of the cluster's replicas), by this record and the ``count`` records that follow it in
+  the same batch: ``UNREAD`` [lsn, user, [[seq, from, id], ...]], ``KNOWN`` [lsn, user,
+  [[from, id, ts], ...]] and ``PUT`` records. Recovery applies the group whole or not at
+  all: a group torn by a crash leaves the queue as it was;
 - checkpoint records, all carrying the LSN the snapshot covers: ``CK_BEGIN``, ``CK_USER``
   [snap, user, last_seq], ``CK_UNREAD`` [snap, user, [[seq, from, id], ...]],
   ``CK_ENTRY`` [snap, user, seq, "m", id, from, body, ts] or [..., "r", status, by, ids,
@@ -259,15 +261,17 @@ class DurableStore(IndexedStore):
         assert self.journal is not None
         records: list[Body] = []
         for user, state in states.items():
-            records.append((REPLACE, [user, state.last_seq, state.acked]))
+            group: list[Body] = []
             for start in range(0, len(state.unread), _CHUNK):
-                records.append((UNREAD, [user, [list(u) for u in
-                                                state.unread[start:start + _CHUNK]]]))
+                group.append((UNREAD, [user, [list(u) for u in
+                                              state.unread[start:start + _CHUNK]]]))
             for start in range(0, len(state.known), _CHUNK):
-                records.append((KNOWN, [user, [list(k) for k in
-                                               state.known[start:start + _CHUNK]]]))
-            records.extend((PUT, [user, entry.seq, *_kind_fields(entry)])
-                           for entry in state.entries)
+                group.append((KNOWN, [user, [list(k) for k in
+                                             state.known[start:start + _CHUNK]]]))
+            group.extend((PUT, [user, entry.seq, *_kind_fields(entry)])
+                         for entry in state.entries)
+            records.append((REPLACE, [user, state.last_seq, state.acked, len(group)]))
+            records.extend(group)
         index = self.index
 
         def apply() -> None:
@@ -336,13 +340,20 @@ class DurableStore(IndexedStore):
                     changes[fields[0]] = (record_type, fields)
                     lsns.add(fields[0])
             present.append(lsns)
-        for lsn in sorted(changes):
-            self._apply(*changes[lsn])
-        replay.records = len(changes)
         replay.last_lsn = max([replay.base, *changes])
         lost = replay.last_lsn - replay.base - len(changes)
         if lost:
             self._log.error("records_lost", error="records_lost", count=lost)
+        for lsn, (record_type, fields) in list(changes.items()):
+            if record_type == REPLACE and lsn in changes:
+                group = range(lsn, lsn + 1 + fields[4])
+                if not all(n in changes for n in group):
+                    for n in group:  # torn by a crash: the queue stays as it was
+                        changes.pop(n, None)
+                    replay.repair.append(f"a replace of {fields[1]} torn by a crash")
+        for lsn in sorted(changes):
+            self._apply(*changes[lsn])
+        replay.records = len(changes)
         for checkpoint, lsns, log in zip(checkpoints, present, self.logs, strict=True):
             if lsns != set(changes) or (checkpoint[0] if checkpoint else 0) != replay.base:
                 replay.repair.append(f"{log.directory} differs from its peer")
@@ -379,7 +390,7 @@ class DurableStore(IndexedStore):
             _, user, seq, kind, *rest = fields
             index.put(user, Entry(seq, _item(user, kind, rest)))
         elif record_type == REPLACE:
-            _, user, last_seq, acked = fields
+            _, user, last_seq, acked, _ = fields
             index.replace(user, UserState(last_seq, acked, (), (), ()))
         elif record_type == UNREAD:
             index.restore_user(fields[1], 0, [tuple(u) for u in fields[2]])

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from chatd.clock import now_ms
 from chatd.protocol import MAX_RECEIPT_IDS
 
 from ._interface import Entry, IdConflict, Message, ReceiptItem
@@ -306,14 +307,15 @@ class QueueIndex:
             return
         queue = self._queue(user)
         queue.acked = state.acked
+        now = now_ms()
+        for sender, msg_id, ts in state.known:  # as recovery does: not past the window
+            if (sender, msg_id) not in self.ids and ts + self.dedup_window_ms > now:
+                self.remember(sender, msg_id, user, ts)
         for entry in state.entries:
-            self.add(user, entry)
+            self.put(user, entry)  # remembers the ids of the messages, as recovery does
         queue.last_seq = queue.reserved = max(queue.last_seq, state.last_seq)
         for seq, sender, msg_id in state.unread:
             queue.unread[seq] = (sender, msg_id)
-        for sender, msg_id, ts in state.known:
-            if (sender, msg_id) not in self.ids:
-                self.remember(sender, msg_id, user, ts)
 
 
 def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
