@@ -58,7 +58,7 @@ class NodeLinks:
         """A frame from ``peer``."""
         kind = frame.get("t")
         if kind in ("q", "r"):
-            self._replicas.remote(peer, frame)
+            await self._replicas.remote(peer, frame)
         elif kind in ("pr", "prsync"):
             await self._presence.remote(peer, frame)
         elif kind == "dl":

@@ -57,6 +57,8 @@ __all__ = ["Replicas"]
 
 logger = logging.getLogger(__name__)
 
+#: Requests that only read or write this node's own store.
+_LOCAL_OPS = frozenset(("rep", "ackrep", "pend", "pull", "set"))
 #: Users' states carried by one merge, pull or set frame at most (by pending entries).
 BATCH_ENTRIES = 5000
 #: How many times a request is tried, under the placement of the moment, before it fails.
@@ -260,12 +262,19 @@ class Replicas:
     async def _call(self, peer: str, frame: dict[str, Any]) -> dict[str, Any]:
         return await self._calls.call(peer, frame)
 
-    def remote(self, peer: str, frame: dict[str, Any]) -> None:
-        """A request or an answer from ``peer``."""
+    async def remote(self, peer: str, frame: dict[str, Any]) -> None:
+        """A request or an answer from ``peer``.
+
+        A request that only touches this node's store is served at once, in the link's
+        task, when the store does not wait for I/O (the memory store): a task of its own
+        would cost more than the work. Any other request gets a task, so that the link
+        goes on reading (a leader's request waits for answers that may come on it).
+        """
         if frame["t"] == "r":
             self._calls.answered(peer, frame)
-            return
-        if self._nursery is not None:
+        elif frame.get("op") in _LOCAL_OPS and not self.local.waits_for_io:
+            await self._answer(peer, frame)
+        elif self._nursery is not None:
             self._nursery.start_soon(self._answer, peer, frame)
 
     async def _answer(self, peer: str, frame: dict[str, Any]) -> None:
@@ -396,6 +405,12 @@ class Replicas:
             _Moved: The other replica sees another node as the leader (the caller
                 passes the request on to it).
         """
+        if not self.local.waits_for_io:  # nothing to overlap: no task, no nursery
+            await here()
+            moved = await self._replicate(user, frame)
+            if moved is not None:
+                raise _Moved(user, via=moved)
+            return
         failure: StoreUnavailable | None = None
 
         async def locally() -> None:
@@ -405,34 +420,40 @@ class Replicas:
             except StoreUnavailable as err:
                 failure = err
 
-        replicated = False
-        moved: str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(locally)
-            for _ in range(ATTEMPTS):
-                replicas = self.placement.replicas(user)
-                if len(replicas) < 2 or replicas[0] != self.node:
-                    break
-                try:
-                    await self._call(replicas[1], {**frame, "user": user, "from": self.node,
-                                                   "known": self.locate(user)})
-                except Refused as refused:
-                    if refused.code == "moved":
-                        moved = replicas[1]
-                        break
-                    await trio.sleep(RETRY_PAUSE)
-                    continue
-                except PeerGone:
-                    await trio.sleep(RETRY_PAUSE)
-                    continue
-                replicated = True
-                break
+            moved = await self._replicate(user, frame)
         if failure is not None:
             raise failure
         if moved is not None:
             raise _Moved(user, via=moved)
-        if not replicated:
-            raise StoreUnavailable(f"{user}'s queue has no second replica now")
+
+    async def _replicate(self, user: str, frame: dict[str, Any]) -> str | None:
+        """Make a change on the other replica of ``user``, trying the next one if it fails.
+
+        Returns:
+            None, or the replica that refused because it sees another leader.
+
+        Raises:
+            StoreUnavailable: There is no other replica, or none took the change.
+        """
+        for _ in range(ATTEMPTS):
+            replicas = self.placement.replicas(user)
+            if len(replicas) < 2 or replicas[0] != self.node:
+                break
+            try:
+                await self._call(replicas[1], {**frame, "user": user, "from": self.node,
+                                               "known": self.locate(user)})
+            except Refused as refused:
+                if refused.code == "moved":
+                    return replicas[1]
+                await trio.sleep(RETRY_PAUSE)
+                continue
+            except PeerGone:
+                await trio.sleep(RETRY_PAUSE)
+                continue
+            return None
+        raise StoreUnavailable(f"{user}'s queue has no second replica now")
 
     async def _lead_submit(self, message: Message, *, offer: bool = False) -> dict[str, Any]:
         user, key = message.to, (message.sender, message.id)
