@@ -406,3 +406,17 @@ async def test_presence_crosses_nodes(tmp_path: Path) -> None:
                     watching.cancel_scope.cancel()
         for name in ("n1", "n3"):
             await cluster.stop(name)
+
+
+async def test_a_cluster_of_one_node_keeps_its_queues_alone(tmp_path: Path) -> None:
+    # The first node of a cluster that will grow: with no peers configured, its own store
+    # (two replicas on disk) is the only copy there can be, and it serves.
+    async with serve(tmp_path, "--cluster-listen", f"127.0.0.1:{free_port()}") as node:
+        with trio.fail_after(DEADLINE):
+            async with (connect(node.url, node.token("alice")) as alice,
+                        connect(node.url, node.token("bob")) as bob):
+                assert not (await alice.send("bob", "hello", id="m1")).dup
+                async for event in bob.events():
+                    if isinstance(event, Msg):
+                        assert (event.id, event.body) == ("m1", "hello")
+                        break

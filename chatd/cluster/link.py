@@ -244,10 +244,13 @@ class _Link:
                         break
                     if not data:
                         break
-                    heard = trio.current_time()
                     for frame in decoder.feed(data):
                         if frame["t"] != "beat" and cluster.handler is not None:
                             await cluster.handler.remote(self.peer, frame)
+                    # Silence counts from when this node is ready to read again: handing
+                    # over a burst (20,000 sessions closing) can take longer than
+                    # failure_timeout, and the peer was not silent meanwhile.
+                    heard = trio.current_time()
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass

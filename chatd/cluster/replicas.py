@@ -104,6 +104,8 @@ class Replicas:
         self._is_up = is_up
         self._settle = settle
         self._calls = Calls(send, is_up, timeout)
+        #: Copies a change needs: two, or one in a cluster configured with no peers.
+        self._copies = min(2, len(self.placement.members))
         self._inflight: dict[tuple[str, str], trio.Event] = {}
         self._writers: dict[str, int] = {}
         self._merging: dict[str, trio.Event] = {}
@@ -234,7 +236,7 @@ class Replicas:
             if attempt and via is None:
                 await trio.sleep(RETRY_PAUSE * 2 ** attempt)
             replicas = self.placement.replicas(user)
-            if len(replicas) < 2:
+            if len(replicas) < self._copies:
                 continue
             target, via = via or replicas[0], None
             try:
@@ -437,6 +439,8 @@ class Replicas:
         Raises:
             StoreUnavailable: There is no other replica, or none took the change.
         """
+        if self._copies == 1:
+            return None  # a cluster of one: its own store is the only copy
         for _ in range(ATTEMPTS):
             replicas = self.placement.replicas(user)
             if len(replicas) < 2 or replicas[0] != self.node:
