@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import cbor2
@@ -363,15 +363,27 @@ class Session:
         """Act on client frames in order, appending their answers to ``replies``.
 
         If the store waits for I/O (fsync), what is ready is sent before each wait: the
-        answers so far and the items routed so far.
+        answers so far and the items routed so far. In a cluster, a run of sends is
+        submitted together (:meth:`Router.submit_many`).
         """
         ctx = self._ctx
         flush = ctx.store.waits_for_io
-        for frame in frames:
+        frames = list(frames)
+        at = 0
+        while at < len(frames):
+            frame = frames[at]
+            at += 1
             if flush and isinstance(frame, Send | Ack):
                 self._answer(replies)
                 replies.clear()
                 self._wake_touched()
+            if isinstance(frame, Send) and ctx.router.batches_sends:
+                run = [frame]
+                while at < len(frames) and isinstance(frames[at], Send):
+                    run.append(cast(Send, frames[at]))
+                    at += 1
+                replies.extend(await ctx.router.submit_many(self._user, run, self._touched))
+                continue
             try:
                 match frame:
                     case Send():

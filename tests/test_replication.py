@@ -26,7 +26,7 @@ from chatd.actors import ActorTable
 from chatd.auth import mint_token, read_secret
 from chatd.client import Backoff, Client, connect
 from chatd.cluster import ranking
-from chatd.protocol import Msg, Presence, Receipt
+from chatd.protocol import Error, Msg, Presence, Receipt, Sent
 from chatd.store import DurableStore, Entry
 
 pytestmark = pytest.mark.slow
@@ -420,3 +420,61 @@ async def test_a_cluster_of_one_node_keeps_its_queues_alone(tmp_path: Path) -> N
                     if isinstance(event, Msg):
                         assert (event.id, event.body) == ("m1", "hello")
                         break
+
+
+async def test_a_pipelined_run_of_sends_is_written_together_in_order(tmp_path: Path) -> None:
+    # One write from alice carries sends to two users whose queues other nodes lead, a
+    # repeated id, and an id reused for dave, whose queue bob's leader also leads (the
+    # node that remembers the id): one request per leader, and every answer as if the
+    # sends had come one by one.
+    bob = user_ranked("bob", ["n2", "n3", "n1"])
+    carol = user_ranked("carol", ["n3", "n1", "n2"])
+    dave = user_ranked("dave", ["n2", "n1", "n3"])
+    run = [(f"b{i}", bob, f"to bob {i}") if i % 3 else (f"c{i}", carol, f"to carol {i}")
+           for i in range(30)]
+    run += [("b1", bob, "again"), ("b2", dave, "reused")]
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        await cluster.start(*NODES)
+        got: dict[str, list[Msg]] = {bob: [], carol: []}
+        with trio.fail_after(DEADLINE):
+            async with (connect(cluster.url("n1"), cluster.token("alice")) as alice,
+                        connect(cluster.url("n2"), cluster.token(bob)) as on_bob,
+                        connect(cluster.url("n3"), cluster.token(carol)) as on_carol,
+                        trio.open_nursery() as chat):
+                answers: dict[str, list[Sent | Error]] = {}
+                all_answered, all_received = trio.Event(), trio.Event()
+                expected = {bob: [i for i, to, _ in run[:30] if to == bob],
+                            carol: [i for i, to, _ in run[:30] if to == carol]}
+
+                async def answered() -> None:
+                    async for event in alice.events():
+                        if isinstance(event, Sent | Error):
+                            key = event.id if isinstance(event, Sent) else str(event.ref)
+                            answers.setdefault(key, []).append(event)
+                            if sum(map(len, answers.values())) == len(run):
+                                all_answered.set()
+
+                async def receive(client: Client, user: str) -> None:
+                    async for event in client.events():
+                        if isinstance(event, Msg):
+                            got[user].append(event)
+                            if all(len(got[u]) == len(expected[u]) for u in got):
+                                all_received.set()
+
+                chat.start_soon(answered)
+                chat.start_soon(receive, on_bob, bob)
+                chat.start_soon(receive, on_carol, carol)
+                await alice.submit(run)
+                await all_answered.wait()
+                await all_received.wait()
+                chat.cancel_scope.cancel()
+        assert [m.id for m in got[bob]] == expected[bob]  # each queue in the order sent
+        assert [m.id for m in got[carol]] == expected[carol]
+        assert all(isinstance(answers[i][0], Sent) for i, _, _ in run[:30])
+        first, again = answers["b1"]
+        assert isinstance(again, Sent) and again.dup and again.ts == first.ts
+        conflict = answers["b2"][1]
+        assert isinstance(conflict, Error) and conflict.code == "id_conflict"
+        for name in NODES:
+            await cluster.stop(name)

@@ -159,6 +159,62 @@ class Replicas:
         return Accepted(int(reply["ts"]), bool(reply["dup"]),
                         unpack_entry(message.to, entry) if entry and here else None)
 
+    async def submit_many(self, messages: Sequence[Message]) -> list[Accepted | Exception]:
+        """Queue a run of one sender's messages, in order; see :meth:`submit`.
+
+        The messages are grouped by the leader of their recipient's queue: one request per
+        leader and one write per queue on each replica, so a session's run of sends costs
+        one round trip instead of one each. A message whose group cannot be written that
+        way (its leader went away, or saw the message's id in flight) is submitted alone,
+        with :meth:`submit`'s retries.
+
+        Returns:
+            For each message, its :class:`Accepted` or what it failed with
+            (:class:`IdConflict` or :class:`StoreUnavailable`).
+        """
+        results: list[Accepted | Exception | None] = [None] * len(messages)
+        groups: dict[str, list[int]] = {}
+        for at, message in enumerate(messages):
+            replicas = self.placement.replicas(message.to)
+            leader = replicas[0] if len(replicas) >= self._copies else ""
+            groups.setdefault(leader, []).append(at)
+
+        async def one(at: int) -> None:
+            try:
+                results[at] = await self.submit(messages[at])
+            except (IdConflict, StoreUnavailable) as err:
+                results[at] = err
+
+        async def group(leader: str, indexes: list[int]) -> None:
+            batch = [messages[at] for at in indexes]
+            answers: list[dict[str, Any]] = [{"err": "retry"}] * len(batch)
+            here = leader == self.node
+            with contextlib.suppress(PeerGone, Refused, _Moved, StoreUnavailable):
+                if here:
+                    answers = await self._lead_many(batch)
+                elif leader:
+                    reply = await self._call(leader, {"op": "putm", "user": batch[0].to,
+                                                      "msgs": [list(m) for m in batch]})
+                    answers = reply["results"]
+            for at, answer in zip(indexes, answers, strict=True):
+                if answer.get("err") == "retry":
+                    await one(at)
+                elif answer.get("err") == "id_conflict":
+                    results[at] = IdConflict(messages[at].id)
+                elif "err" in answer:
+                    results[at] = StoreUnavailable(str(answer["err"]))
+                else:
+                    entry = answer.get("entry")
+                    results[at] = Accepted(int(answer["ts"]), bool(answer["dup"]),
+                                           unpack_entry(messages[at].to, entry)
+                                           if entry and here else None)
+
+        async with trio.open_nursery() as nursery:
+            for leader, indexes in groups.items():
+                nursery.start_soon(group, leader, indexes)
+        return [result if result is not None else StoreUnavailable("not written")
+                for result in results]
+
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> list[tuple[str, Entry]]:
         """Acknowledge on both replicas, then queue the receipts with their senders."""
@@ -298,6 +354,11 @@ class Replicas:
         """Carry out one request (from a peer, or from this node for itself)."""
         if op in ("put", "ack", "rcpt"):
             return await self._serve_leading(op, frame)
+        if op == "putm":  # the requester chose this node as every recipient's leader
+            messages = [Message(*fields) for fields in frame["msgs"]]
+            if any(self.placement.replicas(m.to)[:1] != [self.node] for m in messages):
+                raise _Moved("")
+            return {"results": await self._lead_many(messages, offer=True)}
         local = self.local
         user = str(frame.get("user", ""))
         match op:
@@ -482,6 +543,61 @@ class Replicas:
         if offer:
             self.offer(user, entry)
         return {"ts": message.ts, "dup": False, "entry": pack_entry(entry)}
+
+    async def _lead_many(self, messages: Sequence[Message], *, offer: bool = False
+                         ) -> list[dict[str, Any]]:
+        """Number a run of messages in order and write each queue's share once.
+
+        Returns:
+            An answer per message, as :meth:`_lead_submit` gives, or ``{"err": "retry"}``
+            for one to submit alone (its id is being written by another request, or its
+            queue's second copy failed).
+        """
+        index = self.local.index
+        answers: list[dict[str, Any]] = [{"err": "retry"}] * len(messages)
+        async with contextlib.AsyncExitStack() as stack:
+            for user in dict.fromkeys(m.to for m in messages):
+                await stack.enter_async_context(self._writing(user))
+            # Nothing awaits from here until every message has its number: they follow
+            # the order of the run.
+            fresh: dict[str, list[tuple[int, Entry]]] = {}
+            marked: list[tuple[tuple[str, str], trio.Event]] = []
+            now = now_ms()
+            for at, message in enumerate(messages):
+                key = (message.sender, message.id)
+                try:
+                    seen = index.seen(message, now)
+                except IdConflict:
+                    answers[at] = {"err": "id_conflict"}
+                    continue
+                if seen is not None:
+                    answers[at] = {"ts": seen[1], "dup": True}
+                elif key not in self._inflight:
+                    event = self._inflight[key] = trio.Event()
+                    marked.append((key, event))
+                    fresh.setdefault(message.to, []).append(
+                        (at, Entry(index.reserve(message.to), message)))
+
+            async def commit(user: str, numbered: list[tuple[int, Entry]]) -> None:
+                entries = [entry for _, entry in numbered]
+                with contextlib.suppress(StoreUnavailable, _Moved):
+                    await self._both(user, lambda: self.local.put(user, entries),
+                                     {"op": "rep", "entries": [pack_entry(e) for e in entries]})
+                    for at, entry in numbered:
+                        answers[at] = {"ts": entry.item.ts, "dup": False,
+                                       "entry": pack_entry(entry)}
+                        if offer:
+                            self.offer(user, entry)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    for user, numbered in fresh.items():
+                        nursery.start_soon(commit, user, numbered)
+            finally:
+                for key, event in marked:
+                    del self._inflight[key]
+                    event.set()
+        return answers
 
     async def _lead_ack(self, user: str, status: str, upto: int, peer: str | None
                         ) -> dict[str, Any]:
