@@ -8,6 +8,9 @@
   hashing) and which of them leads it;
 - :mod:`chatd.cluster.replicas` and :mod:`chatd.cluster.merge`: the replicated store, and
   how two replicas of a queue are merged after a failure;
+- :mod:`chatd.cluster.calls`: requests between nodes and their answers;
+- :mod:`chatd.cluster.handoff` and :mod:`chatd.cluster.gates`: bringing a queue's copies
+  together after a membership change, without interleaving with writes to it;
 - :mod:`chatd.cluster.dispatch`: where link frames go.
 
 The registry across nodes is :mod:`chatd.registry`; cross-node delivery is the router's.

@@ -19,7 +19,7 @@ the queue; the first *leads* it:
   its follower for the follower's copy (``pull``); the leader merges
   (:func:`chatd.cluster.merge.merge_states`) and sets both replicas to the result
   (``set``). A node that is no longer a replica of a queue then forgets it: this is how
-  hinted data moves back to its owner.
+  hinted data moves back to its owner (:mod:`chatd.cluster.handoff`).
 
 Requests are link frames ``{"t": "q", "id", "op", ...}`` answered by ``{"t": "r", "id",
 ...}``; a request to a peer that goes down fails at once, one that gets no answer within
@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -46,11 +46,12 @@ from chatd.store import (
     ReceiptItem,
     ReplicaStore,
     StoreUnavailable,
-    UserState,
 )
 
 from .calls import Calls, PeerGone, Refused, Send
-from .merge import EMPTY, merge_states, pack_entry, pack_state, unpack_entry, unpack_state
+from .gates import QueueGates
+from .handoff import Handoff
+from .merge import pack_entry, pack_state, unpack_entry, unpack_state
 from .placement import Placement
 
 __all__ = ["Replicas"]
@@ -59,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: Requests that only read or write this node's own store.
 _LOCAL_OPS = frozenset(("rep", "ackrep", "pend", "pull", "set"))
-#: Users' states carried by one merge, pull or set frame at most (by pending entries).
-BATCH_ENTRIES = 5000
 #: How many times a request is tried, under the placement of the moment, before it fails.
 ATTEMPTS = 6
 #: Seconds that, doubled, make the first pause between tries; each later pause doubles
@@ -107,10 +106,7 @@ class Replicas:
         #: Copies a change needs: two, or one in a cluster configured with no peers.
         self._copies = min(2, len(self.placement.members))
         self._inflight: dict[tuple[str, str], trio.Event] = {}
-        self._writers: dict[str, int] = {}
-        self._merging: dict[str, trio.Event] = {}
-        self._drained: dict[str, trio.Event] = {}
-        self._merge_lock = trio.Lock()
+        self._gates = QueueGates()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._log = EventLog(logger, node, "replicas")
@@ -118,8 +114,8 @@ class Replicas:
         self.offer: Callable[[str, Entry], None] = lambda user, entry: None
         #: Whether the registry knows a session of the user (set by the node).
         self.locate: Callable[[str], bool] = lambda user: False
-        #: Completed hand-offs (for tests and metrics).
-        self.handoffs = 0
+        self._handoff = Handoff(node, local, self.placement, self._call, self._gates,
+                                lambda user, entry: self.offer(user, entry), self._log)
 
     # -- the actor -----------------------------------------------------------------------
 
@@ -132,11 +128,11 @@ class Replicas:
             with trio.move_on_after(self._settle):
                 while not all(self._is_up(p) for p in peers):
                     await self._wait_changed()
-            await self._handoff()
+            await self._handoff.run(self._is_up)
             task_status.started(self)
             while True:
                 await self._wait_changed()
-                await self._handoff()
+                await self._handoff.run(self._is_up)
 
     async def _wait_changed(self) -> None:
         await self._changed.wait()
@@ -384,7 +380,7 @@ class Replicas:
                         "entries": [pack_entry(e) for e in found]}
             case "merge":
                 states = {str(u): unpack_state(str(u), s) for u, s in frame["states"].items()}
-                await self._merge(states)
+                await self._handoff.merge(states)
                 return {}
             case "pull":
                 users = [str(u) for u in frame["users"]]
@@ -443,21 +439,6 @@ class Replicas:
             raise _Moved(user)
 
     # -- what a leader does --------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _writing(self, user: str) -> AsyncIterator[None]:
-        """Hold ``user``'s queue for a write (merges of it wait for writes to finish)."""
-        while (merging := self._merging.get(user)) is not None:
-            await merging.wait()
-        self._writers[user] = self._writers.get(user, 0) + 1
-        try:
-            yield
-        finally:
-            count = self._writers.pop(user) - 1
-            if count:
-                self._writers[user] = count
-            elif user in self._drained:
-                self._drained[user].set()
 
     async def _both(self, user: str, here: Callable[[], Awaitable[object]],
                     frame: dict[str, Any]) -> None:
@@ -523,7 +504,7 @@ class Replicas:
     async def _lead_submit(self, message: Message, *, offer: bool = False) -> dict[str, Any]:
         user, key = message.to, (message.sender, message.id)
         index = self.local.index
-        async with self._writing(user):
+        async with self._gates.writing(user):
             while True:
                 seen = index.seen(message, now_ms())
                 if seen is not None:
@@ -557,7 +538,7 @@ class Replicas:
         answers: list[dict[str, Any]] = [{"err": "retry"}] * len(messages)
         async with contextlib.AsyncExitStack() as stack:
             for user in dict.fromkeys(m.to for m in messages):
-                await stack.enter_async_context(self._writing(user))
+                await stack.enter_async_context(self._gates.writing(user))
             # Nothing awaits from here until every message has its number: they follow
             # the order of the run.
             fresh: dict[str, list[tuple[int, Entry]]] = {}
@@ -606,7 +587,7 @@ class Replicas:
         async def here() -> None:
             receipts.extend(await self.local.acknowledge_only(user, status, upto, peer))
 
-        async with self._writing(user):
+        async with self._gates.writing(user):
             await self._both(user, here, {"op": "ackrep", "status": status, "upto": upto,
                                           "peer": peer})
         return {"receipts": [[sender, *item[:2], list(item.ids), item.ts]
@@ -615,7 +596,7 @@ class Replicas:
     async def _lead_receipts(self, user: str, items: Sequence[ReceiptItem], *,
                              offer: bool = False) -> dict[str, Any]:
         index = self.local.index
-        async with self._writing(user):
+        async with self._gates.writing(user):
             entries = [Entry(index.reserve(user), item) for item in items]
             await self._both(user, lambda: self.local.put(user, entries),
                              {"op": "rep", "entries": [pack_entry(e) for e in entries]})
@@ -624,117 +605,3 @@ class Replicas:
                 self.offer(user, entry)
         return {"entries": [pack_entry(e) for e in entries]}
 
-    async def _merge(self, states: Mapping[str, UserState]) -> None:
-        """Merge other replicas' states into the queues this node leads; set both replicas.
-
-        Queues this node does not lead (placement moved again) are passed to their leader.
-        """
-        mine = {u: s for u, s in states.items()
-                if self.placement.replicas(u)[:1] == [self.node]}
-        others = {u: s for u, s in states.items() if u not in mine}
-        if others:
-            await self._push(others)
-        if not mine:
-            return
-        async with self._merge_lock:
-            for user in mine:
-                self._merging[user] = trio.Event()
-            try:
-                for user in mine:
-                    if self._writers.get(user):
-                        drained = self._drained[user] = trio.Event()
-                        await drained.wait()
-                        del self._drained[user]
-                current = self.local.index.export(list(mine))
-                merged = {u: merge_states(current[u], s) for u, s in mine.items()}
-                followers: dict[str, dict[str, UserState]] = {}
-                for user, state in merged.items():
-                    replicas = self.placement.replicas(user)
-                    if len(replicas) > 1:
-                        followers.setdefault(replicas[1], {})[user] = state
-                await self.local.replace(merged)
-                for user, state in merged.items():
-                    for entry in state.entries:  # what the user's session may not have
-                        self.offer(user, entry)
-                for follower, group in followers.items():
-                    with contextlib.suppress(PeerGone, Refused):
-                        await self._call(follower, {"op": "set", "states": {
-                            u: pack_state(s) for u, s in group.items()}})
-            finally:
-                for user in mine:
-                    self._merging.pop(user).set()
-
-    async def _push(self, states: Mapping[str, UserState]) -> None:
-        """Send states to the leaders of their queues, in batches."""
-        by_leader: dict[str, dict[str, UserState]] = {}
-        for user, state in states.items():
-            replicas = self.placement.replicas(user)
-            if replicas and replicas[0] != self.node:
-                by_leader.setdefault(replicas[0], {})[user] = state
-        for leader, group in by_leader.items():
-            for batch in _batches(group):
-                await self._call(leader, {"op": "merge", "states": {
-                    u: pack_state(s) for u, s in batch.items()}})
-
-    # -- hand-off after a membership change ----------------------------------------------
-
-    async def _handoff(self) -> None:
-        """Bring every queue held here together with its other replica, and let go of
-        queues this node is no longer a replica of."""
-        index = self.local.index
-        push: dict[str, list[str]] = {}
-        pull: dict[str, list[str]] = {}
-        for user in index.names():
-            replicas = self.placement.replicas(user)
-            if not replicas:
-                continue
-            if replicas[0] != self.node:
-                push.setdefault(replicas[0], []).append(user)
-            elif len(replicas) > 1:
-                pull.setdefault(replicas[1], []).append(user)
-        pushed = pulled = dropped = failed = 0
-        for leader, users in push.items():
-            for batch in _batches(index.export(users)):
-                try:
-                    await self._call(leader, {"op": "merge", "states": {
-                        u: pack_state(s) for u, s in batch.items()}})
-                except (PeerGone, Refused):
-                    failed += len(batch)
-                    continue
-                pushed += len(batch)
-                gone = {u: EMPTY for u in batch if self.node not in self.placement.replicas(u)}
-                if gone:
-                    await self.local.replace(gone)
-                    dropped += len(gone)
-        for follower, users in pull.items():
-            for start in range(0, len(users), 500):
-                try:
-                    reply = await self._call(follower, {"op": "pull",
-                                                        "users": users[start:start + 500]})
-                    states = {str(u): unpack_state(str(u), s)
-                              for u, s in reply["states"].items()}
-                    await self._merge(states)
-                except (PeerGone, Refused):
-                    failed += len(users[start:start + 500])
-                    continue
-                pulled += len(states)
-        self.handoffs += 1
-        self._log.info("handoff_done", pushed=pushed, pulled=pulled, dropped=dropped,
-                       failed=failed, up=sorted(m for m in self.placement.members
-                                                if m == self.node or self._is_up(m)))
-
-
-def _batches(states: Mapping[str, UserState]) -> list[dict[str, UserState]]:
-    """``states`` in groups of at most about BATCH_ENTRIES entries."""
-    batches: list[dict[str, UserState]] = []
-    current: dict[str, UserState] = {}
-    size = 0
-    for user, state in states.items():
-        if current and size + len(state.entries) > BATCH_ENTRIES:
-            batches.append(current)
-            current, size = {}, 0
-        current[user] = state
-        size += len(state.entries) + 1
-    if current:
-        batches.append(current)
-    return batches
