@@ -220,8 +220,10 @@ async def test_a_worker_that_cannot_start_fails_the_whole(tmp_path: Path) -> Non
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     async with workers(tmp_path, graceful=False) as daemon:
         pids = [r["pid"] for r in daemon.events("worker_started")]
+        assert len(pids) == 2
         await daemon.crash()
-        # Their stdin, a pipe from the supervisor, closes: each shuts down by itself.
+        # Their stdin, a pipe from the supervisor, closes: each shuts down by itself
+        # (gone() fails the test if one still runs after the deadline).
         await gone(pids)
 
 
