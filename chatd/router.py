@@ -60,6 +60,8 @@ class Router:
         self._sessions = registry.table
         self._store = store
         self._forward = forward
+        #: Whether :meth:`submit_many` writes a run of sends together (a cluster's store).
+        self.batches_sends = hasattr(store, "submit_many")
         self._log = EventLog(logger, actors.node, "router")
 
     async def submit(self, sender: str, frame: Send,
@@ -89,11 +91,6 @@ class Router:
         if accepted.entry is not None:
             self.offer(frame.to, accepted.entry, touched)
         return Sent(frame.id, accepted.ts, accepted.duplicate)
-
-    @property
-    def batches_sends(self) -> bool:
-        """Whether :meth:`submit_many` writes a run of sends together (a cluster's store)."""
-        return hasattr(self._store, "submit_many")
 
     async def submit_many(self, sender: str, frames: Sequence[Send],
                           touched: list[Mailbox[Any]] | None = None) -> list[Sent | Error]:

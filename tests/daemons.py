@@ -140,3 +140,16 @@ async def run(args: list[str], stdin: bytes | None = None) -> tuple[int, str, st
         result = await trio.run_process([*CHATD, *args], stdin=stdin, capture_stdout=True,
                                         capture_stderr=True, check=False)
     return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def first_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read from a process's output until the end of its first line (with a deadline).
+
+    Returns:
+        Everything read, which ends with that line's newline.
+    """
+    data = b""
+    with trio.fail_after(DEADLINE):
+        while not data.endswith(b"\n"):
+            data += await stream.receive_some()
+    return data

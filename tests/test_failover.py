@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, run, serve
+from daemons import CHATD, DEADLINE, Daemon, first_line, run, serve
 
 from chatd.client import Backoff, Client, connect
 from chatd.protocol import Msg
@@ -115,11 +115,7 @@ async def test_cli_listen_fails_over_across_a_sigkill(tmp_path: Path) -> None:
                  "--count", "2", "--timeout", str(DEADLINE)],
                 stdout=-1, stderr=-1)
             assert listen.stdout is not None
-            first_line = b""
-            with trio.fail_after(DEADLINE):
-                while not first_line.endswith(b"\n"):
-                    first_line += await listen.stdout.receive_some()
-            assert b'"body":"before"' in first_line
+            assert b'"body":"before"' in await first_line(listen.stdout)
             await first.crash()
             async with serve(tmp_path, "--port", port) as second:
                 status, _, err = await run(["send", "--url", second.url, "--token", alice,

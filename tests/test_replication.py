@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, run, serve
+from daemons import CHATD, DEADLINE, Daemon, first_line, run, serve
 from test_cluster import LinkCutter, free_port, logged
 
 from chatd.actors import ActorTable
@@ -343,11 +343,7 @@ async def test_cli_listen_fails_over_to_another_node(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert listen.stdout is not None
-            first = b""
-            with trio.fail_after(DEADLINE):
-                while not first.endswith(b"\n"):
-                    first += await listen.stdout.receive_some()
-            assert b'"body":"before"' in first
+            assert b'"body":"before"' in await first_line(listen.stdout)
             await cluster.kill("n2")  # the node bob listens on, and his queue's leader
             for text in ("after1", "after2"):
                 status, _, err = await run(["send", "--url", cluster.url("n1"), "--token",
