@@ -24,13 +24,14 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from chatd.listener import unused_port
 
 __all__ = ["TARGETS", "BenchError", "Sample", "Server", "free_port", "kill_all", "prepare_child",
            "write_secret"]
@@ -81,10 +82,9 @@ class Sample:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing is bound to now, below the ephemeral range (so
+    that a load generator's or a node's outgoing connection cannot take it first)."""
+    return unused_port()
 
 
 def write_secret(path: Path) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import socket
+from pathlib import Path
 
 import trio
 
@@ -31,7 +33,7 @@ from chatd.protocol.websocket import HandshakeError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
 from chatd.transport import ConnectionClosed, WebSocket, is_fd_exhaustion
 
-__all__ = ["Listener", "open_listening_sockets", "reserve_port"]
+__all__ = ["Listener", "open_listening_sockets", "reserve_port", "unused_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,3 +246,40 @@ def _close_all(sockets: list[socket.socket]) -> None:
         if sock.fileno() >= 0:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+
+#: Where Linux says its ephemeral ports (the source ports of outgoing connections) are.
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def unused_port(host: str = "127.0.0.1", *, exclude: frozenset[int] = frozenset()) -> int:
+    """A port on ``host`` that nothing is bound to now, below the ephemeral range.
+
+    A port the system picks for ``bind(0)`` comes from the range it also takes the source
+    ports of outgoing connections from: between choosing it and a process binding it, a
+    connection (a node dialling its peer) may take it. Ports below that range are never
+    taken that way, so one chosen here stays free until somebody binds it on purpose.
+
+    Args:
+        host: The address to bind.
+        exclude: Ports not to return (ones already chosen for something else).
+
+    Raises:
+        OSError: No free port was found in 500 tries.
+    """
+    try:
+        low = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = max(1024, low - 16384)
+    for _ in range(500):
+        port = random.randrange(first, low)
+        if port in exclude:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port on {host} between {first} and {low}")

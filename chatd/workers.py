@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,7 +46,7 @@ import trio
 
 from chatd.auth import load_or_create_secret
 from chatd.config import Config, ConfigError, host_port
-from chatd.listener import reserve_port
+from chatd.listener import reserve_port, unused_port
 from chatd.logs import EventLog
 
 __all__ = ["STOP_MARGIN", "WorkerPool", "WorkerSpec", "WorkersFailed", "cluster_ports",
@@ -102,7 +101,8 @@ def cluster_ports(config: Config) -> list[int]:
 
     With ``cluster_listen = "HOST:PORT"``, worker I listens on HOST:PORT+I-1, so nodes on
     other machines can name every worker as a peer. Without it, the workers link over
-    loopback on ports the system picks now.
+    loopback on free ports below the system's ephemeral range, so that no worker's outgoing
+    link takes another's port as its source port before that worker listens.
 
     Raises:
         ConfigError: PORT+N-1 is beyond 65535.
@@ -113,11 +113,10 @@ def cluster_ports(config: Config) -> list[int]:
             raise ConfigError(f"cluster_listen port {base} leaves no room for "
                               f"{config.workers} workers (they use {base} and up)")
         return list(range(base, base + config.workers))
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(config.workers)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
+    ports: list[int] = []
+    for _ in range(config.workers):  # not ephemeral ports: see unused_port
+        ports.append(unused_port(exclude=frozenset(ports)))
+    return ports
 
 
 def plan_workers(config: Config, names: Sequence[str], ports: Sequence[int], port: int,

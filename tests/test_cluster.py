@@ -24,6 +24,7 @@ from chatd.auth import mint_token
 from chatd.cli import _config, _parser
 from chatd.client import connect
 from chatd.config import ConfigError, load_config
+from chatd.listener import unused_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,8 @@ HEARTBEAT, FAILURE = 0.25, 1.5
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port that no outgoing connection can take before a daemon binds it."""
+    return unused_port()
 
 
 @asynccontextmanager
@@ -226,3 +226,12 @@ async def test_a_link_cut_splits_the_cluster_and_healing_it_reconciles_logins(
                         assert on_n1.closed.code == 4409
                         assert (await on_n2.last_seen("alice")).online is True
         nursery.cancel_scope.cancel()
+
+
+def test_unused_ports_lie_below_the_ephemeral_range_and_are_free() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    taken = frozenset({unused_port()})
+    port = unused_port(exclude=taken)
+    assert port < low and port not in taken
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # nothing holds it

@@ -24,6 +24,7 @@ from daemons import CHATD, DEADLINE, Daemon, serve
 from chatd.cli import _config, _parser, _passthrough
 from chatd.client import Client, connect
 from chatd.config import ConfigError, load_config
+from chatd.listener import unused_port
 from chatd.protocol import Msg, Receipt
 from chatd.workers import plan_workers, worker_names
 
@@ -37,9 +38,8 @@ ATTEMPTS = 40
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port that no outgoing connection can take before a daemon binds it."""
+    return unused_port()
 
 
 @asynccontextmanager
