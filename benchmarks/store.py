@@ -33,9 +33,10 @@ import trio
 
 from chatd.actors import ActorTable
 from chatd.auth import load_or_create_secret, mint_token
+from chatd.backends import Message
+from chatd.backends.embedded import DurableStore
 from chatd.client import connect
 from chatd.clock import now_ms
-from chatd.store import DurableStore, Message
 
 BODY = "x" * 100
 

@@ -26,12 +26,13 @@ from trio_websocket import ConnectionClosed, HandshakeError
 from chatd import __version__
 from chatd.actors import RestartIntensityExceeded
 from chatd.auth import load_or_create_secret, mint_token, read_secret
+from chatd.backends import BackendUnavailable
+from chatd.backends.embedded import ReplicaFailed
 from chatd.client import ChatError, Client, close_info, connect, new_id
 from chatd.config import Config, ConfigError, load_config
 from chatd.logs import configure, root_cause
 from chatd.node import Node
 from chatd.protocol import Error, ErrorCode, Msg, Receipt, Sent
-from chatd.store import ReplicaFailed
 from chatd.workers import WorkersFailed, report_ready, run_workers, watch_supervisor
 
 __all__ = ["main"]
@@ -51,23 +52,10 @@ def _config(args: argparse.Namespace) -> Config:
                        secret_file=getattr(args, "secret_file", None),
                        store=getattr(args, "store", None),
                        store_dirs=getattr(args, "store_dir", None),
-                       cluster_listen=getattr(args, "cluster_listen", None),
-                       peers=_peers(getattr(args, "peer", None)),
+                       nats=getattr(args, "nats", None),
+                       nats_creds=getattr(args, "nats_creds", None),
                        workers=getattr(args, "workers", None),
                        reuse_port=getattr(args, "reuse_port", None))
-
-
-def _peers(values: list[str] | None) -> dict[str, str] | None:
-    """``--peer NAME=HOST:PORT`` options as a table (None when none was given)."""
-    if not values:
-        return None
-    peers = {}
-    for value in values:
-        name, equals, address = value.partition("=")
-        if not equals or not name:
-            raise ConfigError(f"--peer must be NAME=HOST:PORT, not {value!r}")
-        peers[name] = address
-    return peers
 
 
 # -- serve ---------------------------------------------------------------------------
@@ -91,9 +79,12 @@ def _serve(args: argparse.Namespace) -> int:
         if isinstance(leaf, OSError):
             raise CommandError(f"cannot serve on {config.host}:{config.port}: "
                                f"{leaf.strerror or leaf}") from None
-        if isinstance(leaf, RestartIntensityExceeded | ValueError | ReplicaFailed):
+        if isinstance(leaf, RestartIntensityExceeded | ValueError | ReplicaFailed
+                      | BackendUnavailable):
             raise CommandError(str(leaf)) from None
         raise
+    except BackendUnavailable as exc:
+        raise CommandError(str(exc)) from None
     if not graceful:
         raise CommandError("stopped by a second signal before the shutdown finished")
     return 0
@@ -128,7 +119,7 @@ async def _run_node(config: Config, supervised: bool = False) -> bool:
 
 #: ``chatd serve`` options the supervisor of ``--workers`` sets itself for each worker.
 _PER_WORKER = frozenset({"data_dir", "host", "port", "node", "secret_file", "store_dir",
-                         "cluster_listen", "peer", "workers", "reuse_port", "supervised"})
+                         "nats", "workers", "reuse_port", "supervised"})
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
@@ -338,10 +329,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--store", choices=["durable", "memory"],
                        help="where queues live (default durable: two replicas on disk)")
-    serve.add_argument("--cluster-listen", metavar="HOST:PORT",
-                       help="address for links from peer nodes (needed with --peer)")
-    serve.add_argument("--peer", action="append", metavar="NAME=HOST:PORT",
-                       help="a peer node and its cluster address; once per peer")
+    serve.add_argument("--nats", action="append", metavar="URL",
+                       help="run on NATS JetStream at URL (nats://HOST:PORT) instead of the "
+                            "embedded store; once per server of the NATS cluster")
+    serve.add_argument("--nats-creds", type=Path, metavar="FILE",
+                       help="NATS credentials file (JWT and nkey seed)")
     serve.add_argument("--store-dir", type=Path, action="append",
                        help="a replica directory; give it twice (default "
                             "DATA_DIR/store/0 and DATA_DIR/store/1)")

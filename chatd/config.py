@@ -8,6 +8,7 @@ never passes silently. docs/operations.md lists every key with its default.
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -35,6 +36,8 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
 
 #: The most worker processes ``chatd serve --workers`` starts.
 MAX_WORKERS = 64
+_NATS_SCHEMES = ("nats", "tls")
+_NAMESPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 
 
 @attrs.frozen
@@ -68,12 +71,31 @@ class Config:
     max_unread: int = attrs.field(default=10_000, validator=_positive)
     restart_intensity: int = attrs.field(default=5, validator=_positive)
     restart_period: float = attrs.field(default=10.0, validator=_positive)
-    cluster_listen: str | None = None
-    peers: dict[str, str] = attrs.field(factory=dict)
-    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
-    failure_timeout: float = attrs.field(default=3.0, validator=_positive)
+    #: How long a user's last seen is kept after their last activity.
+    last_seen_ttl: float = attrs.field(default=30 * 86400.0, validator=_positive)
+    #: NATS server URLs: set, the node runs on the NATS backend instead of the embedded one.
+    nats: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: Prefix of every subject, stream and bucket chatd uses on NATS.
+    nats_namespace: str = "chatd"
+    #: Replicas of chatd's streams and buckets; 0 picks 3 on a cluster, 1 on one server.
+    nats_replicas: int = 0
+    #: Seconds to wait for a NATS answer (and for the first connection) before giving up.
+    nats_timeout: float = attrs.field(default=5.0, validator=_positive)
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds: Path | None = attrs.field(default=None,
+                                          converter=attrs.converters.optional(Path))
+    nats_nkey: Path | None = attrs.field(default=None,
+                                         converter=attrs.converters.optional(Path))
+    nats_tls_ca: Path | None = attrs.field(default=None,
+                                           converter=attrs.converters.optional(Path))
+    nats_tls_cert: Path | None = attrs.field(default=None,
+                                             converter=attrs.converters.optional(Path))
+    nats_tls_key: Path | None = attrs.field(default=None,
+                                            converter=attrs.converters.optional(Path))
     #: Node processes ``chatd serve`` runs on this machine, 1-64; above 1 it supervises
-    #: that many workers sharing ``port`` (:mod:`chatd.workers`).
+    #: that many workers sharing ``port`` on NATS (:mod:`chatd.workers`).
     workers: int = 1
     #: Set SO_REUSEPORT on the WebSocket sockets, so that several processes share the port.
     reuse_port: bool = False
@@ -93,18 +115,17 @@ class Config:
             raise ConfigError(f"store must be 'durable' or 'memory', not {self.store!r}")
         if self.store_dirs is not None and len(self.store_dirs) != 2:
             raise ConfigError("store_dirs must name exactly two directories (the replicas)")
-        if self.cluster_listen is not None:
-            host_port(self.cluster_listen, "cluster_listen")
-        for name, address in self.peers.items():
-            if name == self.node:
-                raise ConfigError(f"peer {name!r} has this node's own name")
-            if not all("\x21" <= ch <= "\x7e" for ch in name) or not 0 < len(name) <= 32:
-                raise ConfigError(f"peer name {name!r} must be 1-32 printable characters")
-            host_port(address, f"peer {name!r}")
-        if self.peers and self.cluster_listen is None:
-            raise ConfigError("a node with peers needs cluster_listen (HOST:PORT)")
-        if self.heartbeat_interval >= self.failure_timeout:
-            raise ConfigError("heartbeat_interval must be shorter than failure_timeout")
+        for url in self.nats:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in _NATS_SCHEMES or not rest:
+                raise ConfigError(f"nats URL must be nats://HOST:PORT (or tls://), not {url!r}")
+        if not _NAMESPACE.fullmatch(self.nats_namespace):
+            raise ConfigError("nats_namespace must be 1-32 letters, digits or _, starting "
+                              f"with a letter, not {self.nats_namespace!r}")
+        if not 0 <= self.nats_replicas <= 5:
+            raise ConfigError(f"nats_replicas must be 0-5, not {self.nats_replicas}")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ConfigError("nats_tls_cert and nats_tls_key go together")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1-{MAX_WORKERS}, not {self.workers}")
         if (self.workers > 1 or self.reuse_port) and not hasattr(socket, "SO_REUSEPORT"):
@@ -158,6 +179,12 @@ def _check_limits(limits: Limits) -> None:
                           f"at least {_FRAME_OVERHEAD}")
 
 
+#: Settings whose default is None and whose value is text (paths and credentials).
+_OPTIONAL_TEXT = frozenset(("secret_file", "nats_user", "nats_password", "nats_token",
+                            "nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert",
+                            "nats_tls_key"))
+
+
 def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:
     fields = {f.name: f for f in attrs.fields(cls)}
     out: dict[str, Any] = {}
@@ -167,16 +194,14 @@ def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"unknown setting {where}{key!r}")
         default = field.default
         expected: tuple[type, ...]
-        if key == "peers":
-            if not isinstance(value, dict) or not all(
-                    isinstance(v, str) for v in value.values()):
-                raise ConfigError(f"setting {where}{key!r} must be a table of NAME = "
-                                  "\"HOST:PORT\"")
+        if key == "nats":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"setting {where}{key!r} must be a list of URLs")
             out[key] = value
             continue
-        if key == "cluster_listen":
+        if key in _OPTIONAL_TEXT:
             if not isinstance(value, str):
-                raise ConfigError(f"setting {where}{key!r} must be \"HOST:PORT\"")
+                raise ConfigError(f"setting {where}{key!r} must be str")
             out[key] = value
             continue
         if key == "store_dirs":

@@ -1,204 +1,167 @@
-"""The registry actor: which session serves which user.
+"""The registry: which session serves which user, on this node and across the deployment.
 
-Writes go through the registry's mailbox, one at a time, so a login that takes over an
-existing session is decided in one place: the new session is recorded and the old one gets
-an exit signal (``session_replaced``). Reads do not queue: the router looks users up in
-:attr:`Registry.table` directly, as Erlang code reads an ETS table, so routing a message
-costs a dict lookup and no message hop.
+A user has one session. Locally, a new login of a user replaces their session on this node
+at once: :meth:`Registry.register` records it and tells the old session to exit
+(``session_replaced``), in the caller's task and without waiting, so it is decided in one
+place. Across processes (the NATS backend), the ``sessions`` state bucket holds each user's
+current session as ``[node, serial, since]``: a login claims it with a compare-and-set, and
+if it replaced a session of another node, it sends that session a :class:`Replaced` signal
+on the bus. Two logins that cross are ordered by the compare-and-set, so the later one
+always learns of the earlier one and replaces it.
 
-The table belongs to the :class:`Registry` object, not to the actor's task, so it survives
-a crash and restart of the actor loop.
-
-In a cluster, the table also holds the sessions of other nodes, so that finding a user's
-node costs no network round trip. Each node tells its peers about its own sessions as they
-come and go (``reg`` / ``unreg`` link frames) and sends all of them when a link comes up
-(``sync``); a peer that goes down takes its sessions with it. A login always takes over on
-the node it reaches: the node stamps it later than any login of that user it knows of. When
-logins on two nodes cross, the later stamp (then the larger node name) wins on both, and
-the node holding the other session tells it to exit with ``session_replaced``.
+The router reads :attr:`Registry.local` directly, as Erlang code reads an ETS table, so
+delivering a message costs a dict lookup and no message hop. The registry actor releases
+claims in the background (:meth:`Registry.unregister`), so a session that ends never waits
+for the backend.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import attrs
+import cbor2
 import trio
 
 from chatd.actors import ActorTable, Address, Mailbox
+from chatd.backends import (
+    BucketSpec,
+    Bus,
+    Replaced,
+    RevisionMismatch,
+    Signal,
+    State,
+    StoreUnavailable,
+)
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.protocol import ErrorCode
 
-__all__ = ["Registry"]
+__all__ = ["SESSIONS", "Registry"]
 
 logger = logging.getLogger(__name__)
 
+#: Each user's current session: ``[node, serial, since]`` (CBOR).
+SESSIONS = BucketSpec("sessions", durable=False,
+                      description="the session of each connected user: node, serial, since")
+#: Compare-and-set rounds a login tries before giving up (each loses only to another
+#: login of the same user).
+_CLAIM_ATTEMPTS = 8
+
 
 @attrs.frozen
-class _Register:
+class _Release:
+    """Forget ``user``'s claim at ``revision`` unless a newer login holds it."""
+
     user: str
-    address: Address
-    done: trio.Event
-
-
-@attrs.frozen
-class _Unregister:
-    user: str
-    address: Address
-
-
-@attrs.frozen
-class _Remote:
-    """A peer's frame about its sessions (``reg``, ``unreg`` or ``sync``)."""
-
-    peer: str
-    frame: dict[str, Any]
-
-
-@attrs.frozen
-class _PeerUp:
-    peer: str
-
-
-@attrs.frozen
-class _PeerDown:
-    peer: str
-
-
-#: Sends a link frame to a peer (a name) or to every peer (None).
-Send = Callable[[str | None, dict[str, Any]], None]
+    revision: int
 
 
 class Registry:
-    """Maps each online user to the address of their session.
+    """Maps each user with a session on this node to its address, and claims the user's
+    session across the deployment.
 
     Args:
         actors: The node's actor table (to open the mailbox and signal replaced sessions).
+        state: Where the ``sessions`` bucket lives.
+        bus: Where :class:`Replaced` signals go and come from.
         capacity: The registry mailbox's capacity.
     """
 
-    def __init__(self, actors: ActorTable, *, capacity: int = 4096) -> None:
+    def __init__(self, actors: ActorTable, state: State, bus: Bus, *,
+                 capacity: int = 4096) -> None:
         self._actors = actors
-        self._table: dict[str, Address] = {}
-        self._since: dict[str, int] = {}  # when each user's session logged in, in ms
-        self._mailbox: Mailbox[_Register | _Unregister | _Remote | _PeerUp | _PeerDown] = (
-            actors.open("registry", capacity))
-        self._send: Send | None = None
+        self._bucket = state.bucket(SESSIONS)
+        self._bus = bus
+        self._local: dict[str, Address] = {}
+        self._claims: dict[Address, int] = {}  # a local session -> its claim's revision
+        self._locks: dict[str, trio.Lock] = {}
+        self._mailbox: Mailbox[_Release] = actors.open("registry", capacity)
         self._log = EventLog(logger, actors.node, "registry")
 
     @property
-    def table(self) -> Mapping[str, Address]:
-        """Read-only view of user -> session address, for lookups on the hot path."""
-        return self._table
+    def local(self) -> Mapping[str, Address]:
+        """Read-only view of user -> local session address, for lookups on the hot path."""
+        return self._local
 
     async def register(self, user: str, address: Address) -> None:
-        """Make ``address`` the session of ``user``; returns once recorded.
+        """Make ``address`` the session of ``user`` here and everywhere.
 
-        A session already registered for ``user`` is told to exit with
-        ``session_replaced``.
+        A session of ``user`` already registered on this node is told to exit with
+        ``session_replaced`` at once; one on another node, once the claim is made.
+
+        Raises:
+            StoreUnavailable: The claim could not be made (the backend is unreachable);
+                ``address`` is registered locally and must be unregistered.
         """
-        done = trio.Event()
-        await self._mailbox.deliver(_Register(user, address, done))
-        await done.wait()
+        old = self._local.get(user)
+        self._local[user] = address
+        if old is not None and old != address:
+            self._actors.exit(old, ErrorCode.SESSION_REPLACED)
+            self._log.info("session_replaced", user=user, old=str(old), new=str(address))
+        await self._bus.join(user)
+        lock = self._locks.setdefault(user, trio.Lock())
+        try:
+            async with lock:
+                await self._claim(user, address)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(user, None)
 
-    async def unregister(self, user: str, address: Address) -> None:
-        """Forget ``address`` as ``user``'s session, if it still is."""
-        await self._mailbox.deliver(_Unregister(user, address))
+    async def _claim(self, user: str, address: Address) -> None:
+        value = cbor2.dumps([address.node, address.serial, now_ms()])
+        for _ in range(_CLAIM_ATTEMPTS):
+            if self._local.get(user) != address:
+                return  # replaced by a newer local login meanwhile: it claims
+            current = await self._bucket.get(user)
+            try:
+                if current is None:
+                    revision = await self._bucket.create(user, value)
+                else:
+                    revision = await self._bucket.update(user, value, current.revision)
+            except RevisionMismatch:
+                continue
+            self._claims[address] = revision
+            if current is not None:
+                node, serial, _ = cbor2.loads(current.value)
+                if node != address.node:
+                    self._bus.signal(user, Replaced(node, serial))
+                    self._log.info("session_replaced", user=user, old=f"{node}#{serial}",
+                                   new=str(address))
+            return
+        raise StoreUnavailable(f"the session of {user} could not be claimed")
 
-    def attach(self, send: Send) -> None:
-        """Join a cluster: tell peers about local sessions through ``send``."""
-        self._send = send
+    def unregister(self, user: str, address: Address) -> None:
+        """Forget ``address`` as ``user``'s session, if it still is; never waits."""
+        if self._local.get(user) == address:
+            del self._local[user]
+        self._bus.leave(user)
+        revision = self._claims.pop(address, None)
+        if revision is not None and not self._mailbox.deliver_nowait(_Release(user, revision)):
+            self._log.warning("claim_kept", user=user, reason="registry mailbox full")
 
-    async def remote(self, peer: str, frame: dict[str, Any]) -> None:
-        """A ``reg``, ``unreg`` or ``sync`` frame from ``peer``."""
-        await self._mailbox.deliver(_Remote(peer, frame))
-
-    async def peer_up(self, peer: str) -> None:
-        """A link to ``peer`` came up: it gets every local session."""
-        await self._mailbox.deliver(_PeerUp(peer))
-
-    async def peer_down(self, peer: str) -> None:
-        """``peer`` is down: forget its sessions."""
-        await self._mailbox.deliver(_PeerDown(peer))
+    def signal(self, user: str, signal: Signal) -> None:
+        """A signal for ``user``'s session arrived on the bus: act on it if it is here."""
+        match signal:
+            case Replaced(node, serial):
+                address = self._local.get(user)
+                if address is not None and (address.node, address.serial) == (node, serial):
+                    del self._local[user]
+                    self._actors.exit(address, ErrorCode.SESSION_REPLACED)
 
     async def run(self, *, task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """The actor loop: apply registrations in arrival order."""
+        """The actor loop: release the claims of ended sessions, one at a time."""
         task_status.started(self)
         while True:
-            match await self._mailbox.receive():
-                case _Register(user, address, done):
-                    # Later than whatever holds the user now, even if the clock stepped
-                    # back: on this node the newer login always wins, and the time sent
-                    # to peers says so.
-                    since = max(now_ms(), self._since.get(user, -1) + 1)
-                    self._claim(user, address, since)
-                    if self._send is not None:
-                        self._send(None, {"t": "reg", "user": user, "serial": address.serial,
-                                          "ts": self._since[user]})
-                    done.set()
-                case _Unregister(user, address):
-                    if self._table.get(user) == address:
-                        del self._table[user]
-                        del self._since[user]
-                        if self._send is not None:
-                            self._send(None, {"t": "unreg", "user": user,
-                                              "serial": address.serial})
-                case _PeerUp(peer):
-                    if self._send is not None:
-                        mine = [[user, address.serial, self._since[user]]
-                                for user, address in self._table.items()
-                                if address.node == self._actors.node]
-                        self._send(peer, {"t": "sync", "sessions": mine})
-                case _PeerDown(peer):
-                    self._forget(peer)
-                case _Remote(peer, frame):
-                    try:
-                        self._apply(peer, frame)
-                    except (KeyError, TypeError, ValueError):
-                        self._log.warning("link_frame_refused", peer=peer,
-                                          frame=str(frame.get("t")))
-
-    def _claim(self, user: str, address: Address, since: int) -> None:
-        """Make ``address`` the user's session unless a later login holds it.
-
-        A replaced local session is told to exit; a replaced remote one is its own node's
-        business (it learns of this login from the same broadcast).
-        """
-        old = self._table.get(user)
-        if old is not None and old != address:
-            if (self._since[user], old.node) > (since, address.node):
-                return
-            if old.node == self._actors.node:
-                self._actors.exit(old, ErrorCode.SESSION_REPLACED)
-            self._log.info("session_replaced", user=user, old=str(old), new=str(address))
-        self._table[user] = address
-        self._since[user] = since
-
-    def _apply(self, peer: str, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
-        if kind == "sync":
-            self._forget(peer, quiet=True)
-            for user, serial, since in frame.get("sessions", []):
-                self._claim(str(user), Address(peer, int(serial), f"session:{user}"),
-                            int(since))
-        elif kind == "reg":
-            user = str(frame["user"])
-            self._claim(user, Address(peer, int(frame["serial"]), f"session:{user}"),
-                        int(frame["ts"]))
-        elif kind == "unreg":
-            user = str(frame["user"])
-            if self._table.get(user) == Address(peer, int(frame["serial"])):
-                del self._table[user]
-                del self._since[user]
-
-    def _forget(self, peer: str, *, quiet: bool = False) -> None:
-        gone = [user for user, address in self._table.items() if address.node == peer]
-        for user in gone:
-            del self._table[user]
-            del self._since[user]
-        if gone and not quiet:
-            self._log.info("peer_sessions_forgotten", peer=peer, sessions=len(gone))
+            release = await self._mailbox.receive()
+            try:
+                await self._bucket.delete(release.user, revision=release.revision)
+            except RevisionMismatch:
+                pass  # a newer login holds it
+            except StoreUnavailable:
+                # The claim stays until the user's next login overwrites it; an old claim
+                # only makes that login signal a session that is gone.
+                self._log.warning("claim_kept", user=release.user,
+                                  reason="backend unavailable")

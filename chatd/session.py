@@ -33,10 +33,11 @@ import trio
 
 from chatd.actors import ActorTable, Mailbox
 from chatd.auth import TokenError, verify_token
+from chatd.backends import Entry, Message, Queues, StoreUnavailable
 from chatd.clock import now_ms
 from chatd.config import Config
 from chatd.logs import EventLog
-from chatd.messages import Deliver, Push
+from chatd.messages import Deliver, Push, Resync
 from chatd.presence import PresenceService
 from chatd.protocol import (
     Ack,
@@ -57,7 +58,6 @@ from chatd.protocol import (
 from chatd.protocol.websocket import WebSocketError
 from chatd.registry import Registry
 from chatd.router import Router
-from chatd.store import Entry, Message, Store, StoreUnavailable
 from chatd.transport import ConnectionClosed, WebSocket
 
 __all__ = ["CATCH_UP_BATCH", "Session", "SessionContext"]
@@ -69,9 +69,12 @@ CATCH_UP_BATCH = 256
 #: Seconds allowed to tell a client why it is being closed.
 CLOSE_TIMEOUT = 2.0
 
-#: Why a session closes when its user's queue cannot be read (in a cluster, no replica of
-#: it answers); the client connects again later.
+#: Why a session closes when its user's queue cannot be read (the backend is unreachable);
+#: the client connects again later.
 _UNREADABLE = "this user's queue cannot be read now; connect again later"
+
+#: Why a presence query or subscription is refused when the backend cannot be read.
+_NO_PRESENCE = "presence cannot be read now; try again later"
 
 _EXIT_MESSAGES = {
     ErrorCode.SESSION_REPLACED: "a newer login of this user took over",
@@ -90,7 +93,7 @@ class SessionContext:
     registry: Registry
     presence: PresenceService
     router: Router
-    store: Store
+    queues: Queues
 
 
 class Session:
@@ -115,7 +118,7 @@ class Session:
         self._conn = ServerConnection(ctx.config.limits)
         self._log = EventLog(logger, ctx.actors.node, "session")
         self._user = ""
-        self._mailbox: Mailbox[Deliver | Push] | None = None
+        self._mailbox: Mailbox[Deliver | Push | Resync] | None = None
         self._auth_scope = trio.CancelScope(
             deadline=trio.current_time() + ctx.config.auth_timeout)
         self._open_scope = trio.CancelScope()
@@ -193,20 +196,23 @@ class Session:
                                                   ctx.config.mailbox_capacity)
         address = mailbox.address
         mailbox.bind(None, self._on_exit)
+        opened = False
         try:
             with self._open_scope:
-                await ctx.registry.register(user, address)
-                await ctx.presence.session_up(user, address)
                 try:
+                    await ctx.registry.register(user, address)
+                    await ctx.presence.session_up(user, address)
+                    await ctx.queues.open(user)
+                    opened = True
                     if hello.resume:
                         with contextlib.suppress(ProtocolError):  # store_unavailable: redeliver
                             await ctx.router.acknowledge(user, "delivered", min(
-                                hello.resume, await ctx.store.last_seq(user)))
+                                hello.resume, await ctx.queues.last_seq(user)))
                     # Everything before the first pending entry reached the user on an
                     # earlier connection: acknowledgements up to there are legitimate.
-                    first = await ctx.store.pending(user, 0, 1)
+                    first = await ctx.queues.pending(user, 0, 1)
                     self._sent_seq = (first[0].seq - 1 if first
-                                      else await ctx.store.last_seq(user))
+                                      else await ctx.queues.last_seq(user))
                 except StoreUnavailable:
                     self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
                     self._open_scope.cancel()
@@ -223,9 +229,11 @@ class Session:
                     self._stop_writer()
         finally:
             ctx.actors.release(mailbox)
+            if opened:
+                ctx.queues.close(user)
+            ctx.registry.unregister(user, address)
             with trio.move_on_after(CLOSE_TIMEOUT) as cleanup:
                 cleanup.shield = True
-                await ctx.registry.unregister(user, address)
                 # Presence also drops this session's subscriptions when it learns it ended.
                 await ctx.presence.session_down(user, address)
         reason = mailbox.exit_reason
@@ -362,12 +370,12 @@ class Session:
     async def _handle(self, frames: Iterable[Frame], replies: list[Frame]) -> None:
         """Act on client frames in order, appending their answers to ``replies``.
 
-        If the store waits for I/O (fsync), what is ready is sent before each wait: the
-        answers so far and the items routed so far. In a cluster, a run of sends is
-        submitted together (:meth:`Router.submit_many`).
+        If the queues wait for I/O (fsync, NATS), what is ready is sent before each wait:
+        the answers so far and the items routed so far. A run of sends is submitted
+        together (:meth:`Router.submit_many`): one write for all of them.
         """
         ctx = self._ctx
-        flush = ctx.store.waits_for_io
+        flush = ctx.queues.waits_for_io
         frames = list(frames)
         at = 0
         while at < len(frames):
@@ -377,7 +385,7 @@ class Session:
                 self._answer(replies)
                 replies.clear()
                 self._wake_touched()
-            if isinstance(frame, Send) and ctx.router.batches_sends:
+            if isinstance(frame, Send):
                 run = [frame]
                 while at < len(frames) and isinstance(frames[at], Send):
                     run.append(cast(Send, frames[at]))
@@ -386,15 +394,12 @@ class Session:
                 continue
             try:
                 match frame:
-                    case Send():
-                        replies.append(await ctx.router.submit(self._user, frame,
-                                                               self._touched))
                     case Ack(status, upto, peer):
                         await ctx.router.acknowledge(self._user, status,
                                                      min(upto, self._sent_seq), peer,
                                                      self._touched)
                     case LastSeenQuery(user):
-                        replies.append(ctx.presence.lookup(user))
+                        replies.append(await self._lookup(user))
                     case Subscribe(users):
                         await self._subscribe(users)
                     case Unsubscribe(users):
@@ -436,6 +441,12 @@ class Session:
         if self._ws.unsent:  # the socket is full: wake the writer to wait on it
             self._mailbox.deliver_nowait(Push(()))  # the writer takes over the rest
 
+    async def _lookup(self, user: str) -> Frame:
+        try:
+            return await self._ctx.presence.lookup(user)
+        except StoreUnavailable:
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _NO_PRESENCE) from None
+
     async def _subscribe(self, users: Sequence[str]) -> None:
         new = tuple(set(users) - self._watching)
         limit = self._ctx.config.max_subscriptions
@@ -444,8 +455,11 @@ class Session:
                                 f"at most {limit} users may be watched per session")
         if new:
             assert self._mailbox is not None
+            try:
+                await self._ctx.presence.watch(self._mailbox.address, new, add=True)
+            except StoreUnavailable:
+                raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _NO_PRESENCE) from None
             self._watching.update(new)
-            await self._ctx.presence.watch(self._mailbox.address, new, add=True)
 
     # -- outbound ----------------------------------------------------------------------
 
@@ -492,7 +506,7 @@ class Session:
                         await self._flush()
             except ConnectionClosed:
                 pass
-            except StoreUnavailable:  # in a cluster: no replica of the queue answers
+            except StoreUnavailable:  # the backend cannot read the queue now
                 self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
         # The writer is done (connection lost, idle, or told to stop): so is the session.
         self._reader_scope.cancel()
@@ -517,17 +531,20 @@ class Session:
             self._mailbox.deliver_nowait(Push(()))  # declined above: wakes the writer
         return True
 
-    def _take(self, message: Deliver | Push, frames: list[Frame]) -> bool:
+    def _take(self, message: Deliver | Push | Resync, frames: list[Frame]) -> bool:
         """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
         match message:
-            case Deliver(entry):
-                if entry.seq == self._sent_seq + 1:
+            case Deliver(entry, prev):
+                if entry.seq > self._sent_seq:
+                    # Next in order when nothing can lie between the last sent and it.
+                    if (prev if prev >= 0 else entry.seq - 1) > self._sent_seq:
+                        return True
                     frames.append(_frame(entry))
                     self._sent_seq = entry.seq
-                elif entry.seq > self._sent_seq:
-                    return True
             case Push(pushed):
                 frames.extend(pushed)
+            case Resync():
+                return True
         return False
 
     def _drain(self, frames: list[Frame]) -> bool:
@@ -543,9 +560,9 @@ class Session:
 
     async def _catch_up(self, frames: list[Frame]) -> None:
         """Send ``frames`` and then every stored entry after the last one sent."""
-        store, user = self._ctx.store, self._user
+        queues, user = self._ctx.queues, self._user
         while True:
-            entries = await store.pending(user, self._sent_seq, CATCH_UP_BATCH)
+            entries = await queues.pending(user, self._sent_seq, CATCH_UP_BATCH)
             if entries:
                 self._sent_seq = entries[-1].seq
                 frames.extend(_frame(entry) for entry in entries)

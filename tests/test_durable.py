@@ -1,4 +1,4 @@
-"""Tests for :class:`chatd.store.DurableStore`, the persistence actor on two replicas.
+"""Tests for :class:`chatd.backends.embedded.DurableStore`, the persistence actor on two replicas.
 
 Every test runs real stores on real replica directories under ``tmp_path``. A "restart" is
 a clean stop (the store's nursery is cancelled) followed by a fresh ``DurableStore`` on the
@@ -23,18 +23,18 @@ import trio
 import trio.testing
 
 from chatd.actors import ActorTable
-from chatd.clock import now_ms
-from chatd.store import (
-    DurableStore,
+from chatd.backends import (
     Entry,
     IdConflict,
     Message,
     ReceiptItem,
     StoreUnavailable,
 )
-from chatd.store._segments import HEADER_BYTES, SegmentLog
+from chatd.backends.embedded import DurableStore
+from chatd.backends.embedded._segments import HEADER_BYTES, SegmentLog
+from chatd.clock import now_ms
 
-# Record types of the durable store (chatd/store/_durable.py).
+# Record types of the durable store (chatd/backends/embedded/_durable.py).
 MSG, ACK = 1, 2
 CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END = 10, 11, 12, 13, 14, 15
 
@@ -497,7 +497,7 @@ async def test_failed_replica_stops_acknowledging(
     async with running_store(dirs) as store:
         entries = await submit_all(store, [msg(n, "bob") for n in range(3)])
         with monkeypatch.context() as patch:
-            patch.setattr("chatd.store._segments.os.fsync", fsync)
+            patch.setattr("chatd.backends.embedded._segments.os.fsync", fsync)
             with pytest.raises(StoreUnavailable):
                 await store.submit(msg(3, "bob"))
         assert os.fsync is real_fsync
@@ -529,7 +529,7 @@ async def test_failed_replica_during_background_checkpoint_keeps_store_up(
             raise OSError(errno.EIO, "injected I/O error")
         real_fsync(fd)
 
-    monkeypatch.setattr("chatd.store._segments.os.fsync", fsync)
+    monkeypatch.setattr("chatd.backends.embedded._segments.os.fsync", fsync)
     async with running_store(dirs) as store:
         await submit_all(store, [msg(n, "bob") for n in range(3)])
         assert len(segment_files(dirs[1])) == 1

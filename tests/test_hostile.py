@@ -63,7 +63,7 @@ QUICK = 1.0
 
 def queued(node: RunningNode, user: str) -> int:
     """How many items wait in ``user``'s queue in the node's store."""
-    return node.node.store.queued(user)  # type: ignore[attr-defined, no-any-return]
+    return node.node.backend.store.queued(user)  # type: ignore[attr-defined, no-any-return]
 
 
 @asynccontextmanager
@@ -224,7 +224,7 @@ async def test_bad_message_closes_only_that_connection(make_node: MakeNode, bad:
         assert close == bad.close, (close, frames)
         assert [f.get("code") for f in frames] == ([bad.code] if bad.code else [])
         assert elapsed < QUICK
-        await until(lambda: "mallory" not in node.node.registry.table)
+        await until(lambda: "mallory" not in node.node.registry.local)
 
 
 # -- 10. a flood from one user ---------------------------------------------------------------
@@ -473,7 +473,7 @@ async def test_hello_that_never_ends_is_closed_4408_after_auth_timeout(
             nursery.cancel_scope.cancel()
         assert (close, [f.get("code") for f in frames]) == (4408, ["auth_timeout"])
         assert 0.4 <= trio.current_time() - start < 1.5
-        assert "mallory" not in node.node.registry.table
+        assert "mallory" not in node.node.registry.local
 
 
 async def test_header_claiming_2_63_bytes_is_closed_1009_at_once(make_node: MakeNode) -> None:
@@ -483,7 +483,7 @@ async def test_header_claiming_2_63_bytes_is_closed_1009_at_once(make_node: Make
         with trio.fail_after(QUICK):
             frames, close = await wire.read_to_close()
         assert (close, frames) == (1009, [])
-        assert "mallory" not in node.node.registry.table
+        assert "mallory" not in node.node.registry.local
 
 
 @pytest.mark.parametrize("after_hello", [False, True], ids=["first", "after_hello"])
@@ -712,4 +712,4 @@ async def test_bad_token_is_refused_4401(make_node: MakeNode, case: str) -> None
         assert (first["t"], first.get("code")) == ("error", code), first
         frames, close = await raw.read_to_close()
         assert (close, frames) == (4401, [])
-    assert "bob" not in node.node.registry.table
+    assert "bob" not in node.node.registry.local

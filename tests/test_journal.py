@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from chatd.actors import ActorTable
-from chatd.store import StoreUnavailable
-from chatd.store._journal import Journal
-from chatd.store._segments import Position, SegmentLog
+from chatd.backends import StoreUnavailable
+from chatd.backends.embedded._journal import Journal
+from chatd.backends.embedded._segments import Position, SegmentLog
 
 Event = tuple[str, int, tuple[str, ...]]
 
@@ -120,7 +120,7 @@ async def test_a_failed_fsync_stops_acknowledging_for_good(
         await nursery.start(journal.run)
         with trio.fail_after(10):
             await journal.write([(1, ["before"])])
-            monkeypatch.setattr("chatd.store._segments.os.fsync",
+            monkeypatch.setattr("chatd.backends.embedded._segments.os.fsync",
                                 fsync_failing_once_on_replica_1)
             with pytest.raises(StoreUnavailable):
                 await journal.write([(1, ["during"])])

@@ -285,10 +285,10 @@ async def test_hello_resume_treats_up_to_n_as_delivered(chat_node: RunningNode) 
 
 
 async def test_receipts_for_offline_sender_are_queued(chat_node: RunningNode) -> None:
-    registry, store = chat_node.node.registry, chat_node.node.store
+    registry, store = chat_node.node.registry, chat_node.node.backend.store
     async with login(chat_node, "alice") as alice:
         await alice.client.send("bob", "hi", id="m1")
-    await until(lambda: "alice" not in registry.table)
+    await until(lambda: "alice" not in registry.local)
 
     async with login(chat_node, "bob") as bob:
         msg = await bob.next(Msg)
@@ -336,7 +336,7 @@ async def test_a_run_of_acks_in_one_message_is_applied_as_one(chat_node: Running
         read = await alice.next(Receipt)
         assert (delivered.status, delivered.ids) == ("delivered", ids)
         assert (read.status, read.ids) == ("read", ids)
-        assert chat_node.node.store.queued("bob") == 0
+        assert chat_node.node.backend.store.queued("bob") == 0
 
 
 async def test_read_with_peer_marks_only_that_peers_messages(chat_node: RunningNode) -> None:
@@ -461,7 +461,7 @@ async def test_bad_token_is_refused_with_4401(chat_node: RunningNode, case: str)
         await raw.send(hello(make_token(chat_node)))
         frames = await raw.expect_close(4401, code)
         assert len(frames) == 1  # no welcome
-    assert "bob" not in chat_node.node.registry.table
+    assert "bob" not in chat_node.node.registry.local
 
 
 async def test_no_hello_within_auth_timeout_closes_4408(make_node: MakeNode) -> None:
@@ -544,7 +544,7 @@ async def test_a_later_login_takes_over_even_if_the_clock_stepped_back(
     async with login(chat_node, "bob") as first, login(chat_node, "bob") as second:
         _, closed = await first.drain()
         assert closed.code == 4409
-        assert chat_node.node.registry.table["bob"].serial == int(
+        assert chat_node.node.registry.local["bob"].serial == int(
             second.client.welcome.session.rsplit(".", 1)[1])
 
 
@@ -571,7 +571,7 @@ async def test_malformed_message_closes_only_that_connection(
 
 def bob_told_to_exit(node: RunningNode) -> bool:
     """Whether bob's session is gone from the registry or has been told to exit."""
-    address = node.node.registry.table.get("bob")
+    address = node.node.registry.local.get("bob")
     mailbox = node.node.actors.lookup(address) if address is not None else None
     return mailbox is None or mailbox.exiting
 
@@ -590,7 +590,7 @@ async def test_slow_consumer_is_dropped_and_loses_nothing(make_node: MakeNode) -
     node = await make_node(mailbox_capacity=4)
     async with login(node, "alice") as alice, raw_login(node, "bob") as raw:
         # raw reads nothing from here on: the socket buffers fill, then its mailbox.
-        sent = await flood_until(node, alice, lambda: "bob" not in node.node.registry.table)
+        sent = await flood_until(node, alice, lambda: "bob" not in node.node.registry.local)
         frames, _ = await raw.read_to_close()
         received = [f["id"] for f in frames if f["t"] == "msg"]
         assert received == sent[:len(received)] and len(received) < len(sent)
@@ -615,14 +615,14 @@ async def test_slow_consumer_sees_slow_consumer_error_and_4420(make_node: MakeNo
 async def test_crashing_session_is_closed_1011_and_others_carry_on(
         chat_node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
     router = chat_node.node.router
-    submit = router.submit
+    submit_many = router.submit_many
 
-    async def crashing_submit(sender: str, frame: Any, touched: Any = None) -> Any:
-        if frame.body == "crash":
+    async def crashing_submit(sender: str, frames: Any, touched: Any = None) -> Any:
+        if any(frame.body == "crash" for frame in frames):
             raise RuntimeError("injected crash")
-        return await submit(sender, frame, touched)
+        return await submit_many(sender, frames, touched)
 
-    monkeypatch.setattr(router, "submit", crashing_submit)
+    monkeypatch.setattr(router, "submit_many", crashing_submit)
     async with login(chat_node, "bob") as bob, login(chat_node, "carol") as carol:
         async with login(chat_node, "alice") as alice:
             await alice.client.submit([("boom", "bob", "crash")])
@@ -680,7 +680,7 @@ async def test_silent_user_goes_offline_after_threshold(make_node: MakeNode) -> 
         assert (offline.user, offline.online) == ("bob", False)
         assert offline.last_seen is not None
         assert trio.current_time() - start >= 0.2
-        assert bob.client.closed is None and "bob" in node.node.registry.table
+        assert bob.client.closed is None and "bob" in node.node.registry.local
 
         await bob.client.last_seen("alice")  # activity brings bob back online
         back = await alice.next(Presence)
@@ -713,7 +713,7 @@ async def test_client_answering_pings_outlives_idle_timeout(make_node: MakeNode)
 
         nursery.start_soon(reader)
         await trio.sleep(1.2)  # three idle timeouts; trio-websocket answers the pings
-        assert "bob" in node.node.registry.table
+        assert "bob" in node.node.registry.local
         await raw.send({"t": "lastseen", "user": "bob"})
         await until(lambda: len(frames) == 1)
         assert frames[0]["t"] == "presence" and frames[0]["online"] is True
@@ -726,8 +726,8 @@ async def test_client_not_answering_pings_is_closed_4410(make_node: MakeNode) ->
         # With no queue, the unread welcome stops trio-websocket's reader, and with it
         # the automatic pong.
         await raw.send(hello(node.token("bob")), {"t": "lastseen", "user": "bob"})
-        await until(lambda: "bob" in node.node.registry.table)
-        await until(lambda: "bob" not in node.node.registry.table)
+        await until(lambda: "bob" in node.node.registry.local)
+        await until(lambda: "bob" not in node.node.registry.local)
         frames = await raw.expect_close(4410, "idle_timeout")
         assert [f["t"] for f in frames] == ["welcome", "presence", "error"]
 
@@ -768,7 +768,7 @@ async def test_node_stops_promptly_while_a_write_is_blocked(tmp_path: Path) -> N
             running.secret = load_or_create_secret(config.secret_path)
             async with raw_connect(node.url, queue=0) as raw, login(running, "alice") as alice:
                 await raw.send(hello(running.token("bob")))
-                await until(lambda: "bob" in node.registry.table)
+                await until(lambda: "bob" in node.registry.local)
 
                 def bob_blocked_in_a_write() -> bool:
                     assert node.listener is not None

@@ -1,4 +1,4 @@
-"""Tests for :mod:`chatd.store._segments`, the append-only segment log of one replica.
+"""Tests for :mod:`chatd.backends.embedded._segments`, the append-only segment log of one replica.
 
 Every test is synchronous and works on real files in ``tmp_path``. The two acceptance tests
 for crash recovery cut the last record of the log at every byte offset and flip every bit of
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from chatd.store import _segments
-from chatd.store._segments import (
+from chatd.backends.embedded import _segments
+from chatd.backends.embedded._segments import (
     HEADER_BYTES,
     MAGIC,
     Damage,

@@ -15,12 +15,17 @@ from typing import Any
 
 import attrs
 
-from chatd.clock import now_ms
-from chatd.protocol import MAX_RECEIPT_IDS
+from chatd.backends._acks import Unread, apply_ack, plan_receipts
+from chatd.backends._records import (
+    Accepted,
+    Entry,
+    IdConflict,
+    Message,
+    ReceiptItem,
+    StoreUnavailable,
+)
 
-from ._interface import Entry, IdConflict, Message, ReceiptItem
-
-__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId", "UserState"]
+__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId"]
 
 _SEQ = operator.itemgetter(0)
 
@@ -52,21 +57,6 @@ SentId = tuple[str, int, int]
 
 
 @attrs.frozen(slots=True)
-class UserState:
-    """One user's queue as replicas exchange it.
-
-    ``known`` lists the message ids (sender, id, ts) this replica has stored for the user,
-    acknowledged or not: it tells a merge which messages the user already had.
-    """
-
-    last_seq: int
-    acked: int
-    entries: tuple[Entry, ...]
-    unread: tuple[tuple[int, str, str], ...]
-    known: tuple[tuple[str, str, int], ...]
-
-
-@attrs.frozen(slots=True)
 class Acked:
     """What an acknowledgement changed, and the receipts it produces for senders."""
 
@@ -85,7 +75,7 @@ class _Queue:
         self.last_seq = 0
         self.reserved = 0
         self.acked = 0  # the highest seq acknowledged as delivered (or read)
-        self.unread: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
+        self.unread: Unread = collections.OrderedDict()
 
 
 class QueueIndex:
@@ -192,24 +182,10 @@ class QueueIndex:
             return Acked(False, ())
         entries = queue.entries
         end = bisect.bisect_right(entries, upto, lo=queue.head, key=_SEQ)
-        # A stored message is (seq, ("m", id, sender, to, body, ts)).
-        newly = [(seq, item[2], item[1]) for seq, item in entries[queue.head:end]
-                 if item[0] == "m"]
-        delivered = [(sender, msg_id) for _, sender, msg_id in newly]
-        read: list[tuple[str, str]] = []
-        if status == "read":
-            unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
-            unread += newly
-            kept = unread[max(0, len(unread) - self._max_unread):]
-            read = [(sender, msg_id) for seq, sender, msg_id in kept
-                    if seq <= upto and (peer is None or sender == peer)]
-        receipts = tuple(
-            (sender, ReceiptItem(state, user, tuple(ids[i:i + MAX_RECEIPT_IDS]), ts))
-            for state, pairs in (("delivered", delivered), ("read", read))
-            for sender, ids in _by_sender(pairs)
-            for i in range(0, len(ids), MAX_RECEIPT_IDS)
-        )
-        return Acked(end > queue.head or bool(read), receipts)
+        receipts = plan_receipts(user, status, upto, peer, ts, _newly(entries[queue.head:end]),
+                                 queue.unread, self._max_unread)
+        read = any(receipt.status == "read" for _, receipt in receipts)
+        return Acked(end > queue.head or read, receipts)
 
     def apply_ack(self, user: str, status: str, upto: int, peer: str | None) -> None:
         """Make the change :meth:`plan_ack` describes."""
@@ -218,23 +194,14 @@ class QueueIndex:
             return
         entries, head = queue.entries, queue.head
         end = bisect.bisect_right(entries, upto, lo=head, key=_SEQ)
-        for seq, item in entries[head:end]:
-            if item[0] == "m":
-                queue.unread[seq] = (item[2], item[1])
+        newly = _newly(entries[head:end])
         self.pending_total -= end - head
         if end > 1024 and end * 2 > len(entries):
             del entries[:end]
             end = 0
         queue.head = end
         queue.acked = max(queue.acked, min(upto, queue.last_seq))
-        while len(queue.unread) > self._max_unread:
-            queue.unread.popitem(last=False)
-        if status == "read":
-            for seq, (sender, _) in list(queue.unread.items()):
-                if seq > upto:
-                    break
-                if peer is None or sender == peer:
-                    del queue.unread[seq]
+        apply_ack(status, upto, peer, newly, queue.unread, self._max_unread)
 
     # -- snapshots ---------------------------------------------------------------------
 
@@ -256,79 +223,38 @@ class QueueIndex:
         for seq, sender, msg_id in unread:
             queue.unread[seq] = (sender, msg_id)
 
-    # -- replicas (the cluster's placement of queues on two nodes) -----------------------
 
-    def names(self) -> list[str]:
-        """Every user with a queue here."""
-        return list(self._queues)
-
-    def put(self, user: str, entry: Entry) -> bool:
-        """Queue a replicated ``entry`` unless its seq is acknowledged or already taken.
-
-        Returns:
-            Whether it was queued (a repeated replication is not).
-        """
-        queue = self._queue(user)
-        if entry.seq <= queue.acked:
-            return False
-        entries = queue.entries
-        at = bisect.bisect_left(entries, entry.seq, lo=queue.head, key=_SEQ)
-        if at < len(entries) and entries[at][0] == entry.seq:
-            return False
-        item = entry.item
-        if isinstance(item, Message):
-            self.remember(item.sender, item.id, item.to, item.ts)
-        self.add(user, entry)
-        return True
-
-    def export(self, users: Sequence[str]) -> dict[str, UserState]:
-        """The replicable state of each of ``users`` (one pass over the message ids)."""
-        known: dict[str, list[tuple[str, str, int]]] = {user: [] for user in users}
-        for (sender, msg_id), (to, ts, _) in self.ids.items():
-            found = known.get(to)
-            if found is not None:
-                found.append((sender, msg_id, ts))
-        states = {}
-        for user in users:
-            queue = self._queues.get(user) or _Queue()
-            states[user] = UserState(
-                queue.last_seq, queue.acked,
-                tuple(_unpack(stored) for stored in queue.entries[queue.head:]),
-                tuple((seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()),
-                tuple(known[user]))
-        return states
-
-    def replace(self, user: str, state: UserState) -> None:
-        """Make ``user``'s queue exactly ``state`` (an empty state forgets the user)."""
-        old = self._queues.pop(user, None)
-        if old is not None:
-            self.pending_total -= len(old.entries) - old.head
-        if not (state.last_seq or state.entries or state.unread):
-            return
-        queue = self._queue(user)
-        queue.acked = state.acked
-        now = now_ms()
-        for sender, msg_id, ts in state.known:  # as recovery does: not past the window
-            if (sender, msg_id) not in self.ids and ts + self.dedup_window_ms > now:
-                self.remember(sender, msg_id, user, ts)
-        for entry in state.entries:
-            self.put(user, entry)  # remembers the ids of the messages, as recovery does
-        queue.last_seq = queue.reserved = max(queue.last_seq, state.last_seq)
-        for seq, sender, msg_id in state.unread:
-            queue.unread[seq] = (sender, msg_id)
-
-
-def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    grouped: dict[str, list[str]] = {}
-    for sender, msg_id in pairs:
-        grouped.setdefault(sender, []).append(msg_id)
-    return list(grouped.items())
+def _newly(stored: Sequence[Stored]) -> list[tuple[int, str, str]]:
+    """The messages among stored entries, as ``(seq, sender, id)``."""
+    # A stored message is (seq, ("m", id, sender, to, body, ts)).
+    return [(seq, item[2], item[1]) for seq, item in stored if item[0] == "m"]
 
 
 class IndexedStore:
-    """The read side of a store, answered from its :class:`QueueIndex` without waiting."""
+    """What both embedded stores share: the read side, answered from their
+    :class:`QueueIndex` without waiting, and runs of sends submitted one by one."""
 
     index: QueueIndex
+
+    async def submit(self, message: Message) -> Accepted:
+        """Queue ``message``; see :meth:`chatd.backends.Queues.submit`."""
+        raise NotImplementedError
+
+    async def submit_many(self, messages: Sequence[Message]) -> list[Accepted | Exception]:
+        """Submit each message in turn; see :meth:`chatd.backends.Queues.submit_many`."""
+        results: list[Accepted | Exception] = []
+        for message in messages:
+            try:
+                results.append(await self.submit(message))
+            except (IdConflict, StoreUnavailable) as exc:
+                results.append(exc)
+        return results
+
+    async def open(self, user: str) -> None:
+        """Nothing to prepare: every queue is in the index."""
+
+    def close(self, user: str) -> None:
+        """Nothing to release."""
 
     async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
         """Up to ``limit`` queued entries with ``seq > after``, in order."""

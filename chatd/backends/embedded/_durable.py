@@ -10,19 +10,18 @@ Records (each a CBOR array, the LSN first):
 - ``MSG``  [lsn, to, seq, id, from, body, ts] — a message queued for ``to``;
 - ``ACK``  [lsn, user, status, upto, peer, receipts] — an acknowledgement and the receipts
   it queued, [[sender, seq, status, ids, ts], ...], as one record;
-- ``PUT`` [lsn, user, seq, kind, *fields] — an entry replicated from another node (kind
-  and fields as in ``CK_ENTRY``);
-- ``REPLACE`` [lsn, user, last_seq, acked, count] — the user's queue is set anew (a merge
-  of the cluster's replicas), by this record and the ``count`` records that follow it in
-  the same batch: ``UNREAD`` [lsn, user, [[seq, from, id], ...]], ``KNOWN`` [lsn, user,
-  [[from, id, ts], ...]] and ``PUT`` records. Recovery applies the group whole or not at
-  all: a group torn by a crash leaves the queue as it was;
+- ``KV`` [lsn, bucket, key, value, revision, expires] — a state record written (``value``
+  null: removed) in a durable bucket, with its expiry in ms (0: none);
 - checkpoint records, all carrying the LSN the snapshot covers: ``CK_BEGIN``, ``CK_USER``
   [snap, user, last_seq], ``CK_UNREAD`` [snap, user, [[seq, from, id], ...]],
   ``CK_ENTRY`` [snap, user, seq, "m", id, from, body, ts] or [..., "r", status, by, ids,
   ts],
-  ``CK_IDS`` [snap, [[from, id, to, ts], ...]], ``CK_END`` [snap, count of the records
-  between begin and end].
+  ``CK_IDS`` [snap, [[from, id, to, ts], ...]], ``CK_KV`` [snap, bucket, revision,
+  [[key, value, revision, expires], ...]], ``CK_END`` [snap, count of the records between
+  begin and end].
+
+Types 3-6 were the replica records of a cluster that chatd no longer has; recovery skips
+them with a warning.
 
 Recovery reads both replicas, starts from the newest complete checkpoint found on either,
 and replays the union of both replicas' later records in LSN order. Damage, a torn tail, or
@@ -32,9 +31,10 @@ the merged state to both at once.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +43,48 @@ import cbor2
 import trio
 
 from chatd.actors import ActorTable
+from chatd.backends._records import (
+    Accepted,
+    Entry,
+    IdConflict,
+    Message,
+    ReceiptItem,
+    StoreUnavailable,
+)
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 
-from ._index import IndexedStore, QueueIndex, UserState
-from ._interface import Accepted, Entry, Message, ReceiptItem, Store, StoreUnavailable
+from ._index import IndexedStore, QueueIndex
 from ._journal import Body, Journal
+from ._kv import KVTable
 from ._segments import SegmentLog
 
 __all__ = ["DurableStore"]
 
 logger = logging.getLogger(__name__)
 
-MSG, ACK, PUT, REPLACE, UNREAD, KNOWN = 1, 2, 3, 4, 5, 6
-_CHANGES = frozenset((MSG, ACK, PUT, REPLACE, UNREAD, KNOWN))
-CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END = 10, 11, 12, 13, 14, 15
+class RecordType(enum.IntEnum):
+    """The type of a record in the segment log (docs/storage.md)."""
+
+    MSG = 1
+    ACK = 2
+    KV = 7
+    CK_BEGIN = 10
+    CK_USER = 11
+    CK_UNREAD = 12
+    CK_ENTRY = 13
+    CK_IDS = 14
+    CK_END = 15
+    CK_KV = 16
+
+
+MSG, ACK, KV = RecordType.MSG, RecordType.ACK, RecordType.KV
+CK_BEGIN, CK_END = RecordType.CK_BEGIN, RecordType.CK_END
+_CHANGES = frozenset((MSG, ACK, KV))
+#: Record types of the removed cluster (PUT, REPLACE, UNREAD, KNOWN): skipped at recovery.
+_RETIRED = frozenset((3, 4, 5, 6))
+_CHECKPOINTED = frozenset((RecordType.CK_USER, RecordType.CK_UNREAD, RecordType.CK_ENTRY,
+                           RecordType.CK_IDS, RecordType.CK_KV))
 _CHUNK = 1000
 
 
@@ -72,7 +99,7 @@ class _Replay:
 
 
 class DurableStore(IndexedStore):
-    """The :class:`Store` on two replicas of a segment log.
+    """The queues, and the durable state buckets, on two replicas of a segment log.
 
     Args:
         actors: The node's actor table.
@@ -98,6 +125,8 @@ class DurableStore(IndexedStore):
         self._new_index = functools.partial(QueueIndex, dedup_window=dedup_window,
                                             dedup_max=dedup_max, max_unread=max_unread)
         self.index = self._new_index()
+        #: The durable state buckets' records (:mod:`chatd.backends.embedded._kv`).
+        self.kv = KVTable()
         self.logs: list[SegmentLog] = []
         self.journal: Journal | None = None
         self._log = EventLog(logger, actors.node, "store")
@@ -108,10 +137,11 @@ class DurableStore(IndexedStore):
 
     # -- the actor ---------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[DurableStore] = (
+            trio.TASK_STATUS_IGNORED)) -> None:
         """Recover both replicas, repair them if needed, then serve and checkpoint."""
         self.index = self._new_index()
+        self.kv.clear()
         self.logs = [SegmentLog(d, segment_bytes=self.segment_bytes) for d in self.directories]
         replay = await trio.to_thread.run_sync(self._recover)
         journal = self.journal = Journal(self._actors, self.logs, next_lsn=replay.last_lsn + 1)
@@ -139,6 +169,7 @@ class DurableStore(IndexedStore):
             with trio.move_on_after(self.checkpoint_interval):
                 await self._wake.wait()
             self._wake = trio.Event()
+            self.kv.sweep(now_ms())
             written = self.journal.stats.records - self._records_at_checkpoint
             if written and (self.index.pending_total == 0 or self._segment_count() > 4):
                 try:
@@ -158,10 +189,11 @@ class DurableStore(IndexedStore):
     def _segment_count(self) -> int:
         return len(self.logs[0].segments()) if self.logs else 0
 
-    # -- the Store interface ------------------------------------------------------------
+    # -- the Queues interface -----------------------------------------------------------
 
     async def submit(self, message: Message) -> Accepted:
-        """Queue ``message`` durably unless its id was used; see :meth:`Store.submit`."""
+        """Queue ``message`` durably unless its id was used; see
+        :meth:`chatd.backends.Queues.submit`."""
         assert self.journal is not None
         index, key = self.index, (message.sender, message.id)
         while True:
@@ -189,7 +221,7 @@ class DurableStore(IndexedStore):
 
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> list[tuple[str, Entry]]:
-        """Acknowledge durably, with the receipts; see :meth:`Store.acknowledge`."""
+        """Acknowledge durably, with the receipts; see :meth:`chatd.backends.Queues.acknowledge`."""
         assert self.journal is not None
         lock = self._ack_locks.setdefault(user, trio.Lock())
         try:
@@ -219,66 +251,85 @@ class DurableStore(IndexedStore):
         await self.journal.write([(ACK, [user, status, upto, peer, receipts])], apply)
         return queued
 
-    # -- replicas (chatd.cluster places each queue on two nodes) --------------------------
+    async def submit_many(self, messages: Sequence[Message]) -> list[Accepted | Exception]:
+        """Queue a run of messages in one journal write: one fsync round for all of them.
 
-    async def put(self, user: str, entries: Sequence[Entry]) -> None:
-        """Store entries replicated from another node; see :meth:`ReplicaStore.put`."""
+        Sequence numbers are taken in the order given, so one sender's messages keep their
+        order. A message whose id is being written by another request right now, or that
+        repeats an id earlier in the run, is submitted alone afterwards (it is a duplicate,
+        or waits for the outcome of the write that has its id).
+        """
+        journal, index = self.journal, self.index
+        assert journal is not None
+        results: list[Accepted | Exception | None] = [None] * len(messages)
+        batch: list[tuple[int, Message, Entry]] = []
+        later: list[int] = []
+        keys: set[tuple[str, str]] = set()
+        now = now_ms()
+        for at, message in enumerate(messages):
+            key = (message.sender, message.id)
+            if key in keys or key in self._inflight:
+                later.append(at)
+                continue
+            try:
+                seen = index.seen(message, now)
+            except IdConflict as exc:
+                results[at] = exc
+                continue
+            if seen is not None:
+                results[at] = Accepted(seen[1], True, None)
+                continue
+            keys.add(key)
+            batch.append((at, message, Entry(index.reserve(message.to), message)))
+        if batch:
+            await self._write_messages(batch, keys, results)
+        for at in later:
+            try:
+                results[at] = await self.submit(messages[at])
+            except (IdConflict, StoreUnavailable) as exc:
+                results[at] = exc
+        return [result for result in results if result is not None]
+
+    async def _write_messages(self, batch: list[tuple[int, Message, Entry]],
+                              keys: set[tuple[str, str]],
+                              results: list[Accepted | Exception | None]) -> None:
         assert self.journal is not None
         index = self.index
+        done = trio.Event()
+        for key in keys:
+            self._inflight[key] = done
 
         def apply() -> None:
-            for entry in entries:
-                index.put(user, entry)
+            for _, message, entry in batch:
+                index.remember(message.sender, message.id, message.to, message.ts)
+                index.add(message.to, entry)
 
-        await self.journal.write([(PUT, [user, entry.seq, *_kind_fields(entry)])
-                                  for entry in entries], apply)
-
-    async def acknowledge_only(self, user: str, status: str, upto: int, peer: str | None
-                               ) -> list[tuple[str, ReceiptItem]]:
-        """Acknowledge without queuing receipts; see :meth:`ReplicaStore.acknowledge_only`."""
-        assert self.journal is not None
-        lock = self._ack_locks.setdefault(user, trio.Lock())
         try:
-            async with lock:
-                index = self.index
-                plan = index.plan_ack(user, status, upto, peer, now_ms())
-                if not plan.changed and upto <= index.acked(user):
-                    return []
-
-                def apply() -> None:
-                    index.apply_ack(user, status, upto, peer)
-                    if index.pending_total == 0:
-                        self._wake.set()
-
-                await self.journal.write([(ACK, [user, status, upto, peer, []])], apply)
-                return list(plan.receipts)
+            await self.journal.write(
+                [(MSG, [m.to, entry.seq, m.id, m.sender, m.body, m.ts]) for _, m, entry in batch],
+                apply)
+        except StoreUnavailable as exc:
+            for at, _, _ in batch:
+                results[at] = exc
+        else:
+            for at, message, entry in batch:
+                results[at] = Accepted(message.ts, False, entry)
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._ack_locks.pop(user, None)
+            for key in keys:
+                del self._inflight[key]
+            done.set()
 
-    async def replace(self, states: Mapping[str, UserState]) -> None:
-        """Set users' queues anew; see :meth:`ReplicaStore.replace`."""
+    # -- durable state buckets -----------------------------------------------------------
+
+    async def commit_kv(self, bucket: str, key: str, value: bytes | None, revision: int,
+                        expires: int, apply: Callable[[], None]) -> None:
+        """Write a state record to both replicas, then ``apply`` it (see ``_kv.Commit``).
+
+        Raises:
+            StoreUnavailable: A replica failed; nothing changed.
+        """
         assert self.journal is not None
-        records: list[Body] = []
-        for user, state in states.items():
-            group: list[Body] = []
-            for start in range(0, len(state.unread), _CHUNK):
-                group.append((UNREAD, [user, [list(u) for u in
-                                              state.unread[start:start + _CHUNK]]]))
-            for start in range(0, len(state.known), _CHUNK):
-                group.append((KNOWN, [user, [list(k) for k in
-                                             state.known[start:start + _CHUNK]]]))
-            group.extend((PUT, [user, entry.seq, *_kind_fields(entry)])
-                         for entry in state.entries)
-            records.append((REPLACE, [user, state.last_seq, state.acked, len(group)]))
-            records.extend(group)
-        index = self.index
-
-        def apply() -> None:
-            for user, state in states.items():
-                index.replace(user, state)
-
-        await self.journal.write(records, apply)
+        await self.journal.write([(KV, [bucket, key, value, revision, expires])], apply)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -286,16 +337,22 @@ class DurableStore(IndexedStore):
         """The records that restore the index as it is now (all of it up to LSN ``snap``)."""
         records: list[Body] = [(CK_BEGIN, [snap])]
         for user, last_seq, entries, unread, acked in self.index.users():
-            records.append((CK_USER, [snap, user, last_seq, acked]))
+            records.append((RecordType.CK_USER, [snap, user, last_seq, acked]))
             for start in range(0, len(unread), _CHUNK):
                 chunk = [list(u) for u in unread[start:start + _CHUNK]]
-                records.append((CK_UNREAD, [snap, user, chunk]))
+                records.append((RecordType.CK_UNREAD, [snap, user, chunk]))
             for entry in entries:
-                records.append((CK_ENTRY, [snap, user, entry.seq, *_kind_fields(entry)]))
+                records.append((RecordType.CK_ENTRY,
+                                [snap, user, entry.seq, *_kind_fields(entry)]))
         ids = [[sender, msg_id, to, ts]
                for (sender, msg_id), (to, ts, _) in self.index.ids.items()]
         for start in range(0, len(ids), _CHUNK):
-            records.append((CK_IDS, [snap, ids[start:start + _CHUNK]]))
+            records.append((RecordType.CK_IDS, [snap, ids[start:start + _CHUNK]]))
+        for bucket in self.kv.buckets():
+            revision, kept = self.kv.dump(bucket)
+            for start in range(0, max(1, len(kept)), _CHUNK):
+                records.append((RecordType.CK_KV, [snap, bucket, revision,
+                                                   kept[start:start + _CHUNK]]))
         # The count lets recovery tell a complete checkpoint from one with a damaged record.
         records.append((CK_END, [snap, len(records) - 1]))
         return records
@@ -333,29 +390,31 @@ class DurableStore(IndexedStore):
             self._load_checkpoint(best[1])
         present: list[set[int]] = []
         changes: dict[int, tuple[int, list[Any]]] = {}
+        retired: set[int] = set()
         for records in decoded:
             lsns = set()
             for record_type, fields in records:
-                if record_type in _CHANGES and fields[0] > replay.base:
+                if fields[0] <= replay.base:
+                    continue
+                if record_type in _CHANGES:
                     changes[fields[0]] = (record_type, fields)
                     lsns.add(fields[0])
+                elif record_type in _RETIRED:
+                    retired.add(fields[0])
+                    lsns.add(fields[0])
             present.append(lsns)
-        replay.last_lsn = max([replay.base, *changes])
-        lost = replay.last_lsn - replay.base - len(changes)
+        if retired:
+            self._log.warning("retired_records_skipped", count=len(retired))
+        replay.last_lsn = max([replay.base, *changes, *retired])
+        lost = replay.last_lsn - replay.base - len(changes) - len(retired)
         if lost:
             self._log.error("records_lost", error="records_lost", count=lost)
-        for lsn, (record_type, fields) in list(changes.items()):
-            if record_type == REPLACE and lsn in changes:
-                group = range(lsn, lsn + 1 + fields[4])
-                if not all(n in changes for n in group):
-                    for n in group:  # torn by a crash: the queue stays as it was
-                        changes.pop(n, None)
-                    replay.repair.append(f"a replace of {fields[1]} torn by a crash")
         for lsn in sorted(changes):
             self._apply(*changes[lsn])
         replay.records = len(changes)
         for checkpoint, lsns, log in zip(checkpoints, present, self.logs, strict=True):
-            if lsns != set(changes) or (checkpoint[0] if checkpoint else 0) != replay.base:
+            if lsns != set(changes) | retired or (
+                    checkpoint[0] if checkpoint else 0) != replay.base:
                 replay.repair.append(f"{log.directory} differs from its peer")
         if any(len(log.segments()) > 1 for log in self.logs) and not replay.repair:
             replay.repair.append("old segments")
@@ -365,19 +424,25 @@ class DurableStore(IndexedStore):
         index, now = self.index, now_ms()
         for record_type, fields in records:
             match record_type:
-                case 11:  # CK_USER
+                case RecordType.CK_USER:
                     _, user, last_seq, *acked = fields
                     index.restore_user(user, last_seq, (), acked[0] if acked else 0)
-                case 12:  # CK_UNREAD
+                case RecordType.CK_UNREAD:
                     _, user, unread = fields
                     index.restore_user(user, 0, [tuple(u) for u in unread])
-                case 13:  # CK_ENTRY
+                case RecordType.CK_ENTRY:
                     _, user, seq, kind, *rest = fields
                     index.add(user, Entry(seq, _item(user, kind, rest)))
-                case 14:  # CK_IDS
+                case RecordType.CK_IDS:
                     for sender, msg_id, to, ts in fields[1]:
                         if ts + index.dedup_window_ms > now:
                             index.remember(sender, msg_id, to, ts)
+                case RecordType.CK_KV:
+                    _, bucket, revision, kept = fields
+                    self.kv.restore_revision(bucket, revision)
+                    for key, value, key_revision, expires in kept:
+                        if not expires or expires > now:
+                            self.kv.apply(bucket, key, value, key_revision, expires)
 
     def _apply(self, record_type: int, fields: list[Any]) -> None:
         index = self.index
@@ -386,19 +451,11 @@ class DurableStore(IndexedStore):
             if ts + index.dedup_window_ms > now_ms():
                 index.remember(sender, msg_id, to, ts)
             index.add(to, Entry(seq, Message(msg_id, sender, to, body, ts)))
-        elif record_type == PUT:
-            _, user, seq, kind, *rest = fields
-            index.put(user, Entry(seq, _item(user, kind, rest)))
-        elif record_type == REPLACE:
-            _, user, last_seq, acked, _ = fields
-            index.replace(user, UserState(last_seq, acked, (), (), ()))
-        elif record_type == UNREAD:
-            index.restore_user(fields[1], 0, [tuple(u) for u in fields[2]])
-        elif record_type == KNOWN:
-            now = now_ms()
-            for sender, msg_id, ts in fields[2]:
-                if ts + index.dedup_window_ms > now:
-                    index.remember(sender, msg_id, fields[1], ts)
+        elif record_type == KV:
+            _, bucket, key, value, revision, expires = fields
+            if expires and expires <= now_ms():
+                value = None
+            self.kv.apply(bucket, key, value, revision, expires)
         else:
             _, user, status, upto, peer, receipts = fields
             index.apply_ack(user, status, upto, peer)
@@ -422,7 +479,7 @@ def _latest_checkpoint(records: list[tuple[int, list[Any]]]
             if len(fields) == 2 and fields[1] == len(current):
                 latest = (fields[0], current)
             current = None
-        elif current is not None and CK_USER <= record_type <= CK_IDS:
+        elif current is not None and record_type in _CHECKPOINTED:
             current.append((record_type, fields))
     return latest
 

@@ -1,4 +1,4 @@
-"""The in-memory store: the :class:`Store` interface kept in process memory, lost on stop.
+"""The in-memory store: the queues kept in process memory, lost on stop.
 
 It serves tests and benchmarks, and deployments that accept losing queued messages when
 the daemon stops (``store = "memory"``). Every operation completes without waiting, so the
@@ -7,14 +7,12 @@ persistence "actor" here has no mailbox: its ``run`` only marks it started.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import trio
 
+from chatd.backends._records import Accepted, Entry, Message
 from chatd.clock import now_ms
 
-from ._index import IndexedStore, QueueIndex, UserState
-from ._interface import Accepted, Entry, Message, ReceiptItem, Store
+from ._index import IndexedStore, QueueIndex
 
 __all__ = ["MemoryStore"]
 
@@ -36,14 +34,14 @@ class MemoryStore(IndexedStore):
         self.index = QueueIndex(dedup_window=dedup_window, dedup_max=dedup_max,
                                 max_unread=max_unread)
 
-    async def run(self, *, task_status: trio.TaskStatus[Store] = trio.TASK_STATUS_IGNORED
+    async def run(self, *, task_status: trio.TaskStatus[MemoryStore] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Mark the store started; there is nothing to run."""
         task_status.started(self)
         await trio.sleep_forever()
 
     async def submit(self, message: Message) -> Accepted:
-        """Queue ``message`` unless its id was used; see :meth:`Store.submit`."""
+        """Queue ``message`` unless its id was used; see :meth:`Queues.submit`."""
         index = self.index
         seen = index.seen(message, now_ms())
         if seen is not None:
@@ -55,7 +53,7 @@ class MemoryStore(IndexedStore):
 
     async def acknowledge(self, user: str, status: str, upto: int,
                           peer: str | None = None) -> list[tuple[str, Entry]]:
-        """Acknowledge items up to ``upto``; see :meth:`Store.acknowledge`."""
+        """Acknowledge items up to ``upto``; see :meth:`Queues.acknowledge`."""
         index = self.index
         plan = index.plan_ack(user, status, upto, peer, now_ms())
         index.apply_ack(user, status, upto, peer)
@@ -65,20 +63,3 @@ class MemoryStore(IndexedStore):
             index.add(sender, entry)
             queued.append((sender, entry))
         return queued
-
-    async def put(self, user: str, entries: Sequence[Entry]) -> None:
-        """Store entries replicated from another node; see :meth:`ReplicaStore.put`."""
-        for entry in entries:
-            self.index.put(user, entry)
-
-    async def acknowledge_only(self, user: str, status: str, upto: int, peer: str | None
-                               ) -> list[tuple[str, ReceiptItem]]:
-        """Acknowledge without queuing receipts; see :meth:`ReplicaStore.acknowledge_only`."""
-        plan = self.index.plan_ack(user, status, upto, peer, now_ms())
-        self.index.apply_ack(user, status, upto, peer)
-        return list(plan.receipts)
-
-    async def replace(self, states: Mapping[str, UserState]) -> None:
-        """Set users' queues anew; see :meth:`ReplicaStore.replace`."""
-        for user, state in states.items():
-            self.index.replace(user, state)

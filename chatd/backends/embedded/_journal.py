@@ -31,9 +31,9 @@ import cbor2
 import trio
 
 from chatd.actors import ActorTable, Mailbox
+from chatd.backends._records import StoreUnavailable
 from chatd.logs import EventLog
 
-from ._interface import StoreUnavailable
 from ._segments import ReplicaFailed, SegmentLog
 
 __all__ = ["Journal", "JournalStats", "StoreUnavailable"]

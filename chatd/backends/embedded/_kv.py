@@ -1,0 +1,195 @@
+"""State records of the embedded engine: buckets in memory, journaled when durable.
+
+A :class:`KVTable` holds every bucket's records in memory; every method is synchronous and
+does no I/O. A bucket that is not durable (:class:`MemoryBucket`) changes the table at
+once. A durable bucket of the durable store (:class:`DurableBucket`) first writes a ``KV``
+record to both replicas through the journal and changes the table once it is fsync'd, as
+queues do; the store's checkpoints carry every durable bucket's records.
+
+A record that has expired reads as absent and is dropped on the next write of its key, on
+a sweep (:meth:`KVTable.sweep`) or at recovery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import trio
+
+from chatd.backends._interfaces import BucketSpec
+from chatd.backends._records import RevisionMismatch, Versioned
+from chatd.clock import now_ms
+
+__all__ = ["Commit", "DurableBucket", "KVTable", "MemoryBucket"]
+
+#: A record as the table keeps it: (value, revision, expiry in ms or 0 for none).
+_Record = tuple[bytes, int, int]
+#: Writes ``(bucket, key, value or None, revision, expires)`` durably, then calls ``apply``.
+Commit = Callable[[str, str, bytes | None, int, int, Callable[[], None]], Awaitable[None]]
+
+
+class KVTable:
+    """Every bucket's records and revision counter, in memory."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, _Record]] = {}
+        self._revisions: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+
+    def clear(self) -> None:
+        """Forget everything (before recovery rebuilds the table)."""
+        self._records.clear()
+        self._revisions.clear()
+        self._reserved.clear()
+
+    def get(self, bucket: str, key: str, now: int) -> Versioned | None:
+        """The live record of ``key``, or None."""
+        record = self._records.get(bucket, {}).get(key)
+        if record is None or (record[2] and record[2] <= now):
+            return None
+        return Versioned(key, record[0], record[1])
+
+    def reserve(self, bucket: str) -> int:
+        """A new revision of ``bucket`` for a write (never given twice; a failed write
+        leaves a gap)."""
+        revision = max(self._reserved.get(bucket, 0), self._revisions.get(bucket, 0)) + 1
+        self._reserved[bucket] = revision
+        return revision
+
+    def apply(self, bucket: str, key: str, value: bytes | None, revision: int,
+              expires: int) -> None:
+        """Set (or with ``value`` None, remove) ``key`` as written at ``revision``."""
+        self._revisions[bucket] = max(self._revisions.get(bucket, 0), revision)
+        records = self._records.setdefault(bucket, {})
+        if value is None:
+            records.pop(key, None)
+        else:
+            records[key] = (value, revision, expires)
+
+    def restore_revision(self, bucket: str, revision: int) -> None:
+        """Set ``bucket``'s revision counter from a checkpoint (it only grows)."""
+        self._revisions[bucket] = max(self._revisions.get(bucket, 0), revision)
+
+    def check(self, bucket: str, key: str, expected: int | None, now: int) -> None:
+        """Raise unless ``key``'s revision is ``expected`` (0: no live record).
+
+        Raises:
+            RevisionMismatch: It is not.
+        """
+        if expected is None:
+            return
+        current = self.get(bucket, key, now)
+        found = current.revision if current is not None else 0
+        if found != expected:
+            raise RevisionMismatch(f"{bucket}/{key} is at revision {found}, not {expected}")
+
+    def sweep(self, now: int) -> None:
+        """Forget every expired record."""
+        for records in self._records.values():
+            for key in [k for k, (_, _, expires) in records.items() if expires and expires <= now]:
+                del records[key]
+
+    def dump(self, bucket: str) -> tuple[int, list[list[Any]]]:
+        """A bucket's revision counter and live records ``[key, value, revision, expires]``."""
+        now = now_ms()
+        records = [[key, value, revision, expires]
+                   for key, (value, revision, expires) in self._records.get(bucket, {}).items()
+                   if not expires or expires > now]
+        return self._revisions.get(bucket, 0), records
+
+    def buckets(self) -> Iterator[str]:
+        """The names of the buckets written so far."""
+        return iter(list(self._revisions))
+
+
+def _expires(ttl: float | None, now: int) -> int:
+    if ttl is None:
+        return 0
+    if ttl <= 0:
+        raise ValueError(f"ttl must be positive, not {ttl}")
+    return now + int(ttl * 1000)
+
+
+class MemoryBucket:
+    """A bucket in process memory: every write is applied at once."""
+
+    def __init__(self, spec: BucketSpec, table: KVTable) -> None:
+        self.spec = spec
+        self._table = table
+
+    async def get(self, key: str) -> Versioned | None:
+        """The record of ``key``; see :meth:`chatd.backends.Bucket.get`."""
+        return self._table.get(self.spec.name, key, now_ms())
+
+    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write ``key``; see :meth:`chatd.backends.Bucket.put`."""
+        return self._write(key, value, None, ttl)
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write ``key`` if absent; see :meth:`chatd.backends.Bucket.create`."""
+        return self._write(key, value, 0, ttl)
+
+    async def update(self, key: str, value: bytes, revision: int, *,
+                     ttl: float | None = None) -> int:
+        """Write ``key`` at ``revision``; see :meth:`chatd.backends.Bucket.update`."""
+        return self._write(key, value, revision, ttl)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        """Remove ``key``; see :meth:`chatd.backends.Bucket.delete`."""
+        self._write(key, None, revision, None)
+
+    def _write(self, key: str, value: bytes | None, expected: int | None,
+               ttl: float | None) -> int:
+        now = now_ms()
+        name = self.spec.name
+        self._table.check(name, key, expected, now)
+        revision = self._table.reserve(name)
+        self._table.apply(name, key, value, revision, _expires(ttl, now))
+        return revision
+
+
+class DurableBucket(MemoryBucket):
+    """A bucket of the durable store: a write is fsync'd on both replicas before it shows.
+
+    Writes of one key are serialized, so a compare-and-set holds across the fsync.
+    """
+
+    def __init__(self, spec: BucketSpec, table: KVTable, commit: Commit) -> None:
+        super().__init__(spec, table)
+        self._commit = commit
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write ``key`` durably; see :meth:`chatd.backends.Bucket.put`."""
+        return await self._durable_write(key, value, None, ttl)
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Write ``key`` durably if absent; see :meth:`chatd.backends.Bucket.create`."""
+        return await self._durable_write(key, value, 0, ttl)
+
+    async def update(self, key: str, value: bytes, revision: int, *,
+                     ttl: float | None = None) -> int:
+        """Write ``key`` durably at ``revision``; see :meth:`chatd.backends.Bucket.update`."""
+        return await self._durable_write(key, value, revision, ttl)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        """Remove ``key`` durably; see :meth:`chatd.backends.Bucket.delete`."""
+        await self._durable_write(key, None, revision, None)
+
+    async def _durable_write(self, key: str, value: bytes | None, expected: int | None,
+                             ttl: float | None) -> int:
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                now = now_ms()
+                name, table = self.spec.name, self._table
+                table.check(name, key, expected, now)
+                revision = table.reserve(name)
+                expires = _expires(ttl, now)
+                await self._commit(name, key, value, revision, expires,
+                                   lambda: table.apply(name, key, value, revision, expires))
+                return revision
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(key, None)
