@@ -79,7 +79,7 @@ def open_backend(config: Config, actors: ActorTable) -> Backend:
     """
     if config.nats:
         try:
-            from chatd.backends.nats import NatsBackend
+            from chatd.backends.nats._backend import NatsBackend
         except ImportError as exc:
             raise BackendUnavailable(
                 f"the NATS backend needs its extra: pip install 'chatd[nats]' ({exc.name} "

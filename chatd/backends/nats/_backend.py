@@ -1,0 +1,94 @@
+"""The NATS engine as one backend: connect, prepare the streams and buckets, serve."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from chatd.actors import ActorTable
+from chatd.backends._interfaces import Blobs, Bus, Queues, State
+from chatd.backends._records import BackendUnavailable, StoreUnavailable
+from chatd.config import Config
+from chatd.logs import EventLog
+
+from ._blobs import NatsBlobs
+from ._bridge import NatsBridge
+from ._bus import NatsBus
+from ._jetstream import JetStream, JetStreamError
+from ._names import Names
+from ._queues import NatsQueues
+from ._state import NatsState, bucket_stream
+
+__all__ = ["NatsBackend", "queue_stream"]
+
+logger = logging.getLogger(__name__)
+
+
+def queue_stream(names: Names, replicas: int, dedup_window: float) -> dict[str, object]:
+    """The configuration of the stream of queues."""
+    return {"name": names.stream, "subjects": names.stream_subjects(),
+            "description": "chatd: queues, acknowledgement records, remembered ids",
+            "retention": "limits", "storage": "file", "num_replicas": replicas,
+            "discard": "old", "duplicate_window": int(dedup_window * 1e9),
+            "allow_direct": True, "allow_rollup_hdrs": True, "allow_msg_ttl": True,
+            "republish": names.republish()}
+
+
+class NatsBackend:
+    """The NATS engine as one :class:`chatd.backends.Backend`.
+
+    Args:
+        config: ``nats`` URLs and the other ``nats_*`` settings.
+        actors: The node's actor table (for the node's name in logs).
+    """
+
+    engine = "nats"
+
+    def __init__(self, config: Config, actors: ActorTable) -> None:
+        self._config = config
+        self._log = EventLog(logger, actors.node, "backend")
+        self.names = Names(config.nats_namespace)
+        self.bridge = NatsBridge(config, self._log)
+        self.jetstream = JetStream(self.bridge)
+        self.nats_queues = NatsQueues(self.jetstream, self.names,
+                                      dedup_window=config.dedup_window,
+                                      max_unread=config.max_unread, log=self._log)
+        self.nats_state = NatsState(self.jetstream, self.names)
+        self.queues: Queues = self.nats_queues
+        self.state: State = self.nats_state
+        self.blobs: Blobs = NatsBlobs(self.bridge, self.names)
+        self.bus: Bus = NatsBus(self.bridge, self.names, self._log)
+        #: Replicas of the streams and buckets, once the backend runs.
+        self.replicas = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[NatsBackend] = (
+            trio.TASK_STATUS_IGNORED)) -> None:
+        """Connect, create or update the streams and buckets, then serve.
+
+        Raises:
+            BackendUnavailable: NATS cannot be reached, refused the credentials, or has no
+                JetStream.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bridge.run)
+            try:
+                await self._prepare()
+            except (StoreUnavailable, JetStreamError) as exc:
+                raise BackendUnavailable(f"NATS JetStream is not usable: {exc}") from None
+            nursery.start_soon(self.nats_queues.retry)
+            task_status.started(self)
+
+    async def _prepare(self) -> None:
+        config, names = self._config, self.names
+        self.replicas = config.nats_replicas or (3 if self.bridge.cluster_size >= 3 else 1)
+        self.nats_state.frozen = True
+        streams = [queue_stream(names, self.replicas, config.dedup_window)]
+        streams += [bucket_stream(names, bucket.spec, self.replicas)
+                    for bucket in self.nats_state.buckets.values()]
+        for stream in streams:
+            outcome = await self.jetstream.ensure_stream(stream)
+            if outcome != "unchanged":
+                self._log.info(f"nats_stream_{outcome}", stream=stream["name"],
+                               replicas=self.replicas)
+        await self.bridge.ensure_object_store(names.objects, self.replicas)

@@ -1,0 +1,141 @@
+"""The bus on NATS: core subjects, one per user with a session, one per watched user.
+
+A node holding a session subscribes to ``NS.d.USER``: the queue stream republishes every
+item stored for USER there (with ``Nats-Sequence`` and ``Nats-Last-Sequence``, the item
+before it in the queue), so an item reaches the node holding the session without a lookup
+of where that is. Signals for the session (a takeover) travel on the same subject, as
+plain messages. A node watching a user's presence subscribes to ``NS.p.USER``. Core NATS
+delivers at most once: the queues are the record, and after the connection comes back
+every session reads its queue again (the ``lost`` handler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+
+from chatd.backends._interfaces import PresenceReport, Replaced, Signal
+from chatd.backends._records import Entry
+from chatd.logs import EventLog
+
+from ._bridge import NatsBridge, Reply, Subscribed
+from ._names import Names, decode_item
+
+__all__ = ["NatsBus"]
+
+
+def _unbound(*args: Any) -> None:
+    raise RuntimeError("the bus is used before the node bound its handlers")
+
+
+class NatsBus:
+    """The bus over core NATS (see :class:`chatd.backends.Bus`).
+
+    Args:
+        bridge: The node's NATS connection.
+        names: Subjects.
+        log: Where undecodable traffic is logged.
+    """
+
+    def __init__(self, bridge: NatsBridge, names: Names, log: EventLog) -> None:
+        self._bridge = bridge
+        self._names = names
+        self._log = log
+        self._joined: dict[str, tuple[int, Subscribed]] = {}
+        self._watched: dict[str, tuple[int, Subscribed]] = {}
+        self._deliver: Callable[[str, Entry, int, list[Any] | None], None] = _unbound
+        self._signal: Callable[[str, Signal], None] = _unbound
+        self._presence: Callable[[str, PresenceReport], None] = _unbound
+
+    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None], None],
+             signal: Callable[[str, Signal], None],
+             presence: Callable[[str, PresenceReport], None],
+             lost: Callable[[], None]) -> None:
+        """Take the node's handlers; ``lost`` runs after the connection came back."""
+        self._deliver = deliver
+        self._signal = signal
+        self._presence = presence
+        self._bridge.on_reconnect = lost
+
+    async def join(self, user: str) -> None:
+        """Subscribe to ``user``'s live subject (once per user on this node)."""
+        count, subscribed = self._joined.get(user, (0, None))
+        if subscribed is None:
+            subscribed = self._bridge.subscribe(self._names.deliver(user),
+                                                self._on_live(user))
+        self._joined[user] = (count + 1, subscribed)
+
+    def leave(self, user: str) -> None:
+        """Drop the subscription once no local session of ``user`` is left."""
+        count, subscribed = self._joined.get(user, (0, None))
+        if subscribed is None:
+            return
+        if count > 1:
+            self._joined[user] = (count - 1, subscribed)
+            return
+        del self._joined[user]
+        self._bridge.unsubscribe(subscribed)
+
+    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None) -> None:
+        """Nothing to do: the stream republishes every stored item to its user's subject."""
+
+    def signal(self, user: str, signal: Signal) -> None:
+        """Publish ``signal`` on ``user``'s live subject."""
+        match signal:
+            case Replaced(node, serial):
+                self._bridge.publish(self._names.deliver(user),
+                                     cbor2.dumps(["replaced", node, serial]))
+
+    async def watch(self, user: str) -> None:
+        """Subscribe to ``user``'s presence subject (once per user on this node)."""
+        count, subscribed = self._watched.get(user, (0, None))
+        if subscribed is None:
+            subscribed = self._bridge.subscribe(self._names.presence(user),
+                                                self._on_presence(user))
+        self._watched[user] = (count + 1, subscribed)
+
+    def unwatch(self, user: str) -> None:
+        """Drop the presence subscription once no local session watches ``user``."""
+        count, subscribed = self._watched.get(user, (0, None))
+        if subscribed is None:
+            return
+        if count > 1:
+            self._watched[user] = (count - 1, subscribed)
+            return
+        del self._watched[user]
+        self._bridge.unsubscribe(subscribed)
+
+    def report(self, user: str, report: PresenceReport) -> None:
+        """Publish ``report`` on ``user``'s presence subject (quietly lost while NATS is
+        away: the next report, at most ``online_threshold / 4`` later, corrects it)."""
+        if self._bridge.connected:
+            self._bridge.publish(self._names.presence(user),
+                                 cbor2.dumps([report.online, report.ts, report.session]))
+
+    def _on_live(self, user: str) -> Callable[[Reply], None]:
+        def on_live(reply: Reply) -> None:
+            headers = reply.headers
+            sequence = headers.get("Nats-Sequence")
+            if sequence is not None:
+                entry = Entry(int(sequence), decode_item(user, reply.data))
+                self._deliver(user, entry, int(headers.get("Nats-Last-Sequence", "0")), None)
+                return
+            match cbor2.loads(reply.data):
+                case ["replaced", str(node), int(serial)]:
+                    self._signal(user, Replaced(node, serial))
+                case other:
+                    self._log.warning("bus_message_refused", user=user, message=repr(other))
+
+        return on_live
+
+    def _on_presence(self, user: str) -> Callable[[Reply], None]:
+        def on_presence(reply: Reply) -> None:
+            match cbor2.loads(reply.data):
+                case [bool(online), int(ts), str(session)]:
+                    self._presence(user, PresenceReport(online, ts, session))
+                case other:
+                    self._log.warning("bus_message_refused", user=user, message=repr(other))
+
+        return on_presence
