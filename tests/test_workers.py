@@ -1,9 +1,10 @@
 """``chatd serve --workers N`` against real processes: one port, several node processes.
 
-The supervisor starts N workers, each a node of one cluster, all listening on the same
-port with SO_REUSEPORT. These tests connect through that one port and read which worker
-answered from the welcome's session id (``NODE.SERIAL``); they stop the supervisor with
-SIGTERM and SIGKILL, kill workers, and check the configuration of ``workers``.
+The supervisor starts a local nats-server, then N workers, each a node on that NATS, all
+listening on the same port with SO_REUSEPORT. These tests connect through that one port
+and read which worker answered from the welcome's session id (``NODE.SERIAL``); they stop
+the supervisor with SIGTERM and SIGKILL, kill workers and the nats-server, and check the
+configuration of ``workers``.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ async def workers(tmp_path: Path, *args: str, graceful: bool = True
 
 
 async def logged(daemon: Daemon, event: str, **match: Any) -> dict[str, Any]:
-    """Wait (with a deadline) until ``daemon`` has logged ``event`` with fields ``match``."""
+    """Wait (with a deadline) until ``daemon`` has logged ``event`` with fields ``match``
+    (a value, or a function of the field's value that says whether it matches)."""
     with trio.fail_after(DEADLINE):
         while True:
             for record in daemon.events(event):
-                if all(record.get(key) == value for key, value in match.items()):
+                if all(value(record.get(key)) if callable(value) else record.get(key) == value
+                       for key, value in match.items()):
                     return record
             await trio.sleep(0.02)
 
@@ -119,8 +122,9 @@ async def test_both_workers_serve_through_one_port(tmp_path: Path) -> None:
         assert ready == set(WORKERS)
         seen = await workers_seen(daemon)
         assert set(seen) == set(WORKERS), seen
-        # Each worker has its own data directory; the secret is shared.
-        assert {p.name for p in (tmp_path / "data").iterdir()} == {"secret", "w1", "w2"}
+        # The secret is shared; the local nats-server keeps its files in DATA_DIR/nats.
+        assert {p.name for p in (tmp_path / "data").iterdir()} >= {"secret", "nats"}
+        assert (tmp_path / "data" / "nats" / "jetstream").is_dir()
         assert not daemon.errors()
 
 
@@ -205,25 +209,80 @@ async def test_too_many_restarts_stop_everything_with_one_line(tmp_path: Path) -
 
 
 async def test_a_worker_that_cannot_start_fails_the_whole(tmp_path: Path) -> None:
+    config = tmp_path / "chatd.toml"
+    config.write_text("nats_timeout = 1.0\n")
+    nowhere = f"nats://127.0.0.1:{free_port()}"
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process(
+            [*CHATD, "serve", "--workers", "2", "--port", "0", "--config", str(config),
+             "--data-dir", str(tmp_path / "data"), "--nats", nowhere],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith("chatd: error: worker node1-w"), last
+    assert f"failed to start: cannot reach NATS at {nowhere}" in last, last
+
+
+async def test_a_nats_server_that_cannot_start_fails_the_whole(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "w1").write_text("not a directory")
+    (data / "nats").write_text("not a directory")
     with trio.fail_after(DEADLINE):
         result = await trio.run_process(
             [*CHATD, "serve", "--workers", "2", "--port", "0", "--data-dir", str(data)],
             capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 1
     last = result.stderr.decode().splitlines()[-1]
-    assert last.startswith("chatd: error: worker node1-w1 failed to start: "), last
+    assert last.startswith("chatd: error: cannot start nats-server"), last
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid``."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+async def test_a_killed_nats_server_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    async with workers(tmp_path) as daemon:
+        with trio.fail_after(DEADLINE * 3):
+            async with AsyncExitStack() as stack:
+                alice = await connect_on(stack, daemon, "alice", "node1-w1")
+                before = [await alice.send("bob", f"before {i}") for i in range(20)]
+                started = daemon.events("nats_started")[0]
+                (server,) = children(started["pid"])  # the watchdog runs nats-server
+                os.kill(server, signal.SIGKILL)
+                await logged(daemon, "nats_exited", pid=started["pid"])
+                restarted = await logged(daemon, "nats_started",
+                                         pid=lambda pid: pid != started["pid"])
+                await logged(daemon, "nats_ready", pid=restarted["pid"])
+                # The workers reconnect by themselves, check their streams and buckets, and
+                # serve again.
+                for worker in WORKERS:
+                    await logged(daemon, "bus_resync", node=worker)
+                after = await alice.send("bob", "after")
+                bob = await connect_on(stack, daemon, "bob", "node1-w2")
+                got = []
+                async for event in bob.events():
+                    if isinstance(event, Msg):
+                        got.append(event.id)
+                        if event.id == after.id:
+                            break
+                assert got == [sent.id for sent in before] + [after.id]
 
 
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     async with workers(tmp_path, graceful=False) as daemon:
         pids = [r["pid"] for r in daemon.events("worker_started")]
         assert len(pids) == 2
+        watchdog = daemon.events("nats_started")[0]["pid"]
+        pids += [watchdog, *children(watchdog)]
+        assert len(pids) == 4
         await daemon.crash()
-        # Their stdin, a pipe from the supervisor, closes: each shuts down by itself
-        # (gone() fails the test if one still runs after the deadline).
+        # Their stdin, a pipe from the supervisor, closes: each shuts down by itself, the
+        # nats-server's watchdog with its server (gone() fails the test if one still runs
+        # after the deadline).
         await gone(pids)
 
 
@@ -278,9 +337,6 @@ def test_worker_names_keep_within_32_characters() -> None:
     names = worker_names(load_config(node="n" * 32, workers=12))
     assert len(set(names)) == 12 and all(len(name) <= 32 for name in names)
     assert names[0] == "n" * 29 + "-w1" and names[11] == "n" * 28 + "-w12"
-    with pytest.raises(ConfigError, match="name of one of this node's workers"):
-        worker_names(load_config(workers=2, cluster_listen="10.0.0.1:7800",
-                                 peers={"node1-w2": "10.0.0.2:7800"}))
 
 
 def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path) -> None:
@@ -288,27 +344,22 @@ def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path)
     args = _parser().parse_args([
         "serve", "--workers", "3", "--config", str(tmp_path / "chatd.toml"),
         "--log-level", "debug",
-        "--store", "memory", "--node", "edge", "--data-dir", "/srv/chatd", "--port", "9000",
-        "--cluster-listen", "10.0.0.1:7800", "--peer", "far=10.0.0.9:7800",
-        "--store-dir", "/disk0", "--store-dir", "/disk1"])
+        "--node", "edge", "--data-dir", "/srv/chatd", "--port", "9000",
+        "--nats-creds", "/etc/chatd/nats.creds"])
     config = _config(args)
     options = _passthrough(args)
     assert options == [f"--config={tmp_path / 'chatd.toml'}", "--log-level=debug",
-                       "--store=memory"]
+                       "--nats-creds=/etc/chatd/nats.creds"]
     names = worker_names(config)
-    specs = plan_workers(config, names, [7800, 7801, 7802], 9000, options)
+    specs = plan_workers(config, names, 9000, ["nats://127.0.0.1:4999"], options)
     assert [spec.name for spec in specs] == ["edge-w1", "edge-w2", "edge-w3"]
     argv = specs[1].argv
     assert argv[:4] == (argv[0], "-m", "chatd", "serve") and argv[4:7] == tuple(options)
     assert set(argv[7:]) == {
         "--workers=1", "--reuse-port", "--supervised", "--node=edge-w2",
         "--host=127.0.0.1", "--port=9000", "--data-dir=/srv/chatd/w2",
-        "--secret-file=/srv/chatd/secret", "--cluster-listen=10.0.0.1:7801",
-        "--peer=far=10.0.0.9:7800", "--peer=edge-w1=10.0.0.1:7800",
-        "--peer=edge-w3=10.0.0.1:7802", "--store-dir=/disk0/w2", "--store-dir=/disk1/w2"}
+        "--secret-file=/srv/chatd/secret", "--nats=nats://127.0.0.1:4999"}
     # What a worker's own command line makes of it.
     worker = _config(_parser().parse_args(list(argv[3:])))
-    assert (worker.workers, worker.reuse_port, worker.node, worker.port) == (
-        1, True, "edge-w2", 9000)
-    assert worker.peers == {"far": "10.0.0.9:7800", "edge-w1": "10.0.0.1:7800",
-                            "edge-w3": "10.0.0.1:7802"}
+    assert (worker.workers, worker.reuse_port, worker.node, worker.port, worker.nats) == (
+        1, True, "edge-w2", 9000, ("nats://127.0.0.1:4999",))

@@ -58,7 +58,10 @@ class NatsBackend:
         self.queues: Queues = self.nats_queues
         self.state: State = self.nats_state
         self.blobs: Blobs = NatsBlobs(self.bridge, self.names)
-        self.bus: Bus = NatsBus(self.bridge, self.names, self._log)
+        self.nats_bus = NatsBus(self.bridge, self.names, self._log)
+        self.bus: Bus = self.nats_bus
+        self._reconnected = trio.Event()
+        self.bridge.on_reconnect = self._reconnected.set
         #: Replicas of the streams and buckets, once the backend runs.
         self.replicas = 0
 
@@ -77,7 +80,27 @@ class NatsBackend:
             except (StoreUnavailable, JetStreamError) as exc:
                 raise BackendUnavailable(f"NATS JetStream is not usable: {exc}") from None
             nursery.start_soon(self.nats_queues.retry)
+            nursery.start_soon(self._after_reconnects)
             task_status.started(self)
+
+    async def _after_reconnects(self) -> None:
+        """After each reconnection: make sure the streams and buckets exist again (a
+        server restarted alone loses the buckets kept in memory), then tell the node that
+        live traffic may have been lost."""
+        while True:
+            await self._reconnected.wait()
+            self._reconnected = trio.Event()
+            self.bridge.on_reconnect = self._reconnected.set
+            delay = 0.1
+            while True:
+                try:
+                    await self._prepare()
+                    break
+                except (StoreUnavailable, JetStreamError) as exc:
+                    self._log.warning("nats_not_ready", reason=str(exc))
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.nats_bus.lost()
 
     async def _prepare(self) -> None:
         config, names = self._config, self.names

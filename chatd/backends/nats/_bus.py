@@ -48,16 +48,19 @@ class NatsBus:
         self._deliver: Callable[[str, Entry, int, list[Any] | None], None] = _unbound
         self._signal: Callable[[str, Signal], None] = _unbound
         self._presence: Callable[[str, PresenceReport], None] = _unbound
+        #: What to do once live traffic may have been lost (the node's handler).
+        self.lost: Callable[[], None] = _unbound
 
     def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None], None],
              signal: Callable[[str, Signal], None],
              presence: Callable[[str, PresenceReport], None],
              lost: Callable[[], None]) -> None:
-        """Take the node's handlers; ``lost`` runs after the connection came back."""
+        """Take the node's handlers; the backend calls ``lost`` once the connection came
+        back and the streams are ready again."""
         self._deliver = deliver
         self._signal = signal
         self._presence = presence
-        self._bridge.on_reconnect = lost
+        self.lost = lost
 
     async def join(self, user: str) -> None:
         """Subscribe to ``user``'s live subject (once per user on this node)."""

@@ -209,10 +209,16 @@ class NatsQueues:
 
     async def last_seq(self, user: str) -> int:
         """The highest sequence given to ``user``; see :meth:`Queues.last_seq`."""
-        last = await self._js.get(self._names.stream, last_by_subj=self._names.queue(user))
+        js, names = self._js, self._names
+        last = await js.get(names.stream, last_by_subj=names.queue(user))
+        if last is not None:  # the newest item is at or above anything acknowledged
+            return header_int(last, "Nats-Sequence")
+        # An empty queue: everything given was acknowledged, up to the newest record's
+        # watermark (this node's view may be older than another node's record).
+        record = await js.get(names.stream, last_by_subj=names.acks(user))
         queue = self._users.get(user)
         acked = queue.acked if queue is not None else 0
-        return max(acked, header_int(last, "Nats-Sequence") if last is not None else 0)
+        return max(acked, int(cbor2.loads(record.data)["u"]) if record is not None else 0)
 
     # -- acknowledging ---------------------------------------------------------------------
 

