@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 import trio
+from natsservers import NatsServer, nats_server
 
 from chatd.auth import load_or_create_secret, mint_token
 from chatd.config import load_config
 from chatd.node import Node
-
-from natsservers import NatsServer, nats_server
 
 _namespaces = itertools.count(1)
 
