@@ -1,4 +1,5 @@
-"""The ``chatd`` command: run the daemon, mint tokens, send, listen, ask for last seen.
+"""The ``chatd`` command: run the daemon, mint tokens, configure NATS, send, listen, ask
+for last seen.
 
 Exit status: 0 on success; 1 when the operation failed at run time (refused, timed out,
 connection lost), with a one-line ``chatd: error: ...`` on stderr; 2 for a usage or
@@ -28,6 +29,7 @@ from chatd.actors import RestartIntensityExceeded
 from chatd.auth import load_or_create_secret, mint_token, read_secret
 from chatd.backends import BackendUnavailable
 from chatd.backends.embedded import ReplicaFailed
+from chatd.backends.nats.server import ServerSpec, cluster_configs, render
 from chatd.client import ChatError, Client, close_info, connect, new_id
 from chatd.config import Config, ConfigError, load_config
 from chatd.logs import configure, root_cause
@@ -181,6 +183,40 @@ def _token(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read secret {path}: {exc.strerror or exc}") from None
     print(mint_token(secret, args.user, args.ttl))
+    return 0
+
+
+# -- nats-config -----------------------------------------------------------------------
+
+
+def _nats_config(args: argparse.Namespace) -> int:
+    store = args.store_dir.resolve()
+    if args.cluster:
+        specs = cluster_configs(args.host or ["127.0.0.1"], store, port=args.port,
+                                cluster_port=args.cluster_port)
+    else:
+        if args.host and len(args.host) > 1:
+            raise ConfigError("--host is given once for one server (three times with --cluster)")
+        specs = [ServerSpec("nats-1", (args.host or ["127.0.0.1"])[0], args.port, store)]
+    for spec in specs:
+        for port in (spec.port, spec.cluster_port):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"port must be 0-65535, not {port}")
+    if args.out is None:
+        for spec in specs:
+            if len(specs) > 1:
+                print(f"# ---- {spec.name}.conf ----")
+            print(render(spec), end="")
+        return 0
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            (args.out / f"{spec.name}.conf").write_text(render(spec))
+    except OSError as exc:
+        raise CommandError(f"cannot write to {exc.filename or args.out}: "
+                           f"{exc.strerror or exc}") from None
+    for spec in specs:
+        print(f"nats-server -c {args.out / f'{spec.name}.conf'}")
     return 0
 
 
@@ -354,6 +390,24 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=86400.0,
                        help="seconds until the token expires (default 86400)")
     token.set_defaults(run=_token)
+
+    nats = commands.add_parser(
+        "nats-config", help="print a nats-server configuration for chatd (JetStream, "
+                            "every write fsync'd)")
+    nats.add_argument("--cluster", action="store_true",
+                      help="three servers forming one JetStream cluster")
+    nats.add_argument("--host", action="append", metavar="HOST",
+                      help="address to listen on (default 127.0.0.1); with --cluster, once "
+                           "per server, or once for all three on one machine")
+    nats.add_argument("--port", type=int, default=4222,
+                      help="client port (default 4222; counts up on one machine)")
+    nats.add_argument("--cluster-port", type=int, default=6222,
+                      help="cluster port (default 6222; counts up on one machine)")
+    nats.add_argument("--store-dir", type=Path, default=Path("nats-data"),
+                      help="where JetStream keeps its files (default ./nats-data)")
+    nats.add_argument("--out", type=Path, metavar="DIR",
+                      help="write the files (nats-1.conf...) to DIR instead of printing them")
+    nats.set_defaults(run=_nats_config)
 
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)

@@ -221,3 +221,66 @@ def test_unworkable_limits_are_refused(tmp_path: Path, limits: str) -> None:
     result = run_sync(["serve", "--config", str(config)])
     assert result.returncode == 2
     assert result.stderr.startswith("chatd: error: limits.")
+
+
+# -- nats-config -----------------------------------------------------------------------------
+
+
+def nats_server_accepts(config_file: Path) -> None:
+    """nats-server itself checks the configuration (``-t``: test it and exit)."""
+    import subprocess
+
+    from chatd.backends.nats.server import server_binary
+
+    binary = server_binary()
+    assert binary is not None
+    result = subprocess.run([str(binary), "-t", "-c", str(config_file)], capture_output=True,
+                            text=True, timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr
+
+
+def test_nats_config_prints_a_server_that_fsyncs_every_write(tmp_path: Path) -> None:
+    result = run_sync(["nats-config", "--store-dir", str(tmp_path / "js"), "--port", "4300"])
+    assert result.returncode == 0, result.stderr
+    assert "sync_interval: always" in result.stdout
+    assert 'listen: "127.0.0.1:4300"' in result.stdout
+    assert f'store_dir: "{tmp_path / "js"}"' in result.stdout
+    assert "cluster" not in result.stdout
+    (tmp_path / "nats.conf").write_text(result.stdout)
+    nats_server_accepts(tmp_path / "nats.conf")
+
+
+def test_nats_config_cluster_writes_three_servers_of_one_cluster(tmp_path: Path) -> None:
+    out = tmp_path / "conf"
+    result = run_sync(["nats-config", "--cluster", "--out", str(out),
+                       "--store-dir", str(tmp_path / "js")])
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["nats-1.conf", "nats-2.conf", "nats-3.conf"]
+    assert result.stdout.splitlines() == [f"nats-server -c {f}" for f in files]
+    texts = [f.read_text() for f in files]
+    routes = ('routes: ["nats-route://127.0.0.1:6222", "nats-route://127.0.0.1:6223", '
+              '"nats-route://127.0.0.1:6224"]')
+    for index, (file, text) in enumerate(zip(files, texts, strict=True)):
+        assert "sync_interval: always" in text and routes in text
+        assert f'listen: "127.0.0.1:{4222 + index}"' in text
+        assert f'store_dir: "{tmp_path / "js" / f"nats-{index + 1}"}"' in text
+        nats_server_accepts(file)
+
+
+def test_nats_config_cluster_on_three_hosts(tmp_path: Path) -> None:
+    result = run_sync(["nats-config", "--cluster", "--host", "10.0.0.1", "--host", "10.0.0.2",
+                       "--host", "10.0.0.3", "--store-dir", "/var/lib/nats"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('listen: "10.0.0.2:4222"') == 1
+    assert result.stdout.count('store_dir: "/var/lib/nats"') == 3
+    assert result.stdout.count("nats-route://10.0.0.3:6222") == 3
+
+
+@pytest.mark.parametrize("args", [["--cluster", "--host", "a", "--host", "b"],
+                                  ["--host", "a", "--host", "b"]])
+def test_nats_config_with_two_hosts_exits_2(args: list[str]) -> None:
+    result = run_sync(["nats-config", *args])
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("chatd: error: ")

@@ -3,7 +3,9 @@
 Hypothesis generates sequences of steps (connect, takeover, disconnect, send, concurrent
 bursts of sends, re-send, ack, read, last seen, checkpoint, node restart) and runs each
 step against a real :class:`Node` on a loopback port, over real WebSocket connections made
-with the client library, with the default durable store in a temporary directory. A
+with the client library: :class:`TestChat` with the default durable store in a temporary
+directory, :func:`test_chat_on_nats` on the NATS backend (the session's nats-server, each
+example in a namespace of its own). A
 reference model, plain Python, predicts what every user must receive; after each step the
 test waits until every connected user has received everything the store holds for them,
 then checks what arrived against the model. docs/testing.md states the model, the rules
@@ -12,7 +14,7 @@ and the invariants.
 Hypothesis state machines are synchronous and the node runs on trio, so each example runs a
 trio event loop in a helper thread (:class:`TrioThread`); the rules call into it with
 ``trio.from_thread.run``, every call under a deadline. Nothing waits for time to pass:
-"everything has arrived" is a condition on the store (no queued item beyond the last one a
+"everything has arrived" is a condition on the queues (no queued item beyond the last one a
 connection received), polled when events come in.
 
 Profiles: ``ci`` (the default) and ``long``, chosen with the environment variable
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import os
 import shutil
 import tempfile
@@ -36,9 +39,17 @@ from typing import Any, TypeVar
 import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from natsservers import NatsServer
 
 from chatd.auth import load_or_create_secret, mint_token
+from chatd.backends import Queues
 from chatd.backends.embedded import DurableStore
 from chatd.client import ChatError, Client, Closed, Event, connect
 from chatd.config import Config, load_config
@@ -71,8 +82,18 @@ settings.register_profile(
 settings.register_profile(
     "chatd-stateful-long", max_examples=1000, stateful_step_count=50, deadline=None,
     print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+# On NATS every step costs round trips to a nats-server that fsyncs: fewer examples in CI.
+settings.register_profile(
+    "chatd-stateful-nats-ci", max_examples=40, stateful_step_count=30, deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "chatd-stateful-nats-long", max_examples=1000, stateful_step_count=50, deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 """``ci`` (the default) or ``long``: which of the two profiles above the machine runs with."""
+
+#: Namespaces of the examples run on NATS.
+NAMESPACES = itertools.count(1)
 
 #: Steps run per rule name (and invariant checks, and final checks), for reporting.
 STEPS: collections.Counter[str] = collections.Counter()
@@ -183,10 +204,10 @@ class Harness:
     Every ``async`` method runs in the loop (through :meth:`TrioThread.call`).
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, nats: dict[str, Any]) -> None:
         self.config: Config = load_config(data_dir=data_dir, port=0,
                                           # Connected users stay online for a whole run.
-                                          online_threshold=3600.0)
+                                          online_threshold=3600.0, **nats)
         self.secret = load_or_create_secret(self.config.secret_path)
         self.loop = TrioThread()
         self.node: Node | None = None
@@ -197,9 +218,9 @@ class Harness:
         self._activity = trio.Event()
 
     @property
-    def store(self) -> DurableStore:
-        assert self.node is not None and isinstance(self.node.backend.store, DurableStore)
-        return self.node.backend.store
+    def queues(self) -> Queues:
+        assert self.node is not None
+        return self.node.backend.queues
 
     # -- the node -------------------------------------------------------------------------
 
@@ -235,7 +256,10 @@ class Harness:
 
     async def checkpoint(self) -> None:
         """Make the durable store write a checkpoint and drop its older segments now."""
-        await self.store.checkpoint()
+        assert self.node is not None and self.node.backend.engine == "embedded"
+        store = self.node.backend.store  # type: ignore[attr-defined]
+        assert isinstance(store, DurableStore)
+        await store.checkpoint()
 
     # -- connections ----------------------------------------------------------------------
 
@@ -358,7 +382,7 @@ class Harness:
                           f"received up to {c.max_seq})"
                           for c in (self.conns[s] for s in live)
                           if not c.done.is_set()
-                          and (pending := await self.store.pending(c.user, c.max_seq, 1))]
+                          and (pending := await self.queues.pending(c.user, c.max_seq, 1))]
                 if not behind or self.node_failure is not None:
                     break
                 with trio.move_on_after(0.05):
@@ -692,6 +716,10 @@ class ChatMachine(RuleBasedStateMachine):
     argument is in the step's own repr.
     """
 
+    #: Settings that put the node on NATS (set by :func:`test_chat_on_nats`); none: the
+    #: embedded durable store.
+    nats: dict[str, Any] = {}
+
     def __init__(self) -> None:
         super().__init__()
         self.broken = False
@@ -701,7 +729,8 @@ class ChatMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="chatd-stateful-"))
         self.model = Model()
         try:
-            self.chat = Harness(self.tmp / "data")
+            nats = dict(self.nats, nats_namespace=f"s{next(NAMESPACES)}") if self.nats else {}
+            self.chat = Harness(self.tmp / "data", nats)
             self.call(self.chat.start_node)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -886,7 +915,7 @@ class ChatMachine(RuleBasedStateMachine):
     def traffic_since(self, what: str) -> bool:
         return self.traffic > self.traffic_at[what]
 
-    @precondition(lambda self: self.traffic_since("checkpoint"))
+    @precondition(lambda self: not self.nats and self.traffic_since("checkpoint"))
     @rule()
     @step
     def checkpoint(self) -> None:
@@ -949,3 +978,10 @@ class ChatMachine(RuleBasedStateMachine):
 
 TestChat = ChatMachine.TestCase
 TestChat.settings = settings.get_profile(f"chatd-stateful-{PROFILE}")
+
+
+def test_chat_on_nats(shared_nats: NatsServer) -> None:
+    """The same machine with the node on NATS: every example in a namespace of its own."""
+    machine = type("NatsChatMachine", (ChatMachine,), {"nats": {"nats": [shared_nats.url]}})
+    run_state_machine_as_test(machine, settings=settings.get_profile(
+        f"chatd-stateful-nats-{PROFILE}"))
