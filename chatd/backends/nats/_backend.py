@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -23,6 +24,10 @@ from ._state import NatsState, bucket_stream
 __all__ = ["NatsBackend", "queue_stream"]
 
 logger = logging.getLogger(__name__)
+
+#: At start, how many times ``nats_timeout`` the streams may take to be ready (a cluster
+#: that has just started elects its JetStream leader first).
+PREPARE_ATTEMPTS = 3
 
 
 def queue_stream(names: Names, replicas: int, dedup_window: float) -> dict[str, object]:
@@ -58,7 +63,7 @@ class NatsBackend:
         self.queues: Queues = self.nats_queues
         self.state: State = self.nats_state
         self.blobs: Blobs = NatsBlobs(self.bridge, self.names)
-        self.nats_bus = NatsBus(self.bridge, self.names, self._log)
+        self.nats_bus = NatsBus(self.bridge, self.names, self._log, self.nats_queues.note)
         self.bus: Bus = self.nats_bus
         self._reconnected = trio.Event()
         self.bridge.on_reconnect = self._reconnected.set
@@ -75,10 +80,10 @@ class NatsBackend:
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bridge.run)
-            try:
-                await self._prepare()
-            except (StoreUnavailable, JetStreamError) as exc:
-                raise BackendUnavailable(f"NATS JetStream is not usable: {exc}") from None
+            # A cluster that has just started may still be electing its JetStream leader.
+            failure = await self._prepare_within(PREPARE_ATTEMPTS * self._config.nats_timeout)
+            if failure is not None:
+                raise BackendUnavailable(f"NATS JetStream is not usable: {failure}")
             nursery.start_soon(self.nats_queues.retry)
             nursery.start_soon(self._after_reconnects)
             task_status.started(self)
@@ -91,19 +96,33 @@ class NatsBackend:
             await self._reconnected.wait()
             self._reconnected = trio.Event()
             self.bridge.on_reconnect = self._reconnected.set
-            delay = 0.1
+            await self._prepare_within(math.inf)
+            self.nats_bus.lost()
+
+    async def _prepare_within(self, seconds: float) -> str | None:
+        """Prepare the streams and buckets, trying again with a growing pause for up to
+        ``seconds``; None once done, else the last failure."""
+        delay = 0.1
+        failure = None
+        with trio.move_on_after(seconds):
             while True:
                 try:
                     await self._prepare()
-                    break
+                    return None
                 except (StoreUnavailable, JetStreamError) as exc:
-                    self._log.warning("nats_not_ready", reason=str(exc))
+                    failure = str(exc)
+                    self._log.warning("nats_not_ready", reason=failure)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-            self.nats_bus.lost()
+        return failure
 
     async def _prepare(self) -> None:
         config, names = self._config, self.names
+        largest = config.limits.max_frame_bytes
+        if self.bridge.max_payload < largest:
+            raise BackendUnavailable(
+                f"the NATS server takes messages of at most {self.bridge.max_payload} bytes "
+                f"(max_payload), less than limits.max_frame_bytes ({largest})")
         self.replicas = config.nats_replicas or (3 if self.bridge.cluster_size >= 3 else 1)
         self.nats_state.frozen = True
         streams = [queue_stream(names, self.replicas, config.dedup_window)]

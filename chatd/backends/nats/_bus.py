@@ -37,10 +37,14 @@ class NatsBus:
         bridge: The node's NATS connection.
         names: Subjects.
         log: Where undecodable traffic is logged.
+        note: Told of every entry that arrives, before the node is (the queues remember
+            what the session was sent, to acknowledge it without a read).
     """
 
-    def __init__(self, bridge: NatsBridge, names: Names, log: EventLog) -> None:
+    def __init__(self, bridge: NatsBridge, names: Names, log: EventLog,
+                 note: Callable[[str, Entry, int], None]) -> None:
         self._bridge = bridge
+        self._note = note
         self._names = names
         self._log = log
         self._joined: dict[str, tuple[int, Subscribed]] = {}
@@ -123,7 +127,9 @@ class NatsBus:
             sequence = headers.get("Nats-Sequence")
             if sequence is not None:
                 entry = Entry(int(sequence), decode_item(user, reply.data))
-                self._deliver(user, entry, int(headers.get("Nats-Last-Sequence", "0")), None)
+                prev = int(headers.get("Nats-Last-Sequence", "0"))
+                self._note(user, entry, prev)
+                self._deliver(user, entry, prev, None)
                 return
             match cbor2.loads(reply.data):
                 case ["replaced", str(node), int(serial)]:

@@ -22,6 +22,7 @@ character other than ``A-Z a-z 0-9 _ -`` is written ``=XX`` (its code in hex), s
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -35,6 +36,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9_-]*")
 _ESCAPE = re.compile(r"[^A-Za-z0-9_-]")
 
 
+@functools.lru_cache(maxsize=65536)
 def token(text: str) -> str:
     """``text`` as one subject token (or KV key): ``=XX`` for any other character."""
     if _PLAIN.fullmatch(text):

@@ -16,16 +16,21 @@ session tells the next item from a gap (:class:`chatd.messages.Deliver`).
   (or, every so often and whenever it is small, all of it, as a rollup that replaces the
   user's older records). It is published with ``Nats-Expected-Last-Subject-Sequence``, so
   two sessions acknowledging at once (during a takeover) cannot both write. The record is
-  the change, and it is durable before the acknowledgement returns; then its *outbox* is
-  carried out: the receipts are published to their senders' queues, the ids records to
-  ``NS.i.SENDER.USER`` (kept for the dedup window with ``Nats-TTL``), and the queue is
-  purged up to the watermark. Each step is idempotent (``Nats-Msg-Id``), so whoever opens
-  the queue next (after a crash, on any node) carries out the newest record's outbox
-  again, and nothing a record promised is lost.
+  the change, and it is durable before the acknowledgement returns; then its receipts are
+  published to their senders' queues (``Nats-Msg-Id`` derived from the record, so whoever
+  opens the queue next, after a crash on any node, publishes the newest record's receipts
+  again and nothing a record promised is lost or doubled).
+- **Clean-up**: items at or below the watermark are skipped by every read, and removed in
+  batches (every :data:`CLEAN_BATCH` acknowledged items, each second, and when the queue is
+  opened): first the ids of the messages among them are written to
+  ``NS.i.SENDER.USER`` (kept for the dedup window with ``Nats-TTL``), then the queue is
+  purged up to the last of them, so a message never leaves its queue before its id record
+  exists.
 
 A node keeps the watermark and unread memory of the users whose sessions it holds
-(:meth:`NatsQueues.open` loads them from the records), and serializes their
-acknowledgements.
+(:meth:`NatsQueues.open` loads them from the records), serializes their acknowledgements,
+and remembers the items it has seen of their queues (read, or brought by the bus), so that
+an acknowledgement of what the session was sent needs no read.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ SNAPSHOT_UNREAD = 256
 MAX_DELTAS = 32
 #: Records and ids records read per direct get.
 _PAGE = 256
+#: Acknowledged items a queue may hold before they are cleaned up at once.
+CLEAN_BATCH = 256
+#: Items of a queue remembered for acknowledgements without a read.
+SEEN_MAX = 4096
 #: Attempts at an acknowledgement that finds another node's record in its way.
 _CAS_ATTEMPTS = 4
 #: Seconds between retries of an outbox that failed.
@@ -75,7 +84,8 @@ RETRY_INTERVAL = 1.0
 class _UserQueue:
     """What this node keeps of a queue whose session it holds."""
 
-    __slots__ = ("acked", "deltas", "lock", "outbox", "record", "refs", "unread")
+    __slots__ = ("acked", "deltas", "lock", "outbox", "record", "refs", "seen", "unclean",
+                 "unread")
 
     def __init__(self) -> None:
         self.refs = 0
@@ -83,12 +93,47 @@ class _UserQueue:
         self.unread: Unread = collections.OrderedDict()
         self.record = 0  # the sequence of the newest acknowledgement record, 0 if none
         self.deltas = 0  # records since the last one holding the whole unread memory
-        self.outbox: tuple[int, dict[str, Any]] | None = None  # a record to carry out
+        self.outbox: tuple[int, dict[str, Any]] | None = None  # receipts to publish
+        self.unclean = 0  # acknowledged items not yet cleaned up (an estimate)
+        # Items seen: seq -> (the seq before it in the queue, kind, sender or by, id, ts).
+        self.seen: dict[int, tuple[int, str, str, str, int]] = {}
         self.lock = trio.Lock()
 
     def idle(self) -> bool:
-        """Whether nothing is left to carry out."""
-        return self.outbox is None
+        """Whether nothing is left to carry out or to clean up."""
+        return self.outbox is None and self.unclean == 0
+
+    def note(self, entry: Entry, prev: int) -> None:
+        """Remember an item (and that nothing lies between ``prev`` and it)."""
+        if entry.seq <= self.acked:
+            return
+        item = entry.item
+        if isinstance(item, Message):
+            self.seen[entry.seq] = (prev, "m", item.sender, item.id, item.ts)
+        else:
+            self.seen[entry.seq] = (prev, "r", item.by, "", item.ts)
+        while len(self.seen) > SEEN_MAX:
+            del self.seen[next(iter(self.seen))]
+
+    def covered(self, upto: int) -> list[tuple[int, str, str, str, int]] | None:
+        """Every item above the watermark up to ``upto``, if the ones seen link up to it
+        (``(seq, kind, sender, id, ts)`` in seq order); None if they do not."""
+        chain = []
+        seq = upto
+        while seq > self.acked:
+            hit = self.seen.get(seq)
+            if hit is None:
+                return None
+            prev, kind, sender, msg_id, ts = hit
+            chain.append((seq, kind, sender, msg_id, ts))
+            seq = prev
+        chain.reverse()
+        return chain
+
+    def forget_seen(self) -> None:
+        """Drop the items at or below the watermark."""
+        for seq in [seq for seq in self.seen if seq <= self.acked]:
+            del self.seen[seq]
 
 
 class NatsQueues:
@@ -128,6 +173,7 @@ class NatsQueues:
             async with queue.lock:
                 await self._load(user, queue)
                 await self._carry_out(user, queue)
+                await self._clean(user, queue)
         except BaseException:
             self.close(user)
             raise
@@ -137,7 +183,7 @@ class NatsQueues:
         queue = self._users.get(user)
         if queue is not None:
             queue.refs -= 1
-            if queue.refs <= 0 and queue.outbox is None:
+            if queue.refs <= 0 and queue.idle():
                 del self._users[user]
 
     # -- appending ---------------------------------------------------------------------
@@ -201,24 +247,39 @@ class NatsQueues:
     async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
         """Up to ``limit`` queued entries after ``after``; see :meth:`Queues.pending`."""
         queue = self._users.get(user)
-        start = max(after, queue.acked if queue is not None else 0)
+        start = max(after, queue.acked if queue is not None else await self._watermark(user))
         replies = await self._js.get_batch(self._names.stream, self._names.queue(user),
                                            start, limit)
-        return [Entry(header_int(reply, "Nats-Sequence"), decode_item(user, reply.data))
-                for reply in replies]
+        entries = [Entry(header_int(reply, "Nats-Sequence"), decode_item(user, reply.data))
+                   for reply in replies]
+        if queue is not None:
+            prev = start  # nothing lies between ``start`` and the first item read
+            for entry in entries:
+                queue.note(entry, prev)
+                prev = entry.seq
+        return entries
+
+    def note(self, user: str, entry: Entry, prev: int) -> None:
+        """The bus brought ``entry`` of ``user``'s queue (``prev`` the item before it)."""
+        queue = self._users.get(user)
+        if queue is not None:
+            queue.note(entry, prev)
 
     async def last_seq(self, user: str) -> int:
         """The highest sequence given to ``user``; see :meth:`Queues.last_seq`."""
-        js, names = self._js, self._names
-        last = await js.get(names.stream, last_by_subj=names.queue(user))
+        last = await self._js.get(self._names.stream, last_by_subj=self._names.queue(user))
         if last is not None:  # the newest item is at or above anything acknowledged
             return header_int(last, "Nats-Sequence")
         # An empty queue: everything given was acknowledged, up to the newest record's
         # watermark (this node's view may be older than another node's record).
-        record = await js.get(names.stream, last_by_subj=names.acks(user))
         queue = self._users.get(user)
-        acked = queue.acked if queue is not None else 0
-        return max(acked, int(cbor2.loads(record.data)["u"]) if record is not None else 0)
+        return max(queue.acked if queue is not None else 0, await self._watermark(user))
+
+    async def _watermark(self, user: str) -> int:
+        """The watermark of ``user``'s newest acknowledgement record (0 if none)."""
+        record = await self._js.get(self._names.stream,
+                                    last_by_subj=self._names.acks(user))
+        return int(cbor2.loads(record.data)["u"]) if record is not None else 0
 
     # -- acknowledging ---------------------------------------------------------------------
 
@@ -251,28 +312,21 @@ class NatsQueues:
         queued: list[tuple[str, Entry]] = []
         ts = now_ms()
         while True:
-            items: list[Entry] = []
-            if upto > queue.acked:
-                replies = await js.get_batch(names.stream, names.queue(user), queue.acked,
-                                             ACK_CHUNK)
-                items = [entry for reply in replies
-                         if (entry := Entry(header_int(reply, "Nats-Sequence"),
-                                            decode_item(user, reply.data))).seq <= upto]
+            items = await self._items(user, queue, upto)
             final = len(items) < ACK_CHUNK
-            step = upto if final else items[-1].seq
+            step = upto if final else items[-1][0]
             step_status = status if final else "delivered"
-            left = [(e.seq, e.item.sender, e.item.id, e.item.ts) for e in items
-                    if isinstance(e.item, Message)]
-            newly = [(seq, sender, msg_id) for seq, sender, msg_id, _ in left]
+            newly = [(seq, sender, msg_id) for seq, kind, sender, msg_id, _ in items
+                     if kind == "m"]
             receipts = plan_receipts(user, step_status, step, peer, ts, newly, queue.unread,
                                      self._max_unread)
             if items or receipts:
                 unread = collections.OrderedDict(queue.unread)
                 apply_ack(step_status, step, peer, newly, unread, self._max_unread)
-                watermark = max(queue.acked, items[-1].seq if items else 0)
+                watermark = max(queue.acked, items[-1][0] if items else 0)
                 record: dict[str, Any] = {
                     "u": watermark, "ts": ts, "st": step_status, "up": step, "p": peer,
-                    "n": [list(m) for m in left],
+                    "n": [list(m) for m in newly],
                     "r": [[sender, r.status, list(r.ids), r.ts] for sender, r in receipts]}
                 headers = {"Nats-Expected-Last-Subject-Sequence": str(queue.record)}
                 whole = len(unread) <= SNAPSHOT_UNREAD or queue.deltas >= MAX_DELTAS
@@ -289,56 +343,106 @@ class NatsQueues:
                 queue.record, queue.acked, queue.unread = ack.seq, watermark, unread
                 queue.deltas = 0 if whole else queue.deltas + 1
                 queue.outbox = (ack.seq, record)
+                queue.unclean += len(items)
+                queue.forget_seen()
                 try:
                     queued += await self._carry_out(user, queue)
+                    if queue.unclean >= CLEAN_BATCH:
+                        await self._clean(user, queue)
                 except StoreUnavailable as exc:
-                    # The acknowledgement is recorded; its outbox waits for a retry.
+                    # The acknowledgement is recorded; what follows from it waits for a
+                    # retry (retry()).
                     self._log.warning("receipts_delayed", user=user, reason=str(exc))
                     return queued
             if final:
                 return queued
 
+    async def _items(self, user: str, queue: _UserQueue, upto: int
+                     ) -> list[tuple[int, str, str, str, int]]:
+        """The items above the watermark up to ``upto`` (at most :data:`ACK_CHUNK`), as
+        ``(seq, kind, sender, id, ts)``: from those seen when they link up, else read."""
+        if upto <= queue.acked:
+            return []
+        covered = queue.covered(upto)
+        if covered is not None and len(covered) <= ACK_CHUNK:
+            return covered
+        replies = await self._js.get_batch(self._names.stream, self._names.queue(user),
+                                           queue.acked, ACK_CHUNK)
+        items = []
+        for reply in replies:
+            seq = header_int(reply, "Nats-Sequence")
+            if seq > upto:
+                break
+            item = decode_item(user, reply.data)
+            if isinstance(item, Message):
+                items.append((seq, "m", item.sender, item.id, item.ts))
+            else:
+                items.append((seq, "r", item.by, "", item.ts))
+        return items
+
     async def _carry_out(self, user: str, queue: _UserQueue) -> list[tuple[str, Entry]]:
-        """Do what the newest record promised: queue its receipts, write its ids records,
-        purge the queue up to its watermark. Idempotent.
+        """Publish the receipts the newest record promised. Idempotent.
 
         Returns:
             The receipts queued by this call (not those a previous run had queued).
 
         Raises:
-            StoreUnavailable: Some of it could not be done; it stays to do.
+            StoreUnavailable: They could not all be published; they stay to publish.
         """
         if queue.outbox is None:
             return []
         seq, record = queue.outbox
-        js, names = self._js, self._names
-        messages: list[tuple[str, bytes, dict[str, str] | None]] = []
-        receipts: list[tuple[str, ReceiptItem]] = []
-        for k, (sender, status, ids, ts) in enumerate(record["r"]):
-            receipt = ReceiptItem(status, user, tuple(ids), ts)
-            receipts.append((sender, receipt))
-            messages.append((names.queue(sender), encode_item(receipt),
-                             {"Nats-Msg-Id": f"r {user} {seq} {k}"}))
-        by_sender: dict[str, list[list[Any]]] = {}
-        for msg_seq, sender, msg_id, ts in record["n"]:
-            by_sender.setdefault(sender, []).append([msg_id, msg_seq, ts])
-        ttl = f"{int(self._window) + 60}s"
-        for sender, ids_left in by_sender.items():
-            messages.append((names.ids(sender, user), cbor2.dumps(ids_left),
-                             {"Nats-Msg-Id": f"t {user} {seq} {sender}", "Nats-TTL": ttl}))
+        names = self._names
+        receipts = [(sender, ReceiptItem(status, user, tuple(ids), ts))
+                    for sender, status, ids, ts in record["r"]]
+        getters = self._js.publish_all([
+            (names.queue(sender), encode_item(receipt), {"Nats-Msg-Id": f"r {user} {seq} {k}"})
+            for k, (sender, receipt) in enumerate(receipts)])
         queued: list[tuple[str, Entry]] = []
         try:
-            getters = js.publish_all(messages)
-            for at, get in enumerate(getters):
+            for (sender, receipt), get in zip(receipts, getters, strict=True):
                 ack = await get()
-                if at < len(receipts) and not ack.duplicate:
-                    sender, receipt = receipts[at]
+                if not ack.duplicate:
                     queued.append((sender, Entry(ack.seq, receipt)))
-            await js.purge(names.stream, names.queue(user), record["u"] + 1)
         except JetStreamError as exc:
             raise StoreUnavailable(str(exc)) from None
         queue.outbox = None
         return queued
+
+    async def _clean(self, user: str, queue: _UserQueue) -> None:
+        """Remove the acknowledged items from ``user``'s queue: the ids of the messages
+        among them first (``NS.i.SENDER.USER``), then the items. Idempotent.
+
+        Raises:
+            StoreUnavailable: Not all of it was done; it stays to do.
+        """
+        js, names = self._js, self._names
+        ttl = f"{int(self._window) + 60}s"
+        while True:
+            replies = await js.get_batch(names.stream, names.queue(user), 0, CLEAN_BATCH)
+            done = [reply for reply in replies
+                    if header_int(reply, "Nats-Sequence") <= queue.acked]
+            if not done:
+                queue.unclean = 0
+                return
+            by_sender: dict[str, list[list[Any]]] = {}
+            for reply in done:
+                item = decode_item(user, reply.data)
+                if isinstance(item, Message):
+                    by_sender.setdefault(item.sender, []).append(
+                        [item.id, header_int(reply, "Nats-Sequence"), item.ts])
+            getters = js.publish_all([(names.ids(sender, user), cbor2.dumps(ids), {"Nats-TTL": ttl})
+                                      for sender, ids in by_sender.items()])
+            try:
+                for get in getters:
+                    await get()
+                await js.purge(names.stream, names.queue(user),
+                               header_int(done[-1], "Nats-Sequence") + 1)
+            except JetStreamError as exc:
+                raise StoreUnavailable(str(exc)) from None
+            if len(done) < len(replies) or len(replies) < CLEAN_BATCH:
+                queue.unclean = 0
+                return
 
     async def _load(self, user: str, queue: _UserQueue) -> None:
         """Rebuild ``user``'s watermark and unread memory from their records."""
@@ -353,6 +457,7 @@ class NatsQueues:
             after = header_int(page[-1], "Nats-Sequence")
         queue.acked, queue.record, queue.deltas, queue.outbox = 0, 0, 0, None
         queue.unread = collections.OrderedDict()
+        queue.seen.clear()
         record: dict[str, Any] = {}
         for reply in records:
             record = cbor2.loads(reply.data)
@@ -363,26 +468,27 @@ class NatsQueues:
                     (seq, (sender, msg_id)) for seq, sender, msg_id in record["snap"])
                 queue.deltas = 0
             else:
-                newly = [(seq, sender, msg_id) for seq, sender, msg_id, _ in record["n"]]
+                newly = [(seq, sender, msg_id) for seq, sender, msg_id in record["n"]]
                 apply_ack(record["st"], record["up"], record["p"], newly, queue.unread,
                           self._max_unread)
                 queue.deltas += 1
-        # The newest record's outbox may not have been carried out (its node died):
-        # carry it out again, unless its receipts would no longer be recognised as
-        # duplicates.
+        # The newest record's receipts may not all have been published (its node died):
+        # publish them again, unless they would no longer be recognised as duplicates.
         if record and now_ms() - record["ts"] < (self._window - 60) * 1000:
             queue.outbox = (queue.record, record)
 
     async def retry(self) -> None:
-        """Carry out the outboxes that failed, every :data:`RETRY_INTERVAL` (forever)."""
+        """Every :data:`RETRY_INTERVAL`: publish the receipts that could not be published,
+        and clean up the queues with acknowledged items (forever)."""
         while True:
             await trio.sleep(RETRY_INTERVAL)
             for user, queue in list(self._users.items()):
-                if queue.outbox is None or queue.lock.locked():
+                if queue.idle() or queue.lock.locked():
                     continue
                 async with queue.lock:
                     try:
                         await self._carry_out(user, queue)
+                        await self._clean(user, queue)
                     except StoreUnavailable:
                         continue
                 if queue.refs <= 0 and queue.idle():
