@@ -257,9 +257,11 @@ class NatsBridge:
         return await self._await(token, waiter)
 
     async def _await(self, token: str, waiter: _Waiter) -> list[Reply]:
-        with trio.move_on_after(self._config.nats_timeout):
-            await waiter.done.wait()
-        self._waiters.pop(token, None)
+        try:
+            with trio.move_on_after(self._config.nats_timeout):
+                await waiter.done.wait()
+        finally:  # answered, timed out or cancelled: a late reply finds nobody waiting
+            self._waiters.pop(token, None)
         if waiter.error is not None:
             raise StoreUnavailable(waiter.error)
         if not waiter.done.is_set():
