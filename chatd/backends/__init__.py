@@ -82,7 +82,8 @@ def open_backend(config: Config, actors: ActorTable) -> Backend:
             from chatd.backends.nats._backend import NatsBackend
         except ImportError as exc:
             raise BackendUnavailable(
-                f"the NATS backend needs its extra: pip install 'chatd[nats]' ({exc.name} "
+                f"the NATS backend needs its extra: pip install 'chatd[nats]' (from a clone: "
+                f"'.[nats]'; {exc.name} "
                 "is missing)") from None
         return NatsBackend(config, actors)
     from chatd.backends.embedded import EmbeddedBackend

@@ -119,8 +119,10 @@ class BucketSpec:
 
     Attributes:
         name: The bucket's name (lower-case letters, digits and ``_``).
-        durable: Whether records survive a restart of the process (embedded) or of the
-            servers (NATS). A bucket that is not durable lives in memory.
+        durable: Whether records survive a restart of the process (embedded). A bucket
+            that is not durable lives in memory on the embedded engine; on NATS every
+            bucket is kept on disk, since chatd processes outlive a restart of the servers
+            and so must what they keep there.
         description: What the bucket holds, for operators.
     """
 

@@ -27,6 +27,9 @@ Recovery reads both replicas, starts from the newest complete checkpoint found o
 and replays the union of both replicas' later records in LSN order. Damage, a torn tail, or
 any difference between the replicas is reported and repaired by writing a checkpoint of
 the merged state to both at once.
+
+The record types, how they are written and how recovery reads them stay in this one
+module (a little over 500 lines), so that a record's format is stated in one place.
 """
 
 from __future__ import annotations

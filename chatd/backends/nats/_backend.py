@@ -124,12 +124,15 @@ class NatsBackend:
                 f"the NATS server takes messages of at most {self.bridge.max_payload} bytes "
                 f"(max_payload), less than limits.max_frame_bytes ({largest})")
         self.replicas = config.nats_replicas or (3 if self.bridge.cluster_size >= 3 else 1)
+        # Chosen by chatd (nats_replicas = 0), the replicas of a stream that exists stay as
+        # they are: a node that knows fewer servers must not scale a stream down.
+        keep = () if config.nats_replicas else ("num_replicas",)
         self.nats_state.frozen = True
         streams = [queue_stream(names, self.replicas, config.dedup_window)]
         streams += [bucket_stream(names, bucket.spec, self.replicas)
                     for bucket in self.nats_state.buckets.values()]
         for stream in streams:
-            outcome = await self.jetstream.ensure_stream(stream)
+            outcome = await self.jetstream.ensure_stream(stream, keep=keep)
             if outcome != "unchanged":
                 self._log.info(f"nats_stream_{outcome}", stream=stream["name"],
                                replicas=self.replicas)

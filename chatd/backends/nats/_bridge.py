@@ -23,6 +23,9 @@ the ``on_reconnect`` hook runs, so that the bus can tell sessions to read their 
 again (live traffic sent meanwhile is lost). The first connection must succeed within
 ``nats_timeout`` (or fail on bad credentials at once): otherwise
 :class:`BackendUnavailable` says why, in one line.
+
+The module is a little over 500 lines on purpose: it is the one place asyncio and nats-py
+may appear, so every call that needs them (the object store's too) lives here.
 """
 
 from __future__ import annotations
@@ -86,9 +89,10 @@ class Subscribed:
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "many", "replies")
+    __slots__ = ("deadline", "done", "error", "many", "replies")
 
-    def __init__(self, many: bool) -> None:
+    def __init__(self, many: bool, timeout: float) -> None:
+        self.deadline = trio.current_time() + timeout  # from when the request is sent
         self.done = trio.Event()
         self.many = many
         self.replies: list[Reply] = []
@@ -131,9 +135,10 @@ class NatsBridge:
 
     @property
     def cluster_size(self) -> int:
-        """How many servers the connected NATS cluster has, as far as the client knows."""
+        """How many servers the client knows of: those configured and those the servers
+        told it about, each counted once."""
         assert self._nc is not None
-        return 1 + len(self._nc.discovered_servers)
+        return len({(url.hostname, url.port) for url in self._nc.servers})
 
     @property
     def max_payload(self) -> int:
@@ -154,8 +159,8 @@ class NatsBridge:
             self._loop = loop
             nc = self._nc = Client()
             writer: asyncio.Task[None] | None = None
+            await self._connect(nc)  # closes what it opened if it fails
             try:
-                await self._connect(nc)
                 self._inbox = nc.new_inbox()
                 await trio_asyncio.aio_as_trio(nc.subscribe)(f"{self._inbox}.*",
                                                              cb=self._on_reply)
@@ -174,13 +179,18 @@ class NatsBridge:
 
     async def _connect(self, nc: Client) -> None:
         config = self._config
+        try:
+            credentials = _credentials(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise BackendUnavailable(f"cannot use the NATS credentials or TLS files: "
+                                     f"{exc}") from None
         options: dict[str, Any] = dict(
             servers=list(config.nats), name=config.node, connect_timeout=config.nats_timeout,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             ping_interval=PING_INTERVAL, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             pending_size=0, error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected)
-        options.update(_credentials(config))
+        options.update(credentials)
         with trio.move_on_after(config.nats_timeout) as deadline:
             async with trio.open_nursery() as nursery:
                 async def refused() -> None:
@@ -200,6 +210,14 @@ class NatsBridge:
             cause = self._first_error or "no answer"
             raise BackendUnavailable(f"cannot reach NATS at {urls} within "
                                      f"{config.nats_timeout:g} s: {cause}")
+        if "tls" in credentials and not nc._server_info.get("tls_required"):
+            # nats-py speaks TLS only to a server that requires it, whatever the URL says:
+            # TLS was asked for, so a server that does not is refused.
+            url = _url(nc)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await trio_asyncio.aio_as_trio(nc.close)()
+            raise BackendUnavailable(f"NATS at {url} does not require TLS, which the "
+                                     "configuration asks for (tls:// or nats_tls_*)")
 
     # -- calls from trio -----------------------------------------------------------------
 
@@ -237,13 +255,14 @@ class NatsBridge:
         """Send several requests at once, in order; returns one awaitable getter each.
 
         Each getter returns the :class:`Reply` or raises :class:`StoreUnavailable`, as
-        :meth:`request` would. Waiting on them in turn costs one round trip for all.
+        :meth:`request` would. Waiting on them in turn costs one round trip for all: every
+        request's deadline runs from when it was sent.
         """
         self._check()
         getters: list[Callable[[], Any]] = []
         for subject, payload, headers in requests:
             token = str(next(self._tokens))
-            waiter = self._waiters[token] = _Waiter(many=False)
+            waiter = self._waiters[token] = _Waiter(False, self._config.nats_timeout)
             self._push(("pub", subject, payload, headers, f"{self._inbox}.{token}", token))
             getters.append(functools.partial(self._await, token, waiter))
         return getters
@@ -252,13 +271,13 @@ class NatsBridge:
                        *, many: bool) -> list[Reply]:
         self._check()
         token = str(next(self._tokens))
-        waiter = self._waiters[token] = _Waiter(many)
+        waiter = self._waiters[token] = _Waiter(many, self._config.nats_timeout)
         self._push(("pub", subject, payload, headers, f"{self._inbox}.{token}", token))
         return await self._await(token, waiter)
 
     async def _await(self, token: str, waiter: _Waiter) -> list[Reply]:
         try:
-            with trio.move_on_after(self._config.nats_timeout):
+            with trio.move_on_at(waiter.deadline):
                 await waiter.done.wait()
         finally:  # answered, timed out or cancelled: a late reply finds nobody waiting
             self._waiters.pop(token, None)
@@ -483,8 +502,17 @@ def _digest(digest: str | None) -> str:
 
 
 def _credentials(config: Config) -> dict[str, Any]:
-    """nats-py's options for the configured credentials and TLS."""
+    """nats-py's options for the configured credentials and TLS.
+
+    Raises:
+        OSError: A credentials, key or certificate file cannot be read.
+        ssl.SSLError: A certificate or key is not usable.
+    """
     options: dict[str, Any] = {}
+    for path in (config.nats_creds, config.nats_nkey, config.nats_tls_ca,
+                 config.nats_tls_cert, config.nats_tls_key):
+        if path is not None:
+            path.read_bytes()  # read by nats-py or ssl later, whose errors name no file
     if config.nats_user is not None:
         options["user"] = config.nats_user
         options["password"] = config.nats_password or ""

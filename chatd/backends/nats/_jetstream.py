@@ -8,6 +8,7 @@ numeric ``err_code``; the ones chatd acts on are named here.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -22,6 +23,8 @@ __all__ = ["WRONG_LAST_SEQUENCE", "JetStream", "JetStreamError", "PubAck"]
 WRONG_LAST_SEQUENCE = 10071
 #: The stream does not exist.
 STREAM_NOT_FOUND = 10059
+#: No message matches a get.
+NO_MESSAGE = 10037
 
 
 class JetStreamError(Exception):
@@ -137,8 +140,9 @@ class JetStream:
         """Remove the messages on ``subject`` with sequence below ``below``."""
         await self.api(f"STREAM.PURGE.{stream}", {"filter": subject, "seq": below})
 
-    async def ensure_stream(self, config: dict[str, Any]) -> str:
-        """Create the stream ``config`` describes, or update it to that configuration.
+    async def ensure_stream(self, config: dict[str, Any], *, keep: Sequence[str] = ()) -> str:
+        """Create the stream ``config`` describes, or update it to that configuration
+        (but for the settings named in ``keep``, which an existing stream keeps).
 
         Returns:
             ``created``, ``updated`` or ``unchanged``.
@@ -155,10 +159,29 @@ class JetStream:
             await self.api(f"STREAM.CREATE.{name}", config)
             return "created"
         current = info["config"]
-        if all(current.get(key) == value for key, value in config.items()):
+        wanted = {key: value for key, value in config.items() if key not in keep}
+        if all(current.get(key) == value for key, value in wanted.items()):
             return "unchanged"
-        await self.api(f"STREAM.UPDATE.{name}", {**current, **config})
+        await self.api(f"STREAM.UPDATE.{name}", {**current, **wanted})
         return "updated"
+
+    async def get_from_leader(self, stream: str, **query: Any) -> tuple[str, int, bytes] | None:
+        """One message read by the stream's leader (``seq``, ``next_by_subj``...): its
+        subject, sequence and data, or None if there is none. Slower than a direct get,
+        which any replica answers, but never behind.
+
+        Raises:
+            StoreUnavailable: NATS did not answer, or the stream refused.
+        """
+        try:
+            answer = await self.api(f"STREAM.MSG.GET.{stream}", query)
+        except JetStreamError as exc:
+            if exc.code == NO_MESSAGE:
+                return None
+            raise StoreUnavailable(str(exc)) from None
+        message = answer["message"]
+        return (str(message["subject"]), int(message["seq"]),
+                base64.b64decode(message.get("data") or ""))
 
 
 def header_int(reply: Reply, name: str) -> int:

@@ -31,6 +31,9 @@ A node keeps the watermark and unread memory of the users whose sessions it hold
 (:meth:`NatsQueues.open` loads them from the records), serializes their acknowledgements,
 and remembers the items it has seen of their queues (read, or brought by the bus), so that
 an acknowledgement of what the session was sent needs no read.
+
+The acknowledgement records are written, replayed and carried out here together (a little
+over 500 lines), so that their format and their meaning are stated in one place.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ _PAGE = 256
 CLEAN_BATCH = 256
 #: Items of a queue remembered for acknowledgements without a read.
 SEEN_MAX = 4096
+#: Ids records of one sender and recipient searched for a duplicate's original.
+_IDS_RECORDS = 64
 #: Attempts at an acknowledgement that finds another node's record in its way.
 _CAS_ATTEMPTS = 4
 #: Seconds between retries of an outbox that failed.
@@ -84,8 +89,8 @@ RETRY_INTERVAL = 1.0
 class _UserQueue:
     """What this node keeps of a queue whose session it holds."""
 
-    __slots__ = ("acked", "deltas", "lock", "outbox", "record", "refs", "seen", "unclean",
-                 "unread")
+    __slots__ = ("acked", "deltas", "known", "lock", "outbox", "record", "refs", "seen",
+                 "unclean", "unread")
 
     def __init__(self) -> None:
         self.refs = 0
@@ -95,6 +100,7 @@ class _UserQueue:
         self.deltas = 0  # records since the last one holding the whole unread memory
         self.outbox: tuple[int, dict[str, Any]] | None = None  # receipts to publish
         self.unclean = 0  # acknowledged items not yet cleaned up (an estimate)
+        self.known = 0  # the highest seq of the queue this node has seen
         # Items seen: seq -> (the seq before it in the queue, kind, sender or by, id, ts).
         self.seen: dict[int, tuple[int, str, str, str, int]] = {}
         self.lock = trio.Lock()
@@ -105,6 +111,7 @@ class _UserQueue:
 
     def note(self, entry: Entry, prev: int) -> None:
         """Remember an item (and that nothing lies between ``prev`` and it)."""
+        self.known = max(self.known, entry.seq)
         if entry.seq <= self.acked:
             return
         item = entry.item
@@ -198,9 +205,12 @@ class NatsQueues:
     async def submit_many(self, messages: Sequence[Message]) -> list[Accepted | Exception]:
         """Publish a run of messages at once; see :meth:`Queues.submit_many`."""
         names = self._names
-        getters = self._js.publish_all([
-            (names.queue(m.to), encode_item(m), {"Nats-Msg-Id": f"{m.sender} {m.id}"})
-            for m in messages])
+        try:
+            getters = self._js.publish_all([
+                (names.queue(m.to), encode_item(m), {"Nats-Msg-Id": f"{m.sender} {m.id}"})
+                for m in messages])
+        except StoreUnavailable as exc:  # no connection to NATS: none was sent
+            return [exc] * len(messages)
         results: list[Accepted | Exception] = []
         for message, get in zip(messages, getters, strict=True):
             try:
@@ -220,27 +230,32 @@ class NatsQueues:
     async def _original(self, message: Message, seq: int) -> Accepted:
         """The answer to a duplicate of the message stored at ``seq``.
 
+        Read from the stream's leader: a replica that is behind would not have it yet and
+        make it look gone.
+
         Raises:
             IdConflict: The original went to another recipient.
         """
         js, names = self._js, self._names
-        stored = await js.get(names.stream, seq=seq)
+        stored = await js.get_from_leader(names.stream, seq=seq)
         if stored is not None:
-            if stored.headers.get("Nats-Subject") != names.queue(message.to):
+            subject, _, data = stored
+            if subject != names.queue(message.to):
                 raise IdConflict(message.id)
-            return Accepted(decode_item(message.to, stored.data).ts, True, None)
-        # It left its queue: its ids record was written before it did (see _carry_out).
-        after = seq
-        while True:
-            records = await js.get_batch(names.stream, names.ids(message.sender, message.to),
-                                         after, _PAGE)
-            for record in records:
-                for msg_id, msg_seq, ts in cbor2.loads(record.data):
-                    if msg_seq == seq and msg_id == message.id:
-                        return Accepted(ts, True, None)
-            if len(records) < _PAGE:
-                raise IdConflict(message.id)
-            after = header_int(records[-1], "Nats-Sequence")
+            return Accepted(decode_item(message.to, data).ts, True, None)
+        # It left its queue: its ids record was written before it did (see _clean), in
+        # one of the first clean-ups of that pair's messages after it was stored.
+        subject, after = names.ids(message.sender, message.to), seq
+        for _ in range(_IDS_RECORDS):
+            record = await js.get_from_leader(names.stream, next_by_subj=subject,
+                                              seq=after + 1)
+            if record is None:
+                break
+            _, after, data = record
+            for msg_id, msg_seq, ts in cbor2.loads(data):
+                if msg_seq == seq and msg_id == message.id:
+                    return Accepted(ts, True, None)
+        raise IdConflict(message.id)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -252,11 +267,28 @@ class NatsQueues:
                                            start, limit)
         entries = [Entry(header_int(reply, "Nats-Sequence"), decode_item(user, reply.data))
                    for reply in replies]
+        if queue is not None and len(entries) < limit and queue.known > (
+                entries[-1].seq if entries else start):
+            # The replica that answered is behind (after a partition, say): this node has
+            # seen a later item. Read the rest from the stream's leader.
+            entries += await self._from_leader(user, entries[-1].seq if entries else start,
+                                               limit - len(entries))
         if queue is not None:
             prev = start  # nothing lies between ``start`` and the first item read
             for entry in entries:
                 queue.note(entry, prev)
                 prev = entry.seq
+        return entries
+
+    async def _from_leader(self, user: str, after: int, limit: int) -> list[Entry]:
+        """Up to ``limit`` items of ``user``'s queue after ``after``, one by one from the
+        stream's leader."""
+        entries: list[Entry] = []
+        subject = self._names.queue(user)
+        while len(entries) < limit and (found := await self._js.get_from_leader(
+                self._names.stream, next_by_subj=subject, seq=after + 1)) is not None:
+            _, after, data = found
+            entries.append(Entry(after, decode_item(user, data)))
         return entries
 
     def note(self, user: str, entry: Entry, prev: int) -> None:

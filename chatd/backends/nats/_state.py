@@ -1,7 +1,9 @@
 """State buckets on NATS: JetStream key-value buckets, one per declared bucket.
 
-Bucket ``NAME`` is the KV bucket ``NS_NAME`` (stream ``KV_NS_NAME``, history 1, file
-storage when durable, memory otherwise), so ``nats kv`` tools can read it. A record's
+Bucket ``NAME`` is the KV bucket ``NS_NAME`` (stream ``KV_NS_NAME``, history 1), so
+``nats kv`` tools can read it. Every bucket is file-backed, durable or not: the records of
+a bucket that is not durable (the sessions) describe chatd processes, which outlive a
+restart of the NATS servers, so they must outlive it too. A record's
 revision is its stream sequence; compare-and-set is ``Nats-Expected-Last-Subject-Sequence``;
 expiry is the per-message ``Nats-TTL``. Reads are direct gets, served by any replica.
 A deleted key leaves a purge marker that itself expires after a minute.
@@ -29,7 +31,7 @@ def bucket_stream(names: Names, spec: BucketSpec, replicas: int) -> dict[str, An
     bucket = names.bucket(spec.name)
     return {"name": f"KV_{bucket}", "subjects": [f"$KV.{bucket}.>"],
             "description": spec.description, "retention": "limits",
-            "storage": "file" if spec.durable else "memory", "num_replicas": replicas,
+            "storage": "file", "num_replicas": replicas,
             "max_msgs_per_subject": 1, "discard": "new", "allow_direct": True,
             "allow_rollup_hdrs": True, "deny_delete": True, "allow_msg_ttl": True}
 
