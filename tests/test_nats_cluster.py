@@ -647,9 +647,7 @@ async def test_a_partitioned_server_refuses_sends_and_healing_loses_nothing(
             assert not isolated.events("nats_disconnected"), isolated.events(
                 "nats_disconnected")
             # Healed, and once nats-3 has caught up, the refused messages go again, with
-            # the same ids, on the same node. (Sooner, chatd may answer id_conflict: it
-            # reads the original of a duplicate with a direct get, which nats-3's replica,
-            # still catching up, answers "not found"; a chatd bug.)
+            # the same ids, on the same node.
             split.heal()
             healed_at = trio.current_time()
             await wait_until_current(split.servers, QUEUES_AND_BUCKETS)

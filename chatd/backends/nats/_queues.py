@@ -181,6 +181,12 @@ class NatsQueues:
                 await self._load(user, queue)
                 await self._carry_out(user, queue)
                 await self._clean(user, queue)
+                # The newest item, from the leader: a read that a replica behind answers
+                # short of it is completed from the leader (pending()).
+                newest = await self._js.get_from_leader(self._names.stream,
+                                                        last_by_subj=self._names.queue(user))
+                if newest is not None:
+                    queue.known = max(queue.known, newest[1])
         except BaseException:
             self.close(user)
             raise
