@@ -296,44 +296,53 @@ def by_name(servers: Sequence[NatsServer], name: str) -> NatsServer:
 # -- 1. chatting across nodes ------------------------------------------------------------------
 
 
-async def test_users_on_two_nodes_chat_with_receipts_and_presence(tmp_path: Path) -> None:
+@asynccontextmanager
+async def three_nodes(tmp_path: Path) -> AsyncIterator[tuple[list[NatsServer], Deployment,
+                                                             list[Daemon], trio.Nursery]]:
+    """Three nats-servers as one cluster and three chatd nodes n1, n2, n3 given every
+    server's URL; a nursery for the test's own tasks, cancelled at the end."""
     with nats_cluster(tmp_path / "nats") as servers:
         chat = Deployment(tmp_path / "chatd")
         async with trio.open_nursery() as nursery:
-            n1, n2, _ = await chat.start(nursery, *((f"n{i}", urls(servers)) for i in (1, 2, 3)))
-            with trio.fail_after(DEADLINE):
-                async with (connect(n1.url, chat.token("alice")) as alice,
-                            connect(n2.url, chat.token("bob")) as bob):
-                    sent = await alice.send("bob", "hello bob", id="m1")
-                    assert (sent.id, sent.dup) == ("m1", False)
-                    async for event in bob.events():
-                        if isinstance(event, Msg):
-                            break
-                    assert (event.id, event.sender, event.body) == ("m1", "alice", "hello bob")
-                    assert event.ts == sent.ts
-                    await bob.read(event.seq)
-                    statuses = []
-                    async for receipt in alice.events():
-                        if isinstance(receipt, Receipt):
-                            assert (receipt.by, receipt.ids) == ("bob", ["m1"]), receipt
-                            statuses.append(receipt.status)
-                            await alice.ack(receipt.seq)
-                            if receipt.status == "read":
-                                break
-                    assert statuses == ["delivered", "read"]
-                    # bob's node tells alice's: it writes last seen to the presence
-                    # bucket at most once a second (chatd.presence.FLUSH_INTERVAL), so
-                    # the first answers on another node may predate bob's login.
-                    started = trio.current_time()
-                    with trio.fail_after(PRESENCE_LAG):
-                        while not (presence := await alice.last_seen("bob")).online:
-                            await trio.sleep(0.1)
-                    print(f"bob online on alice's node after "
-                          f"{trio.current_time() - started:.2f} s")
-                    assert presence.user == "bob" and presence.last_seen is not None
-            for daemon in (n1, n2):
-                assert not daemon.errors(), daemon.errors()
+            nodes = await chat.start(nursery, *((f"n{i}", urls(servers)) for i in (1, 2, 3)))
+            yield servers, chat, nodes, nursery
             nursery.cancel_scope.cancel()
+
+
+async def test_users_on_two_nodes_chat_with_receipts_and_presence(tmp_path: Path) -> None:
+    async with three_nodes(tmp_path) as (_, chat, (n1, n2, _), _):
+        with trio.fail_after(DEADLINE):
+            async with (connect(n1.url, chat.token("alice")) as alice,
+                        connect(n2.url, chat.token("bob")) as bob):
+                sent = await alice.send("bob", "hello bob", id="m1")
+                assert (sent.id, sent.dup) == ("m1", False)
+                async for event in bob.events():
+                    if isinstance(event, Msg):
+                        break
+                assert (event.id, event.sender, event.body) == ("m1", "alice", "hello bob")
+                assert event.ts == sent.ts
+                await bob.read(event.seq)
+                statuses = []
+                async for receipt in alice.events():
+                    if isinstance(receipt, Receipt):
+                        assert (receipt.by, receipt.ids) == ("bob", ["m1"]), receipt
+                        statuses.append(receipt.status)
+                        await alice.ack(receipt.seq)
+                        if receipt.status == "read":
+                            break
+                assert statuses == ["delivered", "read"]
+                # bob's node tells alice's: it writes last seen to the presence
+                # bucket at most once a second (chatd.presence.FLUSH_INTERVAL), so
+                # the first answers on another node may predate bob's login.
+                started = trio.current_time()
+                with trio.fail_after(PRESENCE_LAG):
+                    while not (presence := await alice.last_seen("bob")).online:
+                        await trio.sleep(0.1)
+                print(f"bob online on alice's node after "
+                      f"{trio.current_time() - started:.2f} s")
+                assert presence.user == "bob" and presence.last_seen is not None
+        for daemon in (n1, n2):
+            assert not daemon.errors(), daemon.errors()
 
 
 # -- 1b. replicas -------------------------------------------------------------------------------
@@ -357,28 +366,23 @@ async def test_a_node_given_every_url_replicates_its_streams_three_times(tmp_pat
 async def test_recipient_fails_over_when_its_node_is_killed(tmp_path: Path) -> None:
     total, kill_at = 200, 60
     ids = [f"m{i:03d}" for i in range(total)]
-    with nats_cluster(tmp_path / "nats") as servers:
-        chat = Deployment(tmp_path / "chatd")
-        async with trio.open_nursery() as nursery:
-            n1, n2, n3 = await chat.start(nursery,
-                                          *((f"n{i}", urls(servers)) for i in (1, 2, 3)))
-            got: list[Msg] = []
-            received = trio.Event()
-            async with (connect(n1.url, chat.token("alice")) as alice,
-                        connect([n2.url, n3.url], chat.token("bob"), backoff=FAST) as bob):
-                nursery.start_soon(collect, bob, got, ids[-1], received)
-                with trio.fail_after(DEADLINE):
-                    answers = []
-                    for i, msg_id in enumerate(ids):
-                        if i == kill_at:
-                            await n2.crash()
-                        answers.append(await alice.send("bob", f"body of {msg_id}", id=msg_id))
-                    await received.wait()
-                assert [s.id for s in answers] == ids and not any(s.dup for s in answers)
-                check_once_in_order(got, ids)
-                assert [m.body for m in got] == [f"body of {i}" for i in ids]
-                assert bob.url == n3.url and bob.reconnects == 1
-            nursery.cancel_scope.cancel()
+    async with three_nodes(tmp_path) as (_, chat, (n1, n2, n3), nursery):
+        got: list[Msg] = []
+        received = trio.Event()
+        async with (connect(n1.url, chat.token("alice")) as alice,
+                    connect([n2.url, n3.url], chat.token("bob"), backoff=FAST) as bob):
+            nursery.start_soon(collect, bob, got, ids[-1], received)
+            with trio.fail_after(DEADLINE):
+                answers = []
+                for i, msg_id in enumerate(ids):
+                    if i == kill_at:
+                        await n2.crash()
+                    answers.append(await alice.send("bob", f"body of {msg_id}", id=msg_id))
+                await received.wait()
+            assert [s.id for s in answers] == ids and not any(s.dup for s in answers)
+            check_once_in_order(got, ids)
+            assert [m.body for m in got] == [f"body of {i}" for i in ids]
+            assert bob.url == n3.url and bob.reconnects == 1
 
 
 # -- 3. the stream's leader SIGKILLed ------------------------------------------------------------
@@ -387,49 +391,44 @@ async def test_recipient_fails_over_when_its_node_is_killed(tmp_path: Path) -> N
 async def test_sends_resume_after_the_stream_leader_is_killed(tmp_path: Path) -> None:
     total, kill_at = 200, 50
     ids = [f"m{i:03d}" for i in range(total)]
-    with nats_cluster(tmp_path / "nats") as servers:
-        chat = Deployment(tmp_path / "chatd")
-        async with trio.open_nursery() as nursery:
-            n1, n2, n3 = await chat.start(nursery,
-                                          *((f"n{i}", urls(servers)) for i in (1, 2, 3)))
-            got: list[Msg] = []
-            received = trio.Event()
-            async with (connect([n1.url, n3.url], chat.token("alice"), backoff=FAST) as alice,
-                        connect([n2.url, n3.url], chat.token("bob"), backoff=FAST) as bob):
-                nursery.start_soon(collect, bob, got, ids[-1], received)
-                answers: list[Sent] = []
-                failures: dict[str, int] = {}
-                answered_at: list[float] = []
-                for i, msg_id in enumerate(ids):
-                    if i == kill_at:
-                        info = await stream_info(servers)
-                        assert info["config"]["num_replicas"] == 3, info["config"]
-                        leader = by_name(servers, info["cluster"]["leader"])
-                        leader.kill()
-                        killed_at = trio.current_time()
-                    sent, failed = await send_retrying(alice, "bob", msg_id)
-                    answered_at.append(trio.current_time())
-                    answers.append(sent)
-                    if failed:
-                        failures[msg_id] = failed
-                # Sends stalled (failed, or waited) from the kill until the first `sent`
-                # of a message sent after it.
-                resumed = answered_at[kill_at] - killed_at
-                print(f"killed the stream leader {leader.spec.name}; sends resumed after "
-                      f"{resumed:.1f} s; store_unavailable answers: {sum(failures.values())} "
-                      f"(for {len(failures)} messages)")
-                assert resumed < RECOVERY
-                with trio.fail_after(DEADLINE):
-                    await received.wait()
-                # The stream has a new leader among the two others.
-                info = await stream_info([s for s in servers if s is not leader])
-                assert info["cluster"]["leader"] not in (None, leader.spec.name), info["cluster"]
-            assert [s.id for s in answers] == ids
-            # A message answered store_unavailable may have been stored all the same: its
-            # re-send is then a duplicate. Any other duplicate is a bug.
-            assert not [s.id for s in answers if s.dup and s.id not in failures]
-            check_once_in_order(got, ids)
-            nursery.cancel_scope.cancel()
+    async with three_nodes(tmp_path) as (servers, chat, (n1, n2, n3), nursery):
+        got: list[Msg] = []
+        received = trio.Event()
+        async with (connect([n1.url, n3.url], chat.token("alice"), backoff=FAST) as alice,
+                    connect([n2.url, n3.url], chat.token("bob"), backoff=FAST) as bob):
+            nursery.start_soon(collect, bob, got, ids[-1], received)
+            answers: list[Sent] = []
+            failures: dict[str, int] = {}
+            answered_at: list[float] = []
+            for i, msg_id in enumerate(ids):
+                if i == kill_at:
+                    info = await stream_info(servers)
+                    assert info["config"]["num_replicas"] == 3, info["config"]
+                    leader = by_name(servers, info["cluster"]["leader"])
+                    leader.kill()
+                    killed_at = trio.current_time()
+                sent, failed = await send_retrying(alice, "bob", msg_id)
+                answered_at.append(trio.current_time())
+                answers.append(sent)
+                if failed:
+                    failures[msg_id] = failed
+            # Sends stalled (failed, or waited) from the kill until the first `sent`
+            # of a message sent after it.
+            resumed = answered_at[kill_at] - killed_at
+            print(f"killed the stream leader {leader.spec.name}; sends resumed after "
+                  f"{resumed:.1f} s; store_unavailable answers: {sum(failures.values())} "
+                  f"(for {len(failures)} messages)")
+            assert resumed < RECOVERY
+            with trio.fail_after(DEADLINE):
+                await received.wait()
+            # The stream has a new leader among the two others.
+            info = await stream_info([s for s in servers if s is not leader])
+            assert info["cluster"]["leader"] not in (None, leader.spec.name), info["cluster"]
+        assert [s.id for s in answers] == ids
+        # A message answered store_unavailable may have been stored all the same: its
+        # re-send is then a duplicate. Any other duplicate is a bug.
+        assert not [s.id for s in answers if s.dup and s.id not in failures]
+        check_once_in_order(got, ids)
 
 
 # -- 4. a partition --------------------------------------------------------------------------------

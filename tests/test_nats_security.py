@@ -17,13 +17,24 @@ import nkeys
 import pytest
 import trio
 import trustme
-from daemons import CHATD, DEADLINE, serve
+from daemons import CHATD, DEADLINE, Daemon, serve
 from natsservers import nats_server
 
 from chatd.client import connect
 from chatd.protocol import Msg
 
 pytestmark = pytest.mark.slow
+
+
+async def alice_reaches_bob(daemon: Daemon, body: str) -> None:
+    """alice sends ``body`` to bob through ``daemon``, and bob gets it."""
+    with trio.fail_after(DEADLINE):
+        async with (connect(daemon.url, daemon.token("alice")) as alice,
+                    connect(daemon.url, daemon.token("bob")) as bob):
+            sent = await alice.send("bob", body)
+            async for event in bob.events():
+                assert isinstance(event, Msg) and event.id == sent.id
+                break
 
 
 def tls_block(tmp_path: Path) -> tuple[str, Path]:
@@ -48,13 +59,7 @@ async def test_chatd_reaches_nats_over_tls_with_a_private_ca(tmp_path: Path) -> 
                          graceful=True) as daemon:
             connected = daemon.events("nats_connected")
             assert connected and connected[0]["url"] == url
-            with trio.fail_after(DEADLINE):
-                async with (connect(daemon.url, daemon.token("alice")) as alice,
-                            connect(daemon.url, daemon.token("bob")) as bob):
-                    sent = await alice.send("bob", "over TLS")
-                    async for event in bob.events():
-                        assert isinstance(event, Msg) and event.id == sent.id
-                        break
+            await alice_reaches_bob(daemon, "over TLS")
 
 
 async def test_an_untrusted_nats_certificate_exits_1_with_one_line(tmp_path: Path) -> None:
@@ -107,13 +112,7 @@ async def test_a_node_logs_in_to_nats_with_an_nkey(tmp_path: Path) -> None:
         config.write_text(f'nats_nkey = "{seed_file}"\n')
         async with serve(tmp_path / "data", "--config", str(config), "--nats", server.url,
                          graceful=True) as daemon:
-            with trio.fail_after(DEADLINE):
-                async with (connect(daemon.url, daemon.token("alice")) as alice,
-                            connect(daemon.url, daemon.token("bob")) as bob):
-                    sent = await alice.send("bob", "signed in with an nkey")
-                    async for event in bob.events():
-                        assert isinstance(event, Msg) and event.id == sent.id
-                        break
+            await alice_reaches_bob(daemon, "signed in with an nkey")
         # Another user's key is refused, in one line.
         other, other_seed = nkey_user(tmp_path / "other")
         config.write_text(f'nats_nkey = "{other_seed}"\nnats_timeout = 2.0\n')

@@ -26,6 +26,37 @@ from ._names import Names, decode_item
 __all__ = ["NatsBus"]
 
 
+class _Subscriptions:
+    """Subscriptions counted by user: made by the first of a user's holders, ended with
+    the last."""
+
+    def __init__(self, bridge: NatsBridge) -> None:
+        self._bridge = bridge
+        self._held: dict[str, tuple[int, Subscribed]] = {}
+
+    def add(self, user: str, subject: str, handler: Callable[[Reply], None]) -> None:
+        """One more holder of ``user``'s subscription (made now if it is the first).
+
+        Raises:
+            StoreUnavailable: The connection is down (nothing was counted).
+        """
+        count, subscribed = self._held.get(user, (0, None))
+        if subscribed is None:
+            subscribed = self._bridge.subscribe(subject, handler)
+        self._held[user] = (count + 1, subscribed)
+
+    def remove(self, user: str) -> None:
+        """One holder fewer; the subscription ends with the last."""
+        count, subscribed = self._held.get(user, (0, None))
+        if subscribed is None:
+            return
+        if count > 1:
+            self._held[user] = (count - 1, subscribed)
+        else:
+            del self._held[user]
+            self._bridge.unsubscribe(subscribed)
+
+
 def _unbound(*args: Any) -> None:
     raise RuntimeError("the bus is used before the node bound its handlers")
 
@@ -47,8 +78,8 @@ class NatsBus:
         self._note = note
         self._names = names
         self._log = log
-        self._joined: dict[str, tuple[int, Subscribed]] = {}
-        self._watched: dict[str, tuple[int, Subscribed]] = {}
+        self._joined = _Subscriptions(bridge)
+        self._watched = _Subscriptions(bridge)
         self._deliver: Callable[[str, Entry, int, list[Any] | None], None] = _unbound
         self._signal: Callable[[str, Signal], None] = _unbound
         self._presence: Callable[[str, PresenceReport], None] = _unbound
@@ -68,22 +99,11 @@ class NatsBus:
 
     async def join(self, user: str) -> None:
         """Subscribe to ``user``'s live subject (once per user on this node)."""
-        count, subscribed = self._joined.get(user, (0, None))
-        if subscribed is None:
-            subscribed = self._bridge.subscribe(self._names.deliver(user),
-                                                self._on_live(user))
-        self._joined[user] = (count + 1, subscribed)
+        self._joined.add(user, self._names.deliver(user), self._on_live(user))
 
     def leave(self, user: str) -> None:
         """Drop the subscription once no local session of ``user`` is left."""
-        count, subscribed = self._joined.get(user, (0, None))
-        if subscribed is None:
-            return
-        if count > 1:
-            self._joined[user] = (count - 1, subscribed)
-            return
-        del self._joined[user]
-        self._bridge.unsubscribe(subscribed)
+        self._joined.remove(user)
 
     def offer(self, user: str, entry: Entry, touched: list[Any] | None = None) -> None:
         """Nothing to do: the stream republishes every stored item to its user's subject."""
@@ -97,22 +117,11 @@ class NatsBus:
 
     async def watch(self, user: str) -> None:
         """Subscribe to ``user``'s presence subject (once per user on this node)."""
-        count, subscribed = self._watched.get(user, (0, None))
-        if subscribed is None:
-            subscribed = self._bridge.subscribe(self._names.presence(user),
-                                                self._on_presence(user))
-        self._watched[user] = (count + 1, subscribed)
+        self._watched.add(user, self._names.presence(user), self._on_presence(user))
 
     def unwatch(self, user: str) -> None:
         """Drop the presence subscription once no local session watches ``user``."""
-        count, subscribed = self._watched.get(user, (0, None))
-        if subscribed is None:
-            return
-        if count > 1:
-            self._watched[user] = (count - 1, subscribed)
-            return
-        del self._watched[user]
-        self._bridge.unsubscribe(subscribed)
+        self._watched.remove(user)
 
     def report(self, user: str, report: PresenceReport) -> None:
         """Publish ``report`` on ``user``'s presence subject (quietly lost while NATS is
