@@ -5,11 +5,12 @@ Usage: ``python -m benchmarks [--quick] [--json FILE] [--targets chatd,chatd_dur
 For each target, in one invocation and each on a fresh server process: the connections
 scenario (N idle authenticated sessions: connect rate, RSS per connection, idle CPU), the
 throughput scenario (P pairs with delivered and read receipts: messages/s, server CPU per
-routed message) and the latency scenario (half the measured maximum: p50 to p99.99). Then,
-on fresh chatd clusters: cluster_connections (sessions spread over the nodes of an N-node
-cluster) and cluster_throughput (the throughput scenario on one node and on N nodes, and
-the scaling). The load generator runs in separate worker processes and reports its own CPU.
-A table goes to stdout at the end; ``--json`` also writes the results. See
+routed message) and the latency scenario (half the measured maximum: p50 to p99.99). Then
+nats_throughput: the throughput scenario on chatd on NATS JetStream, one chatd node on one
+nats-server and two chatd nodes on three, each started fresh by the harness, beside the
+embedded durable store (messages/s, and CPU per message for chatd and for the
+nats-servers). The load generator runs in separate worker processes and reports its own
+CPU. A table goes to stdout at the end; ``--json`` also writes the results. See
 benchmarks/README.md.
 
 Exit status: 0 when every scenario ran; 1 with a one-line ``benchmarks: error: ...`` when a
@@ -37,20 +38,22 @@ from typing import Any
 import attrs
 
 from benchmarks import scenarios
-from benchmarks.cluster import STORES
-from benchmarks.scenarios import BASELINES, PLACEMENTS, Params, Tokens
+from benchmarks.natsdeploy import deployment_name, nats_version
+from benchmarks.scenarios import NATS_SETUPS, Params, Tokens
 from benchmarks.servers import TARGETS, BenchError, Server, kill_all, write_secret
+from chatd.backends.nats.server import server_binary
 
 FULL = Params()
 QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
-               latency_seconds=8.0, cluster_connections=4_000)
+               latency_seconds=8.0)
 TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
-              latency_seconds=1.0, concurrency=20, drain=5.0, cluster_connections=20)
-#: The scenarios run for each target, then the ones run on chatd clusters.
+              latency_seconds=1.0, concurrency=20, drain=5.0)
+#: The scenarios run for each target, then the one run on chatd on NATS.
 TARGET_SCENARIOS = ("connections", "throughput", "latency")
-CLUSTER_SCENARIOS = ("cluster_connections", "cluster_throughput")
-SCENARIOS = TARGET_SCENARIOS + CLUSTER_SCENARIOS
-_LIBRARIES = ("trio", "trio-websocket", "cbor2", "attrs", "websockets", "uvloop")
+NATS_SCENARIOS = ("nats_throughput",)
+SCENARIOS = TARGET_SCENARIOS + NATS_SCENARIOS
+_LIBRARIES = ("trio", "trio-websocket", "cbor2", "attrs", "websockets", "uvloop", "nats-py",
+              "trio-asyncio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,32 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: half of each target's measured msgs_per_s)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--nodes", type=int,
-                        help="nodes of the cluster scenarios' cluster (2); cluster_throughput "
-                             "compares it with one node")
-    parser.add_argument("--cluster-connections", type=int,
-                        help="idle sessions spread over the cluster's nodes (full 20000, "
-                             "quick 4000)")
-    parser.add_argument("--cluster-store", choices=STORES,
-                        help="the cluster nodes' store (default memory)")
-    parser.add_argument("--baseline", choices=BASELINES,
-                        help="cluster_throughput's one node: standalone (default: a chatd "
-                             "without a cluster address) or cluster (a one-node cluster)")
-    parser.add_argument("--placement", choices=PLACEMENTS,
-                        help="cluster_throughput: mixed (default: sender and recipient on "
-                             "nodes chosen independently, half of the pairs cross nodes on "
-                             "two), cross (every pair crosses nodes) or local (none does)")
     parser.add_argument("--drain", type=float,
                         help="longest wait, after the load, for the last messages and receipts "
                              "(10 s)")
     parser.add_argument("--workers", type=int,
-                        help="load-generator processes for throughput and latency (2; the "
-                             "connections scenario uses as many as 9,500 sessions each need)")
+                        help="load-generator processes for throughput, latency and "
+                             "nats_throughput (2; the connections scenario uses as many as "
+                             "9,500 sessions each need)")
     parser.add_argument("--concurrency", type=int,
                         help="handshakes in flight per worker while connecting (200)")
     parser.add_argument("--data-dir", type=Path,
-                        help="where servers keep their data (default: the system temp dir); "
-                             "the durable store's cost depends on this disk")
+                        help="where servers keep their data, JetStream's included (default: "
+                             "the system temp dir); the cost of fsync depends on this disk")
     args = parser.parse_args(argv)
     args.scenarios = [t.strip() for t in args.scenarios.split(",") if t.strip()]
     if not args.scenarios or set(args.scenarios) - set(SCENARIOS):
@@ -118,15 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = TINY if args.tiny else QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
-        "concurrency", "drain", "batch", "workers", "nodes", "cluster_connections",
-        "cluster_store", "placement", "baseline") if getattr(args, name) is not None}
+        "concurrency", "drain", "batch", "workers") if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
     if min(args.params.connections, args.params.pairs, args.params.window,
-           args.params.workers, args.params.cluster_connections) < 1:
-        parser.error("--connections, --cluster-connections, --pairs, --window and --workers "
-                     "must be at least 1")
-    if args.params.nodes < 2:
-        parser.error("--nodes must be at least 2 (cluster_throughput compares it with one)")
+           args.params.workers) < 1:
+        parser.error("--connections, --pairs, --window and --workers must be at least 1")
     return args
 
 
@@ -176,6 +161,7 @@ def machine(data_dir: Path) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
         "data_fs": _filesystem(data_dir), "chatd_commit": commit or None,
+        "nats_server": nats_version(),
     }
     info.update({name.replace("-", "_"): _version(name) for name in (*_LIBRARIES, "chatd")})
     return info
@@ -221,22 +207,6 @@ def _ratio(results: dict[str, Any], target: str) -> dict[str, float | None] | No
     return ratio
 
 
-async def cluster_scenarios(args: argparse.Namespace, params: Params, tokens: Tokens,
-                            secret: Path, work: Path) -> dict[str, Any]:
-    """The cluster scenarios chosen: ``connections`` on an N-node cluster, ``nodes1`` and
-    ``nodesN`` (throughput on one node and on N) and ``scaling`` (N-node msg/s over
-    one-node msg/s); a scenario not run gives None."""
-    out: dict[str, Any] = {"size": params.nodes, "store": params.cluster_store,
-                           "placement": params.placement, "baseline": params.baseline,
-                           "connections": None,
-                           "nodes1": None, f"nodes{params.nodes}": None, "scaling": None}
-    if "cluster_connections" in args.scenarios:
-        out["connections"] = await scenarios.cluster_connections(params, tokens, secret, work)
-    if "cluster_throughput" in args.scenarios:
-        out.update(await scenarios.cluster_throughput(params, tokens, secret, work))
-    return out
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     params: Params = args.params
     scenarios.WARNINGS.clear()
@@ -244,6 +214,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "benchmarks.peers.websockets_peer") is None:
         raise BenchError("the peer (benchmarks/peers/websockets_peer.py) is missing; "
                          "use --targets chatd,chatd_durable")
+    if set(args.scenarios) & set(NATS_SCENARIOS) and (
+            server_binary() is None or importlib.util.find_spec("nats") is None
+            or importlib.util.find_spec("trio_asyncio") is None):
+        raise BenchError("the NATS scenario needs nats-server, nats-py and trio-asyncio "
+                         "(pip install -e '.[nats,bench]'); or leave it out with "
+                         "--scenarios connections,throughput,latency")
     started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
     out: dict[str, Any] = {}
@@ -272,8 +248,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     lat = await scenarios.latency(server, params, tokens, work, rate)
                 histograms[target] = lat["histogram"]
             out[target] = summarize(conn, thr, lat)
-        if set(args.scenarios) & set(CLUSTER_SCENARIOS):
-            out["cluster"] = await cluster_scenarios(args, params, tokens, secret_path, work)
+        if "nats_throughput" in args.scenarios:
+            measured = (out.get("chatd_durable") or {}).get("scenarios") or {}
+            out["nats"] = await scenarios.nats_throughput(params, tokens, secret_path, work,
+                                                          measured.get("throughput"))
         data_fs = machine(work)
     out["ratio"] = _ratio(out, "chatd")
     out["ratio_durable"] = _ratio(out, "chatd_durable")
@@ -313,47 +291,38 @@ def _cell(value: Any, fmt: str, width: int = 15) -> str:
     return f"{fmt.format(value) if value is not None else '-':>{width}}"
 
 
-def cluster_table(figures: dict[str, Any]) -> list[str]:
-    """The cluster scenarios' lines of the table: the connections per node and in total,
-    then throughput on one node and on N, with the scaling."""
-    size, lines = figures["size"], [""]
-    conn = figures.get("connections")
-    if conn:
-        nodes = conn.get("nodes", [])
-        title = f"cluster of {size}, {figures['store']} store"
-        lines.append(f"{title:32}"
-                     + "".join(f"{n['node']:>15}" for n in nodes) + f"{'total':>15}")
-        for label, key, fmt in (("idle connections", "connections", "{:,.0f}"),
-                                ("RSS KiB/conn", "rss_kb_per_conn", "{:.2f}"),
-                                ("server CPU % connecting", "connect_server_cpu_pct", "{:.0f}"),
-                                ("idle server CPU %", "idle_cpu_pct", "{:.1f}"),
-                                ("connect/s", "connect_per_s", "{:,.0f}")):
-            lines.append(f"{label:32}" + "".join(_cell(n.get(key), fmt) for n in nodes)
-                         + _cell(conn.get(key), fmt))
-    one, many = figures.get("nodes1"), figures.get(f"nodes{size}")
-    if one and many:
-        title = f"throughput, {figures['placement']} placement"
-        first = "standalone" if one.get("mode") == "standalone" else "1 node"
-        lines.append(f"{title:32}{first:>15}{f'{size} nodes':>15}{f'{size}/1':>15}")
-        for label, key, fmt in (("cross-node pairs", "cross_pairs", "{:,.0f}"),
-                                ("messages/s", "msgs_per_s", "{:,.0f}"),
-                                ("server CPU us/msg (all nodes)", "cpu_us_per_msg", "{:.1f}"),
-                                ("server CPU % (all nodes)", "server_cpu_pct", "{:.0f}"),
-                                ("load gen CPU %", "loadgen_cpu_pct", "{:.0f}"),
-                                ("machine CPU %", "machine_cpu_pct", "{:.0f}")):
-            row = f"{label:32}" + _cell(one.get(key), fmt) + _cell(many.get(key), fmt)
-            if key == "msgs_per_s" and figures.get("scaling") is not None:
-                row += f"{figures['scaling']:>14.2f}x"
-            lines.append(row)
-        missing = [sum(r.get("outstanding", {}).values()) for r in (one, many)]
-        lines.append(f"{'undelivered/unreceipted at end':32}" + _cell(missing[0], "{:,.0f}")
-                     + _cell(missing[1], "{:,.0f}"))
+#: The NATS table's rows: label, key, format.
+_NATS_ROWS = [
+    ("messages/s", "msgs_per_s", "{:,.0f}"),
+    ("chatd CPU us/msg (all nodes)", "cpu_us_per_msg", "{:.1f}"),
+    ("nats-server CPU us/msg (all)", "nats_cpu_us_per_msg", "{:.1f}"),
+    ("chatd + nats CPU us/msg", "total_cpu_us_per_msg", "{:.1f}"),
+    ("chatd CPU % (all nodes)", "server_cpu_pct", "{:.0f}"),
+    ("nats-server CPU % (all)", "nats_cpu_pct", "{:.0f}"),
+    ("load gen CPU %", "loadgen_cpu_pct", "{:.0f}"),
+    ("machine CPU %", "machine_cpu_pct", "{:.0f}"),
+    ("pairs crossing nodes", "cross_pairs", "{:,.0f}"),
+]
+
+
+def nats_table(figures: dict[str, Any]) -> list[str]:
+    """The NATS scenario's lines of the table: the embedded durable store, then each
+    deployment, one column each."""
+    columns = ["chatd_durable", *(deployment_name(n, k) for n, k in NATS_SETUPS)]
+    columns = [c for c in columns if figures.get(c)]
+    lines = ["", f"{'throughput, chatd on NATS':32}" + "".join(f"{c:>15}" for c in columns)]
+    for label, key, fmt in _NATS_ROWS:
+        lines.append(f"{label:32}" + "".join(_cell(figures[c].get(key), fmt)
+                                              for c in columns))
+    missing = [sum((figures[c].get("outstanding") or {}).values()) for c in columns]
+    lines.append(f"{'undelivered/unreceipted at end':32}"
+                 + "".join(_cell(m, "{:,.0f}") for m in missing))
     return lines
 
 
 def table(results: dict[str, Any]) -> str:
     """The results as a plain-text table, one column per target and the chatd/peer ratio,
-    then the cluster scenarios' figures."""
+    then the NATS scenario's figures."""
     targets = [t for t in TARGETS if t in results]
     header = f"{'':20}" + "".join(f"{t:>15}" for t in targets)
     ratio = results.get("ratio") or {}
@@ -370,8 +339,8 @@ def table(results: dict[str, Any]) -> str:
         if isinstance(key, str) and ratio.get(key) is not None:
             row += f"{ratio[key]:>11.2f}x"
         lines.append(row)
-    if results.get("cluster"):
-        lines.extend(cluster_table(results["cluster"]))
+    if results.get("nats"):
+        lines.extend(nats_table(results["nats"]))
     lines.extend(f"!!! {message}" for message in results["run"].get("warnings", ()))
     run_info = results["run"]
     lines.append(f"({'quick' if run_info['quick'] else 'tiny' if run_info['tiny'] else 'full'} "

@@ -8,13 +8,11 @@ closes every connection and ends the worker, so a worker never outlives its harn
 
 Commands:
 
-- ``connect``: open authenticated idle sessions (``users``: ``[[name, token], ...]``, or
-  ``[name, token, url]`` to use another URL than the command's ``url``: the nodes of a
-  cluster) and keep them; the server keeps them alive with pings, which the client answers
-  by itself. The reply counts the sessions opened per URL.
+- ``connect``: open authenticated idle sessions (``users``: ``[[name, token], ...]``) and
+  keep them; the server keeps them alive with pings, which the client answers by itself.
 - ``pairs``: open a sender and a recipient session per pair (``[sender, s_token, recipient,
-  r_token]``, optionally followed by the sender's and the recipient's URLs) and start
-  reading both. A
+  r_token]``, optionally followed by the sender's and the recipient's URLs when they are
+  on different chatd nodes) and start reading both. A
   recipient answers every WebSocket message holding ``msg`` frames with one message of two
   frames: ``ack delivered`` and ``ack read`` up to the highest ``seq`` (cumulative).
 - ``throughput``: each sender keeps ``window`` sends awaiting their ``sent`` and sends one
@@ -230,13 +228,11 @@ class Worker:
         if len(self.idle) + len(users) > limit:
             raise ValueError(f"this worker can hold at most {limit} sessions (RLIMIT_NOFILE)")
         cpu, start = time.process_time(), time.monotonic()
-        logins = [(user[2] if len(user) > 2 else url, user[1]) for user in users]
-        opened, failed = await self.open_many(logins, concurrency, open_timeout)
+        opened, failed = await self.open_many([(url, token) for _, token in users],
+                                              concurrency, open_timeout)
         self.idle.extend(ws for ws in opened if ws is not None)
-        by_url = Counter(u for (u, _), ws in zip(logins, opened, strict=True) if ws is not None)
         return {"connected": sum(ws is not None for ws in opened), "failed": dict(failed),
-                "by_url": dict(by_url), "elapsed": time.monotonic() - start,
-                "cpu": time.process_time() - cpu}
+                "elapsed": time.monotonic() - start, "cpu": time.process_time() - cpu}
 
     async def cmd_pairs(self, url: str, pairs: list[list[str]], concurrency: int = 100,
                         open_timeout: float = 30.0) -> dict[str, Any]:

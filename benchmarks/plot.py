@@ -6,9 +6,10 @@ Usage: ``python -m benchmarks.plot RESULTS.json OUTDIR``. Writes:
 - ``connections.png``: server RSS per idle connection and connect rate;
 - ``latency.png``: send-to-deliver latency by percentile (HDR-style percentile chart,
   both axes logarithmic), one line per target, at that target's offered load;
-- ``cluster.png`` (when the results hold the cluster scenarios): RSS per idle connection
-  on each node of the cluster, and messages per second and server CPU per message on one
-  node and on N (the CPU of every node summed).
+- ``nats.png`` (when the results hold the NATS scenario): messages per second, and CPU
+  microseconds per message (chatd's, summed over its nodes, with the nats-servers' stacked
+  on top), for the embedded durable store, one chatd on one nats-server, and two chatd
+  nodes on three nats-servers.
 
 A chart whose figures the results do not hold is skipped.
 
@@ -25,6 +26,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from benchmarks.hdr import Histogram
+from benchmarks.natsdeploy import deployment_name
+from benchmarks.scenarios import NATS_SETUPS
 from benchmarks.servers import TARGETS
 
 COLORS = {"chatd": "#1f77b4", "chatd_durable": "#9467bd", "peer": "#ff7f0e"}
@@ -104,43 +107,40 @@ def latency(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def cluster(results: dict[str, Any], path: Path) -> bool:
-    """The cluster scenarios' chart; False (nothing drawn) without their figures."""
-    figures = results.get("cluster") or {}
-    size = figures.get("size", 2)
-    conn, one, many = (figures.get("connections"), figures.get("nodes1"),
-                       figures.get(f"nodes{size}"))
-    if not conn and not (one and many):
+def nats(results: dict[str, Any], path: Path) -> bool:
+    """The NATS scenario's chart; False (nothing drawn) without its figures."""
+    figures = results.get("nats") or {}
+    columns = [c for c in ("chatd_durable", *(deployment_name(n, k) for n, k in NATS_SETUPS))
+               if figures.get(c)]
+    if not columns:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    if conn:
-        nodes = conn.get("nodes", [])
-        bars = axes[0].bar([n["node"] for n in nodes], [n["rss_kb_per_conn"] for n in nodes],
-                           color="#2ca02c")
-        axes[0].bar_label(bars, labels=[f"{n['rss_kb_per_conn']:.1f}" for n in nodes],
-                          padding=2)
-        axes[0].set_title(f"RSS KiB per idle connection\n({conn['connections']:,} over "
-                          f"{len(nodes)} nodes)", fontsize=10)
-        axes[0].margins(y=0.15)
-    else:
-        axes[0].set_axis_off()
-    if one and many:
-        first = "standalone" if one.get("mode") == "standalone" else "1 node"
-        labels = [first, f"{size} nodes"]
-        for ax, key, title, fmt in (
-                (axes[1], "msgs_per_s", f"messages per second ({figures.get('scaling')}x)",
-                 "{:,.0f}"),
-                (axes[2], "cpu_us_per_msg", "server CPU µs per message, all nodes", "{:.1f}")):
-            values = [one.get(key) or 0, many.get(key) or 0]
-            bars = ax.bar(labels, values, color=["#1f77b4", "#d62728"])
-            ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=2)
-            ax.set_title(title, fontsize=10)
-            ax.margins(y=0.15)
-    else:
-        axes[1].set_axis_off()
-        axes[2].set_axis_off()
-    fig.suptitle(_subtitle(results) + f"; {figures.get('store')} store, "
-                 f"{figures.get('placement')} placement", fontsize=8, y=0.02, va="bottom")
+    labels = {"chatd_durable": "embedded durable\n(chatd_durable)"}
+    for nodes, servers in NATS_SETUPS:
+        name = deployment_name(nodes, servers)
+        labels[name] = (f"{nodes} chatd on {servers} nats-server{'s' if servers > 1 else ''}"
+                        f"\n({name})")
+    names = [labels[c] for c in columns]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rates = [figures[c].get("msgs_per_s") or 0 for c in columns]
+    bars = left.bar(names, rates, color="#9467bd")
+    left.bar_label(bars, labels=[f"{v:,.0f}" for v in rates], padding=2)
+    left.set_title("messages delivered per second (all processes on the same cores)",
+                   fontsize=10)
+    left.margins(y=0.15)
+    chatd = [figures[c].get("cpu_us_per_msg") or 0 for c in columns]
+    nats_cpu = [figures[c].get("nats_cpu_us_per_msg") or 0 for c in columns]
+    right.bar(names, chatd, color="#1f77b4", label="chatd (all nodes)")
+    bars = right.bar(names, nats_cpu, bottom=chatd, color="#ff7f0e",
+                     label="nats-server (all servers)")
+    right.bar_label(bars, labels=[f"{a:.0f}" + (f" + {b:.0f}" if b else "")
+                                  for a, b in zip(chatd, nats_cpu, strict=True)], padding=2)
+    right.set_title("CPU µs per message (lower is better)", fontsize=10)
+    right.legend(fontsize=8, loc="upper left")
+    right.margins(y=0.15)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(_subtitle(results) + f"; nats-server {results['machine'].get('nats_server')}"
+                 ", sync_interval: always", fontsize=8, y=0.02, va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(t in results for t in TARGETS):
             draw(results, args.outdir / f"{name}.png")
             print(args.outdir / f"{name}.png")
-    if cluster(results, args.outdir / "cluster.png"):
-        print(args.outdir / "cluster.png")
+    if nats(results, args.outdir / "nats.png"):
+        print(args.outdir / "nats.png")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The scenarios, each run against a fresh server process of one target (or a fresh cluster).
+"""The scenarios, each run against a fresh server process of one target (or fresh chatd
+nodes on fresh nats-servers).
 
 1. :func:`connections`: N authenticated idle sessions, held for a while: connect rate,
    server RSS per connection and idle CPU.
@@ -6,15 +7,14 @@
    delivered and read receipts: messages per second and server CPU per routed message.
 3. :func:`latency`: the same pairs at a fixed offered load: send-to-deliver latency
    percentiles from an HDR-style histogram merged over the workers.
-4. :func:`cluster_connections`: the connections scenario against a chatd cluster, the
-   sessions spread round-robin over its nodes: figures per node and in total.
-5. :func:`cluster_throughput`: the throughput scenario against a one-node cluster and
-   against an N-node cluster (users spread over the nodes, see :func:`place`): the
-   scaling from one node to N.
+4. :func:`nats_throughput`: the throughput scenario on chatd with its embedded durable
+   store, on one chatd node on one nats-server, and on two chatd nodes on three
+   nats-servers (every pair crossing nodes, see :func:`place`): messages per second, and
+   CPU per message for chatd and for the nats-servers apart.
 
 Server CPU and RSS are sampled from ``/proc`` just before and just after each measured
-window (summed over a cluster's nodes, and per node); the load generator's own CPU over
-the same window is reported beside it.
+window (summed over the chatd nodes, and per node; the nats-servers apart); the load
+generator's own CPU over the same window is reported beside it.
 """
 
 from __future__ import annotations
@@ -28,21 +28,20 @@ from typing import Any
 
 import attrs
 
-from benchmarks.cluster import Cluster
 from benchmarks.hdr import Histogram
 from benchmarks.loadgen import MAX_SESSIONS
+from benchmarks.natsdeploy import NatsDeployment
 from benchmarks.servers import BenchError, Sample, Server
 from benchmarks.workers import Pool, Progress
 
-__all__ = ["BASELINES", "PLACEMENTS", "WARNINGS", "Params", "Tokens", "cluster_connections",
-           "cluster_throughput", "connections", "latency", "place", "throughput", "warn"]
+__all__ = ["NATS_SETUPS", "WARNINGS", "Params", "Tokens", "connections", "latency",
+           "nats_throughput", "place", "throughput", "warn"]
 
-#: What the scenarios run against: one server, or a cluster of nodes (one URL each).
-Target = Server | Cluster
-#: How the throughput scenario puts each pair's two users on a cluster's nodes (:func:`place`).
-PLACEMENTS = ("mixed", "cross", "local")
-#: What cluster_throughput compares the cluster with (see :func:`cluster_throughput`).
-BASELINES = ("standalone", "cluster")
+#: What the scenarios run against: one server, or chatd nodes on nats-servers (one URL
+#: per node).
+Target = Server | NatsDeployment
+#: The deployments of :func:`nats_throughput`: (chatd nodes, nats-servers).
+NATS_SETUPS = ((1, 1), (2, 3))
 
 #: Everything :func:`warn` said during the run, repeated under the final table.
 WARNINGS: list[str] = []
@@ -73,11 +72,6 @@ class Params:
     concurrency: int = 200
     workers: int = 2
     drain: float = 10.0  # longest wait for the last messages and receipts after the load
-    cluster_connections: int = 20_000  # spread over the nodes of the cluster
-    nodes: int = 2  # nodes of the cluster scenarios' cluster
-    cluster_store: str = "memory"
-    placement: str = "mixed"  # see place()
-    baseline: str = "standalone"  # cluster_throughput's one node: "standalone" or "cluster"
 
 
 class Tokens:
@@ -127,16 +121,23 @@ def _server_pct(s0: Sample, s1: Sample) -> float:
     return _pct(s1.cpu - s0.cpu, s1.clock - s0.clock)
 
 
+def _backend_cpu(s0: Sample, s1: Sample) -> float:
+    """CPU seconds the server's backend processes (nats-servers) used between two samples."""
+    return s1.backend.cpu - s0.backend.cpu if s0.backend and s1.backend else 0.0
+
+
 def _machine(server: Target, s0: Sample, s1: Sample, loadgen_cpu: float) -> dict[str, float]:
     """The whole machine's CPU over a window, and what neither side of the benchmark used
-    (other processes; the kernel's softirq work for loopback traffic is shown apart).
+    (other processes; the kernel's softirq work for loopback traffic is shown apart; the
+    nats-servers count as the server's side).
 
     A loud warning if other processes used more than a fifth of a core: the figures of
     that window are then unreliable.
     """
     window = s1.clock - s0.clock
     softirq = s1.softirq - s0.softirq
-    other = (s1.machine_busy - s0.machine_busy) - (s1.cpu - s0.cpu) - loadgen_cpu - softirq
+    other = ((s1.machine_busy - s0.machine_busy) - (s1.cpu - s0.cpu) - _backend_cpu(s0, s1)
+             - loadgen_cpu - softirq)
     figures = {"machine_cpu_pct": _pct(s1.machine_busy - s0.machine_busy, window),
                "softirq_cpu_pct": _pct(softirq, window), "other_cpu_pct": _pct(other, window)}
     if figures["other_cpu_pct"] > 20.0:
@@ -145,64 +146,29 @@ def _machine(server: Target, s0: Sample, s1: Sample, loadgen_cpu: float) -> dict
     return figures
 
 
-def _links(server: Target, when: str, before: dict[str, int] | None = None) -> dict[str, int]:
-    """``peer_down`` events a cluster's nodes logged so far (more than ``before``), per
-    node, with a warning if there are any (a single server has no links: always empty).
-
-    A link that went down during a measurement means the nodes spent part of it declaring
-    each other dead, forgetting and re-syncing each other's sessions.
-    """
-    downs = {node: count - (before or {}).get(node, 0)
-             for node, count in server.peer_downs().items()}
-    downs = {node: count for node, count in downs.items() if count > 0}
-    if downs:
-        warn(f"{server.target}: a link between nodes went down {when} (peer_down per node: "
-             f"{downs}; see the nodes' logs for the reason)")
-    return downs
+def _problems(server: Target, when: str) -> dict[str, int]:
+    """Warnings and errors the server's processes logged since the last look, counted per
+    process, with a warning quoting the first (only chatd on NATS is watched)."""
+    found = server.problems()
+    for name, lines in found.items():
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        warn(f"{server.target}: {name} logged {when}: {lines[0]}{more}")
+    return {name: len(lines) for name, lines in found.items()}
 
 
-def _per_node(server: Target, before: Sample, opened: Sample, held0: Sample, held1: Sample,
-              by_url: dict[str, int]) -> list[dict[str, Any]]:
-    """A cluster's connections figures node by node (empty for a single server): sessions,
-    RSS per session (after holding them), CPU while connecting and while holding."""
-    if not before.parts:
-        return []
-    nodes = []
-    for k, url in enumerate(server.urls):
-        b, o, h0, h1 = before.parts[k], opened.parts[k], held0.parts[k], held1.parts[k]
-        count = by_url.get(url, 0)
-        nodes.append({"node": f"n{k + 1}", "url": url, "connections": count,
-                      "rss_kb_before": b.rss_kb, "rss_kb_after": h1.rss_kb,
-                      "rss_kb_per_conn": round((h1.rss_kb - b.rss_kb) / count, 2) if count
-                      else None,
-                      "connect_server_cpu_pct": _server_pct(b, o),
-                      "idle_cpu_pct": _server_pct(h0, h1)})
-    return nodes
-
-
-async def connections(server: Target, params: Params, tokens: Tokens,
-                      logdir: Path, count: int | None = None) -> dict[str, Any]:
-    """Open ``count`` (default ``params.connections``) idle sessions, hold them, close them.
-
-    Against a cluster, session ``i`` goes to node ``i % nodes`` (round-robin), and the
-    figures are also given node by node under ``nodes``.
-    """
-    n = params.connections if count is None else count
-    urls = server.urls
+async def connections(server: Server, params: Params, tokens: Tokens,
+                      logdir: Path) -> dict[str, Any]:
+    """Open ``params.connections`` idle sessions, hold them, close them."""
+    n = params.connections
     size = max(params.workers, math.ceil(n / MAX_SESSIONS))
     shares = _split(n, size)
     async with Pool(size, logdir) as pool:
-        warm = [f"idle-warm-{k}" for k in range(len(urls))]  # one session per node
-        await pool[0].request("connect", url=server.url, users=[
-            [user, tokens(user), url] for user, url in zip(warm, urls, strict=True)])
-
-        def login(w: int, i: int) -> list[str]:
-            user = f"idle-{w}-{i}"
-            return [user, tokens(user)] + ([urls[i % len(urls)]] if len(urls) > 1 else [])
-
-        per_worker = [{"users": [login(w, i) for i in share]} for w, share in enumerate(shares)]
+        await pool[0].request("connect", url=server.url, users=[["idle-warm",
+                                                                   tokens("idle-warm")]])
         await asyncio.sleep(0.5)
         before = server.sample()
+        per_worker = [{"users": [[f"idle-{w}-{i}", tokens(f"idle-{w}-{i}")] for i in share]}
+                      for w, share in enumerate(shares)]
         bar = Progress(f"{server.target}: connecting", n, " sessions")
         replies = await pool.all("connect", per_worker, url=server.url,
                                  concurrency=params.concurrency,
@@ -224,8 +190,7 @@ async def connections(server: Target, params: Params, tokens: Tokens,
         held1 = server.sample()
         marks1 = await pool.all("mark")
         hold.finish()
-        still_open = sum(m["idle_open"] for m in marks1) - len(warm)  # minus the warm-up
-        downs = _links(server, "while the sessions were opened and held")
+        still_open = sum(m["idle_open"] for m in marks1) - 1  # minus the warm-up session
         result = {
             "connections": connected, "requested": n, "failed": failed,
             "open_at_end": still_open, "closed": _merge(marks1, "closed"),
@@ -241,50 +206,29 @@ async def connections(server: Target, params: Params, tokens: Tokens,
             "workers": size,
             **{f"connect_{k}": v for k, v in _machine(server, before, opened, open_cpu).items()},
         }
-        if downs:
-            result["peer_downs"] = downs
-        nodes = _per_node(server, before, opened, held0, held1, _merge(replies, "by_url"))
-        if nodes:
-            result["nodes"] = nodes
         closing = await pool.all("close", timeout=60.0 + n / 100)
         result["close_s"] = round(max(r["elapsed"] for r in closing), 2)
-        later = _links(server, "while the sessions were closed (not measured)", downs)
-        if later:
-            result["peer_downs_closing"] = later
     return result
 
 
-def place(i: int, nodes: int, placement: str) -> tuple[int, int]:
-    """The nodes (from 0) of pair ``i``'s sender and recipient on a cluster of ``nodes``.
-
-    - ``mixed``: the sender on node ``i % nodes``, the recipient on node ``(i // nodes) %
-      nodes``: every combination equally often, as when a load balancer spreads users
-      independently of who talks to whom. On two nodes half of the pairs have both users
-      on one node and half cross nodes; every node has as many senders as recipients.
-    - ``cross``: every pair crosses nodes (the recipient on the sender's next nodes).
-    - ``local``: both users on the sender's node (users sharded by conversation).
-    """
-    sender = i % nodes
-    if nodes == 1 or placement == "local":
-        return sender, sender
-    if placement == "cross":
-        return sender, (sender + 1 + (i // nodes) % (nodes - 1)) % nodes
-    if placement == "mixed":
-        return sender, (i // nodes) % nodes
-    raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
+def place(i: int, nodes: int) -> tuple[int, int]:
+    """The nodes (from 0) of pair ``i``'s sender and recipient when there are ``nodes``:
+    the sender on node ``i % nodes``, the recipient on the next node, so every pair crosses
+    nodes and every node holds as many senders as recipients."""
+    return i % nodes, (i + 1) % nodes
 
 
 async def _open_pairs(server: Target, pool: Pool, params: Params, tokens: Tokens) -> list[int]:
     """Open the pairs, pair ``i`` in worker ``i % size``; returns pairs per worker.
 
-    Against a cluster, each user goes to the node :func:`place` chooses.
+    With several chatd nodes, each user goes to the node :func:`place` chooses.
     """
     size, urls = len(pool), server.urls
     per_worker: list[dict[str, Any]] = [{"pairs": []} for _ in range(size)]
     for i in range(params.pairs):
         pair = [f"s{i}", tokens(f"s{i}"), f"r{i}", tokens(f"r{i}")]
         if len(urls) > 1:
-            sender, recipient = place(i, len(urls), params.placement)
+            sender, recipient = place(i, len(urls))
             pair += [urls[sender], urls[recipient]]
         per_worker[i % size]["pairs"].append(pair)
     await pool.all("pairs", per_worker, url=server.url, timeout=60.0)
@@ -306,8 +250,8 @@ def _traffic(server: Target, pairs: int, marks0: list[dict[str, Any]],
                 "--window)" if loud else ""))
     acks = _stat(marks1, "ack_messages") - _stat(marks0, "ack_messages")
     sends = _stat(marks1, "sends") - _stat(marks0, "sends")
-    downs = _links(server, "by the end of a measured window")
-    return ({"peer_downs": downs} if downs else {}) | {
+    problems = _problems(server, "by the end of a measured window")
+    return ({"log_warnings": problems} if problems else {}) | {
         "window_s": round(window, 2), "delivered": delivered,
         "msgs_per_s": round(delivered / window, 1) if window > 0 else 0.0,
         "sent": _stat(marks1, "sent") - _stat(marks0, "sent"),
@@ -325,7 +269,27 @@ def _traffic(server: Target, pairs: int, marks0: list[dict[str, Any]],
     } | ({"nodes": [{"node": f"n{k + 1}", "server_cpu_s": round(b.cpu - a.cpu, 3),
                      "server_cpu_pct": _pct(b.cpu - a.cpu, window), "rss_kb": b.rss_kb}
                     for k, (a, b) in enumerate(zip(s0.parts, s1.parts, strict=True))]}
-         if s0.parts else {})
+         if s0.parts else {}) | _nats_figures(s0, s1, cpu, delivered)
+
+
+def _nats_figures(s0: Sample, s1: Sample, chatd_cpu: float, delivered: int) -> dict[str, Any]:
+    """The nats-servers' CPU over a window, in all and per server (none without them):
+    ``nats_cpu_us_per_msg``, and ``total_cpu_us_per_msg`` for chatd and NATS together."""
+    if s0.backend is None or s1.backend is None:
+        return {}
+    window = s1.clock - s0.clock
+    cpu = s1.backend.cpu - s0.backend.cpu
+
+    def per_msg(seconds: float) -> float | None:
+        return round(seconds * 1e6 / delivered, 2) if delivered else None
+
+    return {"nats_cpu_s": round(cpu, 3), "nats_cpu_us_per_msg": per_msg(cpu),
+            "nats_cpu_pct": _pct(cpu, window), "nats_rss_kb": s1.backend.rss_kb,
+            "total_cpu_us_per_msg": per_msg(chatd_cpu + cpu),
+            "nats": [{"server": f"nats-{k + 1}", "cpu_s": round(b.cpu - a.cpu, 3),
+                      "cpu_pct": _pct(b.cpu - a.cpu, window), "rss_kb": b.rss_kb}
+                     for k, (a, b) in enumerate(zip(s0.backend.parts, s1.backend.parts,
+                                                    strict=True))]}
 
 
 async def _drain(server: Target, pool: Pool, timeout: float) -> dict[str, Any]:
@@ -432,48 +396,38 @@ def percentiles(histogram: Histogram) -> dict[str, float]:
             "max": ms(histogram.max)}
 
 
+async def nats_throughput(params: Params, tokens: Tokens, secret: Path, workdir: Path,
+                          baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The throughput scenario on chatd with its embedded durable store, then on each
+    deployment of :data:`NATS_SETUPS` (fresh nats-servers and chatd nodes each time).
 
-async def cluster_connections(params: Params, tokens: Tokens, secret: Path,
-                              workdir: Path) -> dict[str, Any]:
-    """``params.cluster_connections`` idle sessions spread round-robin over the nodes of a
-    fresh ``params.nodes``-node cluster: in total and per node (under ``nodes``)."""
-    async with Cluster(params.nodes, secret, workdir, params.cluster_store) as cluster:
-        print(f"== {cluster.target}: connections", file=sys.stderr, flush=True)
-        result = await connections(cluster, params, tokens, workdir,
-                                   params.cluster_connections)
-    result.update(cluster_nodes=params.nodes, store=params.cluster_store)
-    return result
-
-
-async def cluster_throughput(params: Params, tokens: Tokens, secret: Path,
-                             workdir: Path) -> dict[str, Any]:
-    """The throughput scenario on one fresh node, then on a fresh ``params.nodes``-node
-    cluster with the pairs placed by ``params.placement``.
-
-    The one node is, by ``params.baseline``, a ``standalone`` chatd (no cluster address:
-    one chatd as deployed without a cluster) or a one-node ``cluster`` (a cluster address
-    and no peers). Returns ``nodes1`` and ``nodesN`` (each the throughput scenario's
-    figures, with CPU summed over the nodes and given per node under ``nodes``) and
-    ``scaling``: the N-node msgs_per_s over the one-node msgs_per_s.
+    ``baseline`` is the embedded durable store's throughput figures if this run already
+    measured them (target ``chatd_durable``); otherwise they are measured here first.
+    Returns ``chatd_durable`` and one entry per deployment (``chatd_nats1``,
+    ``chatd2_nats3``): the throughput scenario's figures, chatd's CPU summed over its nodes
+    (``cpu_us_per_msg``, per node under ``nodes``) and the nats-servers' apart
+    (``nats_cpu_us_per_msg``, per server under ``nats``), with ``chatd_nodes``,
+    ``nats_servers``, ``replicas`` and ``cross_pairs``.
     """
-    out: dict[str, Any] = {}
-    for size in (1, params.nodes):
-        standalone = size == 1 and params.baseline == "standalone"
-        async with Cluster(size, secret, workdir, params.cluster_store,
-                           standalone=standalone) as cluster:
-            print(f"== {cluster.target}: throughput", file=sys.stderr, flush=True)
-            result = await throughput(cluster, params, tokens, workdir)
-        places = [place(i, size, params.placement) for i in range(params.pairs)]
-        result.update(cluster_nodes=size, store=params.cluster_store,
-                      mode="standalone" if standalone else "cluster",
-                      placement=params.placement if size > 1 else "local",
+    if baseline is None:
+        async with Server("chatd_durable", secret, workdir) as server:
+            print("== chatd_durable: throughput (beside NATS)", file=sys.stderr, flush=True)
+            baseline = await throughput(server, params, tokens, workdir)
+    out: dict[str, Any] = {"chatd_durable": baseline}
+    for nodes, servers in NATS_SETUPS:
+        async with NatsDeployment(nodes, servers, secret, workdir) as deployment:
+            print(f"== {deployment.target}: throughput ({nodes} chatd node"
+                  f"{'s' if nodes > 1 else ''} on {servers} nats-server"
+                  f"{'s' if servers > 1 else ''})", file=sys.stderr, flush=True)
+            result = await throughput(deployment, params, tokens, workdir)
+            later = _problems(deployment, "after the measured window")
+        if later:
+            result["log_warnings_after"] = later
+        places = [place(i, nodes) for i in range(params.pairs)]
+        result.update(chatd_nodes=nodes, nats_servers=servers, replicas=deployment.replicas,
                       cross_pairs=sum(s != r for s, r in places))
         if not result["delivered"]:
-            hint = (" (with replicated queues a one-node cluster cannot store messages: "
-                    "use --baseline standalone)" if size == 1 and not standalone else "")
-            raise BenchError(f"{cluster.target}: no message was delivered in the throughput "
-                             f"window{hint}; server errors: {result['errors'] or '-'}")
-        out[f"nodes{size}"] = result
-    one, many = out["nodes1"]["msgs_per_s"], out[f"nodes{params.nodes}"]["msgs_per_s"]
-    out["scaling"] = round(many / one, 2) if one else None
+            raise BenchError(f"{deployment.target}: no message was delivered in the "
+                             f"throughput window; server errors: {result['errors'] or '-'}")
+        out[deployment.target] = result
     return out

@@ -12,6 +12,10 @@ Every server gets a fresh data directory, the harness's token secret file, its
 ``RLIMIT_NOFILE`` soft limit raised to the hard limit, and stdout and stderr in files (shown
 when it fails). CPU time and resident memory are read from ``/proc`` for the server process
 and any processes it started.
+
+chatd on NATS (nats-server processes and chatd nodes on them) is started by
+:mod:`benchmarks.natsdeploy`, which reuses :class:`Server`, :class:`Sample` and
+:func:`measure`.
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ class Sample:
     """CPU seconds used so far and resident memory now, of a process and its children,
     with the whole machine's busy and softirq CPU seconds so far (``/proc/stat``)."""
 
-    def __init__(self, cpu: float, rss_kb: int, parts: list[Sample] | None = None) -> None:
+    def __init__(self, cpu: float, rss_kb: int, parts: list[Sample] | None = None,
+                 backend: Sample | None = None) -> None:
         self.cpu = cpu
         self.rss_kb = rss_kb
-        #: The samples this one sums, one per process (the nodes of a cluster), or empty.
+        #: The samples this one sums, one per process (the chatd nodes on NATS), or empty.
         self.parts = parts or []
+        #: The processes the server stores in (the nats-servers), sampled at the same
+        #: moment and not counted in ``cpu``; None for a server that stores by itself.
+        self.backend = backend
         self.clock = time.monotonic()
         with open("/proc/stat") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:9]]
@@ -76,9 +84,9 @@ class Sample:
         self.softirq = ticks[6] / _TICK
 
     @classmethod
-    def total(cls, parts: list[Sample]) -> Sample:
+    def total(cls, parts: list[Sample], backend: Sample | None = None) -> Sample:
         """The sum of several processes' samples (taken one after another, just now)."""
-        return cls(sum(p.cpu for p in parts), sum(p.rss_kb for p in parts), parts)
+        return cls(sum(p.cpu for p in parts), sum(p.rss_kb for p in parts), parts, backend)
 
 
 def free_port() -> int:
@@ -157,10 +165,11 @@ def measure(pid: int) -> Sample:
 class Server:
     """One server process of a target, as an async context manager."""
 
-    def __init__(self, target: str, secret: Path, workdir: Path) -> None:
+    def __init__(self, target: str, secret: Path, workdir: Path,
+                 port: int | None = None) -> None:
         self.target = target
         self.secret = secret
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
         self.stderr = self.dir / "stderr.log"
@@ -169,7 +178,7 @@ class Server:
 
     @property
     def urls(self) -> list[str]:
-        """Every URL sessions may use: this server's only (a cluster has one per node)."""
+        """Every URL sessions may use: this server's only (chatd x2 on NATS has two)."""
         return [self.url]
 
     def argv(self) -> list[str]:
@@ -232,8 +241,9 @@ class Server:
         assert self.process is not None
         return measure(self.process.pid)
 
-    def peer_downs(self) -> dict[str, int]:
-        """Links to other nodes that went down, per node: none, a single server has none."""
+    def problems(self) -> dict[str, list[str]]:
+        """Warnings and errors logged since the last call, per process: a single server's
+        are not watched (always empty); chatd on NATS watches its nodes and nats-servers."""
         return {}
 
     def kill(self) -> None:
