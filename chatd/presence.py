@@ -260,11 +260,13 @@ class PresenceService:
         self._writing = dirty
         self._flushed = trio.Event()
         try:
+            await self._bucket.put_many(
+                [(user, cbor2.dumps([known.ts, known.session]))
+                 for user, known in dirty.items() if known.online], ttl=self._ttl)
             for user, known in dirty.items():
-                value = cbor2.dumps([known.ts, known.session if known.online else ""])
                 if known.online:
-                    await self._bucket.put(user, value, ttl=self._ttl)
                     continue
+                value = cbor2.dumps([known.ts, ""])
                 record = await self._bucket.get(user)
                 try:
                     if record is None:

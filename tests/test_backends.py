@@ -470,6 +470,23 @@ async def test_bucket_revisions_and_compare_and_set(make_config: MakeConfig, dur
         assert await bucket.get("other") == Versioned("other", b"x", r3)
 
 
+@pytest.mark.parametrize("durable", [True, False])
+async def test_bucket_put_many_writes_every_key_at_once(make_config: MakeConfig, durable: bool
+                                                        ) -> None:
+    async with running(make_config(), BucketSpec("things", durable)) as r:
+        bucket = r.buckets["things"]
+        before = await bucket.put("a", b"old")
+        revisions = await bucket.put_many([("a", b"one"), ("b", b"two"), ("c", b"three")])
+        assert len(revisions) == 3 and min(revisions) > before
+        assert len(set(revisions)) == 3
+        for (key, value), revision in zip((("a", b"one"), ("b", b"two"), ("c", b"three")),
+                                          revisions, strict=True):
+            assert await bucket.get(key) == Versioned(key, value, revision)
+        # A compare-and-set after it sees the revision put_many gave.
+        assert await bucket.update("b", b"again", revisions[1]) > max(revisions)
+        assert await bucket.put_many([]) == []
+
+
 async def test_bucket_keys_with_odd_characters_stay_distinct(make_config: MakeConfig) -> None:
     keys = ["a.b", "a=2Eb", "a=3D2Eb", "*", ">", "a.*.>", "=", "==", "A-z_09",
             "~!@#$%^&()[]{}|\\:;\"'<>,?/`+"]

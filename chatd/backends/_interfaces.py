@@ -151,6 +151,11 @@ class Bucket(Protocol):
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` whatever it holds; returns the new revision."""
 
+    async def put_many(self, records: Sequence[tuple[str, bytes]], *,
+                       ttl: float | None = None) -> list[int]:
+        """Write several keys whatever they hold, in one write where the engine can (one
+        journal write; publishes sent at once); their new revisions, in order."""
+
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` only if it holds nothing.
 

@@ -324,15 +324,16 @@ class DurableStore(IndexedStore):
 
     # -- durable state buckets -----------------------------------------------------------
 
-    async def commit_kv(self, bucket: str, key: str, value: bytes | None, revision: int,
-                        expires: int, apply: Callable[[], None]) -> None:
-        """Write a state record to both replicas, then ``apply`` it (see ``_kv.Commit``).
+    async def commit_kv(self, records: Sequence[tuple[str, str, bytes | None, int, int]],
+                        apply: Callable[[], None]) -> None:
+        """Write state records to both replicas in one write, then ``apply`` them (see
+        ``_kv.Commit``).
 
         Raises:
             StoreUnavailable: A replica failed; nothing changed.
         """
         assert self.journal is not None
-        await self.journal.write([(KV, [bucket, key, value, revision, expires])], apply)
+        await self.journal.write([(KV, list(record)) for record in records], apply)
 
     # -- checkpoints ---------------------------------------------------------------------
 

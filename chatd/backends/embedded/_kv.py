@@ -12,7 +12,8 @@ a sweep (:meth:`KVTable.sweep`) or at recovery.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -25,8 +26,10 @@ __all__ = ["Commit", "DurableBucket", "KVTable", "MemoryBucket"]
 
 #: A record as the table keeps it: (value, revision, expiry in ms or 0 for none).
 _Record = tuple[bytes, int, int]
-#: Writes ``(bucket, key, value or None, revision, expires)`` durably, then calls ``apply``.
-Commit = Callable[[str, str, bytes | None, int, int, Callable[[], None]], Awaitable[None]]
+#: Writes records ``(bucket, key, value or None, revision, expires)`` durably, in one
+#: write, then calls ``apply``.
+Commit = Callable[[Sequence[tuple[str, str, bytes | None, int, int]], Callable[[], None]],
+                  Awaitable[None]]
 
 
 class KVTable:
@@ -126,6 +129,11 @@ class MemoryBucket:
         """Write ``key``; see :meth:`chatd.backends.Bucket.put`."""
         return self._write(key, value, None, ttl)
 
+    async def put_many(self, records: Sequence[tuple[str, bytes]], *,
+                       ttl: float | None = None) -> list[int]:
+        """Write several keys; see :meth:`chatd.backends.Bucket.put_many`."""
+        return [self._write(key, value, None, ttl) for key, value in records]
+
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` if absent; see :meth:`chatd.backends.Bucket.create`."""
         return self._write(key, value, 0, ttl)
@@ -164,6 +172,28 @@ class DurableBucket(MemoryBucket):
         """Write ``key`` durably; see :meth:`chatd.backends.Bucket.put`."""
         return await self._durable_write(key, value, None, ttl)
 
+    async def put_many(self, records: Sequence[tuple[str, bytes]], *,
+                       ttl: float | None = None) -> list[int]:
+        """Write several keys durably in one journal write; see
+        :meth:`chatd.backends.Bucket.put_many`."""
+        name, table = self.spec.name, self._table
+        latest = dict(records)  # one record per key: the last value given
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(latest):  # one order for everyone: no deadlock
+                await stack.enter_async_context(self._lock(key))
+            now = now_ms()
+            expires = _expires(ttl, now)
+            written = {key: table.reserve(name) for key in latest}
+
+            def apply() -> None:
+                for key, value in latest.items():
+                    table.apply(name, key, value, written[key], expires)
+
+            await self._commit(
+                [(name, key, value, written[key], expires) for key, value in latest.items()],
+                apply)
+        return [written[key] for key, _ in records]
+
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` durably if absent; see :meth:`chatd.backends.Bucket.create`."""
         return await self._durable_write(key, value, 0, ttl)
@@ -179,17 +209,23 @@ class DurableBucket(MemoryBucket):
 
     async def _durable_write(self, key: str, value: bytes | None, expected: int | None,
                              ttl: float | None) -> int:
+        async with self._lock(key):
+            now = now_ms()
+            name, table = self.spec.name, self._table
+            table.check(name, key, expected, now)
+            revision = table.reserve(name)
+            expires = _expires(ttl, now)
+            await self._commit([(name, key, value, revision, expires)],
+                               lambda: table.apply(name, key, value, revision, expires))
+            return revision
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock (made for the occasion, dropped when nobody needs it)."""
         lock = self._locks.setdefault(key, trio.Lock())
         try:
             async with lock:
-                now = now_ms()
-                name, table = self.spec.name, self._table
-                table.check(name, key, expected, now)
-                revision = table.reserve(name)
-                expires = _expires(ttl, now)
-                await self._commit(name, key, value, revision, expires,
-                                   lambda: table.apply(name, key, value, revision, expires))
-                return revision
+                yield
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(key, None)

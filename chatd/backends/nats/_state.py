@@ -11,6 +11,7 @@ A deleted key leaves a purge marker that itself expires after a minute.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from chatd.backends._interfaces import Bucket, BucketSpec
@@ -64,6 +65,19 @@ class NatsBucket:
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key``; see :meth:`chatd.backends.Bucket.put`."""
         return await self._write(key, value, _ttl(ttl))
+
+    async def put_many(self, records: Sequence[tuple[str, bytes]], *,
+                       ttl: float | None = None) -> list[int]:
+        """Write several keys, the publishes sent at once; see
+        :meth:`chatd.backends.Bucket.put_many`."""
+        headers = _ttl(ttl) or None
+        getters = self._js.publish_all([
+            (self._names.key_subject(self.spec.name, key), value, headers)
+            for key, value in records])
+        try:
+            return [(await get()).seq for get in getters]
+        except JetStreamError as exc:
+            raise StoreUnavailable(str(exc)) from None
 
     async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` if absent; see :meth:`chatd.backends.Bucket.create`."""
