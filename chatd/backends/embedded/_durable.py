@@ -166,7 +166,9 @@ class DurableStore(IndexedStore):
                 log.close()
 
     async def _checkpointer(self) -> None:
-        """Checkpoint when queues are empty or the log has grown past a few segments."""
+        """Checkpoint when the log has grown past a few segments, or when the queues are
+        empty and more has been written since the last checkpoint than a checkpoint
+        holds (so that it gives space back rather than rewriting the same state)."""
         assert self.journal is not None
         while True:
             with trio.move_on_after(self.checkpoint_interval):
@@ -174,7 +176,9 @@ class DurableStore(IndexedStore):
             self._wake = trio.Event()
             self.kv.sweep(now_ms())
             written = self.journal.stats.records - self._records_at_checkpoint
-            if written and (self.index.pending_total == 0 or self._segment_count() > 4):
+            live = len(self.index.ids) + self.kv.count()
+            if written and ((self.index.pending_total == 0 and written >= live)
+                            or self._segment_count() > 4):
                 try:
                     await self.checkpoint()
                 except StoreUnavailable:

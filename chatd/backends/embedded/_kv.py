@@ -101,6 +101,10 @@ class KVTable:
                    if not expires or expires > now]
         return self._revisions.get(bucket, 0), records
 
+    def count(self) -> int:
+        """How many records every bucket holds together (expired ones included)."""
+        return sum(len(records) for records in self._records.values())
+
     def buckets(self) -> Iterator[str]:
         """The names of the buckets written so far."""
         return iter(list(self._revisions))
