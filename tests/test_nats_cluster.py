@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from daemons import DEADLINE, Daemon, serve
+from daemons import CHATD, DEADLINE, Daemon, first_line, serve
 from natsservers import NatsServer, nats_cluster, urls
 from trio_websocket import open_websocket_url
 
@@ -364,25 +365,44 @@ async def test_a_node_given_every_url_replicates_its_streams_three_times(tmp_pat
 
 
 async def test_recipient_fails_over_when_its_node_is_killed(tmp_path: Path) -> None:
+    """bob listens with ``chatd listen --url N2 --url N3``; N2 is SIGKILLed while alice
+    sends 200 messages: bob's listener fails over to N3 and prints all 200, once each, in
+    the order sent, and alice got ``sent`` for every one."""
     total, kill_at = 200, 60
     ids = [f"m{i:03d}" for i in range(total)]
-    async with three_nodes(tmp_path) as (_, chat, (n1, n2, n3), nursery):
-        got: list[Msg] = []
-        received = trio.Event()
-        async with (connect(n1.url, chat.token("alice")) as alice,
-                    connect([n2.url, n3.url], chat.token("bob"), backoff=FAST) as bob):
-            nursery.start_soon(collect, bob, got, ids[-1], received)
-            with trio.fail_after(DEADLINE):
-                answers = []
-                for i, msg_id in enumerate(ids):
-                    if i == kill_at:
-                        await n2.crash()
-                    answers.append(await alice.send("bob", f"body of {msg_id}", id=msg_id))
-                await received.wait()
-            assert [s.id for s in answers] == ids and not any(s.dup for s in answers)
-            check_once_in_order(got, ids)
-            assert [m.body for m in got] == [f"body of {i}" for i in ids]
-            assert bob.url == n3.url and bob.reconnects == 1
+    async with (three_nodes(tmp_path) as (_, chat, (n1, n2, n3), nursery),
+                connect(n1.url, chat.token("alice")) as alice):
+        listen = await trio.lowlevel.open_process(
+            [*CHATD, "listen", "--url", n2.url, "--url", n3.url, "--token", chat.token("bob"),
+             "--count", str(total + 1), "--timeout", str(RECOVERY)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert listen.stdout is not None and listen.stderr is not None
+        # The listener is connected (to N2) once it has printed a first message.
+        await alice.send("bob", "before", id="before")
+        printed = await first_line(listen.stdout)
+        assert b'"id":"before"' in printed
+
+        async def read_all(stream: trio.abc.ReceiveStream) -> None:
+            nonlocal printed
+            async for chunk in stream:
+                printed += chunk
+
+        nursery.start_soon(read_all, listen.stdout)
+        with trio.fail_after(DEADLINE):
+            answers = []
+            for i, msg_id in enumerate(ids):
+                if i == kill_at:
+                    await n2.crash()
+                answers.append(await alice.send("bob", f"body of {msg_id}", id=msg_id))
+        with trio.fail_after(RECOVERY + DEADLINE):
+            status = await listen.wait()
+        assert status == 0, (await listen.stderr.receive_some()).decode()
+        assert [s.id for s in answers] == ids and not any(s.dup for s in answers)
+        lines = [json.loads(line) for line in printed.decode().splitlines()]
+        assert [line["id"] for line in lines] == ["before", *ids]  # once each, in order
+        assert [line["body"] for line in lines[1:]] == [f"body of {i}" for i in ids]
+        seqs = [line["seq"] for line in lines]
+        assert seqs == sorted(set(seqs))
 
 
 # -- 3. the stream's leader SIGKILLed ------------------------------------------------------------
