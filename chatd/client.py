@@ -11,6 +11,9 @@ Example::
         await client.send("bob", "hello")
         async for event in client.events():
             ...
+
+The module is a little over 500 lines: the connection, the failover that outlives it and
+the state they share (outbox, resume point, subscriptions) stay together.
 """
 
 from __future__ import annotations

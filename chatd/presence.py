@@ -139,8 +139,7 @@ class PresenceService:
         self._nursery: trio.Nursery | None = None
         self._dirty: dict[str, _Known] = {}  # reports of local sessions not yet written
         self._writing: dict[str, _Known] = {}  # the reports being written
-        self._flushing = False
-        self._flushed = trio.Event()
+        self._write_lock = trio.Lock()  # one write of the bucket at a time
 
     # -- reads --------------------------------------------------------------------------
 
@@ -234,8 +233,7 @@ class PresenceService:
                 now = trio.current_time()
                 if now >= next_flush:
                     next_flush = now + FLUSH_INTERVAL
-                    if self._dirty and not self._flushing:
-                        self._flushing = True
+                    if self._dirty and not self._write_lock.locked():
                         nursery.start_soon(self._flush, self._dirty)
                         self._dirty = {}
                 if now >= next_sweep:
@@ -243,13 +241,9 @@ class PresenceService:
                     self._sweep()
 
     async def _flush_all(self, done: trio.Event) -> None:
-        """Wait for a write under way, then write what is left."""
-        while self._flushing:
-            await self._flushed.wait()
-        if self._dirty:
-            self._flushing = True
-            dirty, self._dirty = self._dirty, {}
-            await self._flush(dirty)
+        """Write what is left, after the write under way."""
+        dirty, self._dirty = self._dirty, {}
+        await self._flush(dirty)
         done.set()
 
     async def _flush(self, dirty: dict[str, _Known]) -> None:
@@ -257,8 +251,11 @@ class PresenceService:
 
         The end of a session is written only if the record still names that session.
         """
+        async with self._write_lock:
+            await self._write(dirty)
+
+    async def _write(self, dirty: dict[str, _Known]) -> None:
         self._writing = dirty
-        self._flushed = trio.Event()
         try:
             await self._bucket.put_many(
                 [(user, cbor2.dumps([known.ts, known.session]))
@@ -281,8 +278,6 @@ class PresenceService:
                 self._dirty.setdefault(user, known)
         finally:
             self._writing = {}
-            self._flushing = False
-            self._flushed.set()
             for user in dirty:
                 self._prune(user)
 

@@ -18,6 +18,9 @@ Other actors stop a session with an exit signal on its mailbox (``session_replac
 unless it is in the middle of writing a message, which it is given ``CLOSE_TIMEOUT`` to
 finish so that what follows starts on a message boundary. The session then tells the
 client why in an ``error`` frame and closes with the matching close code.
+
+At about 660 lines the module holds six jobs; issue 12 splits out the flood budget, the
+writer and the merging of acknowledgements.
 """
 
 from __future__ import annotations

@@ -259,21 +259,21 @@ class NatsBridge:
         request's deadline runs from when it was sent.
         """
         self._check()
-        getters: list[Callable[[], Any]] = []
-        for subject, payload, headers in requests:
-            token = str(next(self._tokens))
-            waiter = self._waiters[token] = _Waiter(False, self._config.nats_timeout)
-            self._push(("pub", subject, payload, headers, f"{self._inbox}.{token}", token))
-            getters.append(functools.partial(self._await, token, waiter))
-        return getters
+        return [functools.partial(self._await, *self._send(subject, payload, headers, False))
+                for subject, payload, headers in requests]
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None,
                        *, many: bool) -> list[Reply]:
         self._check()
+        return await self._await(*self._send(subject, payload, headers, many))
+
+    def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None,
+              many: bool) -> tuple[str, _Waiter]:
+        """Queue a request with a reply subject of its own; its token and waiter."""
         token = str(next(self._tokens))
         waiter = self._waiters[token] = _Waiter(many, self._config.nats_timeout)
         self._push(("pub", subject, payload, headers, f"{self._inbox}.{token}", token))
-        return await self._await(token, waiter)
+        return token, waiter
 
     async def _await(self, token: str, waiter: _Waiter) -> list[Reply]:
         try:
