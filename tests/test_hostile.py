@@ -53,9 +53,12 @@ from chatd.protocol import Error, Sent
 
 #: Messages carol queues for offline dave before each attack.
 DAVE_IDS = ("d1", "d2", "d3")
-#: Seconds within which a single bad message must be answered: the node must not try to
-#: allocate or walk what a hostile header claims.
-QUICK = 1.0
+#: Seconds a test waits for the answer to a bad message or connection before it fails. It is
+#: a generous deadline, not a measurement: what shows that the node refused at once is how it
+#: refused (a refusal that waited would end another way: 4408 after ``auth_timeout``, or no
+#: 400 before the handshake timeout), or that the node closed although the rest of what a
+#: hostile header claims was never sent.
+QUICK = 10.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -213,17 +216,14 @@ async def test_bad_message_closes_only_that_connection(make_node: MakeNode, bad:
             elif where == WITH_HELLO:
                 assert isinstance(payload, bytes)
                 payload = encode(hello(node.token("mallory"))) + payload
-            start = trio.current_time()
             try:
                 await raw.ws.send_message(payload)
             except ConnectionClosed as exc:  # refused on its header while still sending
                 frames, close = [], exc.reason.code
             else:
-                frames, close = await raw.read_to_close()
-            elapsed = trio.current_time() - start
+                frames, close = await raw.read_to_close(timeout=QUICK)
         assert close == bad.close, (close, frames)
         assert [f.get("code") for f in frames] == ([bad.code] if bad.code else [])
-        assert elapsed < QUICK
         await until(lambda: "mallory" not in node.node.registry.local)
 
 
@@ -494,12 +494,11 @@ async def test_frame_header_claiming_2_63_bytes_is_closed_1009_once_over_the_lim
         if after_hello:
             await wire.stream.send_all(wire.ws.send(BytesMessage(
                 data=encode(hello(node.token("mallory"))))))
-        start = trio.current_time()
         await wire.stream.send_all(lying_header(2**63 - 1) + b"\x00" * 70000)
-        frames, close = await wire.read_to_close()
+        with trio.fail_after(QUICK):  # the other 2**63 bytes are never sent
+            frames, close = await wire.read_to_close()
         assert close == 1009
         assert [f["t"] for f in frames] == (["welcome"] if after_hello else [])
-        assert trio.current_time() - start < QUICK
 
 
 # -- 12. many unauthenticated connections from one address -------------------------------------
