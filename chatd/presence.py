@@ -41,8 +41,8 @@ from chatd.backends import (
 )
 from chatd.clock import now_ms
 from chatd.logs import EventLog
-from chatd.messages import Push
-from chatd.protocol import ErrorCode, Presence
+from chatd.messages import Push, offer
+from chatd.protocol import Presence
 
 __all__ = ["FLUSH_INTERVAL", "PRESENCE", "PresenceService"]
 
@@ -379,10 +379,11 @@ class PresenceService:
             self._unfollow(users)
 
     def _frame(self, user: str, now: int) -> Presence:
+        """The frame a subscription sends: marked ``watch`` (version 2 clients see it)."""
         known = self._known.get(user)
         if known is None:
-            return Presence(user, False, None)
-        return Presence(user, self._online(known, now), known.ts)
+            return Presence(user, False, None, watch=True)
+        return Presence(user, self._online(known, now), known.ts, watch=True)
 
     def _announce(self, user: str, now: int) -> None:
         known = self._known.get(user)
@@ -399,10 +400,8 @@ class PresenceService:
 
     def _push(self, address: Address, frames: tuple[Presence, ...]) -> None:
         mailbox = self._actors.lookup(address)
-        if (mailbox is not None and not mailbox.deliver_nowait(Push(frames))
-                and not mailbox.exiting):
-            self._log.warning("slow_consumer", session=str(address))
-            mailbox.exit(ErrorCode.SLOW_CONSUMER)
+        if mailbox is not None:
+            offer(mailbox, Push(frames), self._log, session=str(address))
 
     def _sweep(self) -> None:
         now = now_ms()

@@ -28,7 +28,7 @@ from chatd.actors import ActorTable, Mailbox
 from chatd.backends import Bus, Entry, IdConflict, Message, Queues, StoreUnavailable
 from chatd.clock import now_ms
 from chatd.logs import EventLog
-from chatd.messages import Deliver
+from chatd.messages import Deliver, offer
 from chatd.protocol import Error, ErrorCode, ProtocolError, Send, Sent
 from chatd.registry import Registry
 
@@ -121,9 +121,6 @@ class Router:
         mailbox = self._actors.lookup(address)
         if mailbox is None:
             return
-        if mailbox.deliver_nowait(Deliver(entry, prev), wake=touched is None):
-            if touched is not None:
-                touched.append(mailbox)
-        elif not mailbox.exiting:
-            self._log.warning("slow_consumer", user=user, queued=mailbox.capacity)
-            mailbox.exit(ErrorCode.SLOW_CONSUMER)
+        if offer(mailbox, Deliver(entry, prev), self._log, wake=touched is None,
+                 user=user) and touched is not None:
+            touched.append(mailbox)

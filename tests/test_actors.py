@@ -204,6 +204,43 @@ async def test_bind_after_exit_cancels_immediately() -> None:
     assert scope.cancelled_caught
 
 
+async def test_inline_handler_failure_is_the_recipients_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A recipient's inline handler that raises does not raise in the delivering task: the
+    recipient is told to exit with the exception, its task is woken, and it is logged."""
+    mailbox = new_mailbox()
+    broken = Boom("inline write failed")
+    calls: list[int] = []
+
+    def inline() -> bool:
+        calls.append(1)
+        raise broken
+
+    woken = trio.Event()
+    exits: list[Any] = []
+
+    async def actor(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            mailbox.bind(scope, lambda: exits.append(mailbox.exit_reason))
+            mailbox.inline = inline
+            task_status.started()
+            await mailbox.receive()
+        woken.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor)
+        await settle()
+        assert mailbox.deliver_nowait("one") is True  # the sender goes on: no exception
+        assert mailbox.deliver_nowait("two") is True
+        with trio.fail_after(TIMEOUT):
+            await woken.wait()
+    assert calls == [1]  # the broken handler was removed after its first failure
+    assert mailbox.inline is None
+    assert mailbox.exit_reason is broken and exits == [broken]
+    failed = [r for r in caplog.records if r.getMessage() == "inline_failed"]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
 # --------------------------------------------------------------------------- ActorTable
 
 
@@ -224,7 +261,6 @@ def test_lookup_from_another_node_is_none() -> None:
     box = table.open("actor", 1)
     foreign = Address("node-b", box.address.serial, box.address.name)
     assert table.lookup(foreign) is None
-    assert table.send_nowait(foreign, "hi") is False
     assert table.exit(foreign, "bye") is False
     assert box.exit_reason is None
 
@@ -235,12 +271,10 @@ def test_lookup_ignores_address_name() -> None:
     assert table.lookup(Address("node-a", box.address.serial, "renamed")) is box
 
 
-def test_send_nowait_and_exit_reach_a_live_address() -> None:
+def test_lookup_and_exit_reach_a_live_address() -> None:
     table = ActorTable("node-a")
     box = table.open("actor", 1)
-    assert table.send_nowait(box.address, "hello") is True
-    assert table.send_nowait(box.address, "overflow") is False
-    assert box.receive_nowait() == "hello"
+    assert table.lookup(box.address) is box
     assert table.exit(box.address, "stop") is True
     assert box.exit_reason == "stop"
 
@@ -251,7 +285,6 @@ def test_released_address_is_gone() -> None:
     keep = table.open("other", 1)
     table.release(box)
     assert table.lookup(box.address) is None
-    assert table.send_nowait(box.address, "hi") is False
     assert table.exit(box.address, "bye") is False
     assert box.exit_reason is None
     assert box.deliver_nowait("direct") is False
@@ -264,7 +297,7 @@ def test_serials_are_not_reused_after_release() -> None:
     table.release(first)
     second = table.open("actor", 1)
     assert second.address != first.address
-    assert table.send_nowait(first.address, "stale") is False
+    assert table.lookup(first.address) is None
 
 
 def test_address_equality_ignores_name() -> None:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
 
+from chatd.logs import EventLog, root_cause
+
 __all__ = ["ActorTable", "Address", "Mailbox"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -49,7 +54,10 @@ class Mailbox(Generic[T]):
     An actor that can act on its messages synchronously may install :attr:`inline`: a
     function that :meth:`wake` calls, in the delivering task, instead of waking the actor's
     task while it is parked in :meth:`receive`. It returns True if it took care of the
-    messages (the actor's task stays parked), False to have the task woken as usual.
+    messages (the actor's task stays parked), False to have the task woken as usual. If it
+    raises, the failure is the actor's, not the delivering task's: it is logged
+    (``inline_failed``), the handler is removed, and the actor is told to exit with the
+    exception as its reason; the delivering task goes on.
 
     Args:
         address: The address this mailbox answers to.
@@ -99,8 +107,16 @@ class Mailbox(Generic[T]):
         if task is None or not self._queue:
             return
         inline = self.inline
-        if inline is not None and inline():
-            return
+        if inline is not None:
+            try:
+                if inline():
+                    return
+            except Exception as exc:
+                self.inline = None
+                EventLog(logger, self.address.node, "mailbox").error(
+                    "inline_failed", error="inline_failed", actor=str(self.address),
+                    exception=type(root_cause(exc)).__name__, exc_info=True)
+                self.exit(exc)
         if self._receiver is task:
             self._receiver = None
             trio.lowlevel.reschedule(task)
@@ -238,11 +254,6 @@ class ActorTable:
         if address.node != self.node:
             return None
         return self._mailboxes.get(address.serial)
-
-    def send_nowait(self, address: Address, message: Any) -> bool:
-        """Deliver to a local address without waiting; False if gone or full."""
-        mailbox = self.lookup(address)
-        return mailbox is not None and mailbox.deliver_nowait(message)
 
     def exit(self, address: Address, reason: Any) -> bool:
         """Send an exit signal to a local actor; False if it is gone."""

@@ -28,6 +28,7 @@ from ._frames import (
     Sent,
     ServerFrame,
     Subscribe,
+    Synced,
     Unsubscribe,
     Welcome,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ServerConnection",
     "ServerFrame",
     "Subscribe",
+    "Synced",
     "Unsubscribe",
     "Welcome",
     "client_codec",

@@ -21,7 +21,7 @@ import attrs
 import cbor2
 
 from ._errors import ErrorCode, ProtocolError
-from ._frames import CLIENT_FRAMES, SERVER_FRAMES, Frame, Kind
+from ._frames import CLIENT_FRAMES, PROTOCOL_VERSIONS, SERVER_FRAMES, Frame, Kind
 
 __all__ = ["Codec", "Limits", "client_codec", "server_codec"]
 
@@ -59,34 +59,61 @@ class _FieldSpec:
     default: Any
 
 
-def _schema(cls: type[Frame]) -> tuple[tuple[_FieldSpec, ...], frozenset[str]]:
-    """The field specs of a frame class and the set of wire keys it accepts."""
+def _schema(cls: type[Frame], version: int) -> tuple[tuple[_FieldSpec, ...], frozenset[str]]:
+    """The field specs of a frame class in ``version`` and the set of wire keys it accepts."""
     specs = []
     for f in attrs.fields(cls):
         meta = f.metadata
+        if meta["since"] > version:
+            continue
         specs.append(_FieldSpec(f.name, meta["wire"] or f.name, meta["kind"], meta["optional"],
                                 f.default if meta["optional"] else None))
     return tuple(specs), frozenset({"t", *(s.wire for s in specs)})
 
 
 # Built once from the frame declarations and never changed: every codec shares them.
-_SCHEMAS = {cls: _schema(cls) for cls in (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())}
+_SCHEMAS = {
+    version: {cls: _schema(cls, version)
+              for cls in (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())
+              if version >= cls.SINCE}
+    for version in PROTOCOL_VERSIONS
+}
 
 
 class Codec:
     """Turns message bytes into frames of one direction, and frames into message bytes.
+
+    A codec speaks one protocol version at a time, the newest until :attr:`version` is
+    set to the one negotiated: frames and fields of later versions are neither decoded
+    (``unknown_type``, ``unknown_field``) nor encoded (a field is left out; encoding a
+    frame type of a later version is a programming error).
 
     Args:
         frames: The frame types this side may receive, by type tag.
         limits: The bounds to enforce while decoding.
     """
 
-    __slots__ = ("_limits", "_schemas", "_types")
+    __slots__ = ("_all_types", "_limits", "_schemas", "_types", "_version")
 
     def __init__(self, frames: Mapping[str, type[Frame]], limits: Limits | None = None) -> None:
         self._limits = limits or Limits()
-        self._types = frames
-        self._schemas = _SCHEMAS
+        self._all_types = frames
+        self._version = 0
+        self._types: Mapping[str, type[Frame]] = {}
+        self._schemas = _SCHEMAS[PROTOCOL_VERSIONS[-1]]
+        self.version = PROTOCOL_VERSIONS[-1]
+
+    @property
+    def version(self) -> int:
+        """The protocol version frames are decoded and encoded in."""
+        return self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        self._schemas = _SCHEMAS[version]
+        self._types = {tag: cls for tag, cls in self._all_types.items()
+                       if version >= cls.SINCE}
+        self._version = version
 
     @property
     def limits(self) -> Limits:
@@ -122,12 +149,13 @@ class Codec:
             if len(frames) == limits.max_frames:
                 raise ProtocolError(ErrorCode.TOO_MANY_FRAMES,
                                     f"more than {limits.max_frames} frames in one message")
+            start = fp.tell()
             try:
                 item = decoder.decode()
             except RecursionError:
                 raise ProtocolError(ErrorCode.TOO_DEEP, "nesting too deep") from None
-            except Exception as exc:
-                if str(exc).startswith("maximum container nesting depth"):
+            except Exception:
+                if _too_deep(data, start, fp.tell(), limits.max_depth):
                     raise ProtocolError(ErrorCode.TOO_DEEP,
                                         f"nesting deeper than {limits.max_depth}") from None
                 raise ProtocolError(ErrorCode.BAD_CBOR, "not well-formed CBOR") from None
@@ -207,6 +235,30 @@ class Codec:
                                     f"{tag}.{spec.wire} must be {spec.kind.value}")
             kwargs[spec.attr] = value
         return cls(**kwargs)
+
+
+def _too_deep(data: bytes | bytearray, start: int, failed_at: int, max_depth: int) -> bool:
+    """Whether the item at ``start`` failed to decode because of the depth bound.
+
+    cbor2 reports its depth bound with the same exception class as malformed input, and
+    its message is not an interface. So the item is decoded once more, byte by byte, with
+    the bound one deeper: malformed input fails at the very byte it failed at before,
+    while an item that was only too deep gets further (or decodes). An item cut short just
+    after the header that went too deep fails at the same byte and counts as malformed.
+    Only a refused message pays for this.
+    """
+    fp = io.BytesIO(data)
+    fp.seek(start)
+    decoder = cbor2.CBORDecoder(
+        fp, read_size=1, max_depth=max_depth + 1, allow_indefinite=False,
+        allow_duplicate_keys=False, tag_hook=_refuse_tag, semantic_decoders=_REFUSE_TAGS)
+    try:
+        decoder.decode()
+    except RecursionError:
+        return True
+    except Exception:
+        return fp.tell() > failed_at
+    return True
 
 
 def server_codec(limits: Limits | None = None) -> Codec:

@@ -89,7 +89,7 @@ class ServerConnection(_Endpoint):
                 if isinstance(frame, Hello):
                     if self.state is not ConnectionState.OPENING or index:
                         raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "hello sent twice")
-                    self.version = negotiate(frame.versions)
+                    self.version = self.codec.version = negotiate(frame.versions)
                     self.state = ConnectionState.OPEN
                 elif self.state is ConnectionState.OPENING:
                     raise ProtocolError(ErrorCode.HELLO_REQUIRED,
@@ -129,7 +129,11 @@ class ClientConnection(_Endpoint):
             if self.state is ConnectionState.OPENING:
                 first = frames[0]
                 if isinstance(first, Welcome):
+                    if first.version not in PROTOCOL_VERSIONS:
+                        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
+                                            f"server chose version {first.version}")
                     self.welcome = first
+                    self.codec.version = first.version
                     self.state = ConnectionState.OPEN
                 elif isinstance(first, Error):
                     raise ProtocolError(_known_code(first.code), first.message, ref=first.ref)

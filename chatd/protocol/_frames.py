@@ -1,4 +1,4 @@
-"""The frames of protocol version 1, as attrs records with their wire schema.
+"""The frames of protocol versions 1 and 2, as attrs records with their wire schema.
 
 A frame is a CBOR map whose key ``"t"`` names its type. Each record below declares, per
 field, its wire key and a :class:`Kind` that says what values the field accepts; the codec
@@ -7,6 +7,10 @@ that docs/protocol.md describes.
 
 Frames a client sends are in :data:`CLIENT_FRAMES`; frames a server sends are in
 :data:`SERVER_FRAMES`. A type tag means one frame in each direction.
+
+Version 2 adds to version 1 without changing it: a frame type or a field declared with
+``since=2`` exists only on connections that negotiated version 2 (the codec neither sends
+nor accepts it on a version 1 connection), so a version 1 client sees exactly version 1.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ __all__ = [
     "Sent",
     "ServerFrame",
     "Subscribe",
+    "Synced",
     "Unsubscribe",
     "Welcome",
 ]
 
 #: Protocol versions this implementation speaks, newest last.
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
 #: Most message ids one receipt carries; larger acknowledgements make several receipts.
 MAX_RECEIPT_IDS = 512
 
@@ -81,9 +86,12 @@ class Kind(enum.Enum):
 
 
 def _field(kind: Kind, *, wire: str | None = None, optional: bool = False,
-           default: Any = None) -> Any:
-    """Declare a frame field: its kind, its wire key, and whether it may be absent."""
-    metadata = {"kind": kind, "wire": wire, "optional": optional}
+           default: Any = None, since: int = 1) -> Any:
+    """Declare a frame field: its kind, its wire key, whether it may be absent, and the
+    protocol version that introduced it (a field added later must be optional)."""
+    if since > 1 and not optional:
+        raise ValueError("a field added by a later version must be optional")
+    metadata = {"kind": kind, "wire": wire, "optional": optional, "since": since}
     if optional:
         return attrs.field(default=default, metadata=metadata)
     return attrs.field(metadata=metadata)
@@ -98,9 +106,11 @@ class AckStatus(enum.StrEnum):
 
 @attrs.frozen
 class Frame:
-    """Base of every frame; ``TYPE`` is the wire type tag."""
+    """Base of every frame; ``TYPE`` is the wire type tag, ``SINCE`` the protocol version
+    that introduced it."""
 
     TYPE: ClassVar[str] = ""
+    SINCE: ClassVar[int] = 1
 
 
 # -- client -> server -------------------------------------------------------------------
@@ -226,6 +236,23 @@ class Presence(Frame):
     user: str = _field(Kind.IDENT)
     online: bool = _field(Kind.BOOL)
     last_seen: int | None = _field(Kind.UINT, optional=True)
+    #: Version 2: the frame comes from a subscription (its first state or a change), not
+    #: as the answer to a ``lastseen``.
+    watch: bool = _field(Kind.BOOL, optional=True, default=False, since=2)
+
+
+@attrs.frozen
+class Synced(Frame):
+    """Version 2: the backlog streamed after the welcome is complete.
+
+    Every item queued for the user before the session opened has been sent; what follows
+    arrives as it is queued. ``seq`` is the highest sequence number sent so far (or, if
+    nothing was sent, the number below which nothing more will come).
+    """
+
+    TYPE: ClassVar[str] = "synced"
+    SINCE: ClassVar[int] = 2
+    seq: int = _field(Kind.UINT)
 
 
 @attrs.frozen
@@ -239,11 +266,11 @@ class Error(Frame):
 
 
 ClientFrame = Hello | Send | Ack | LastSeenQuery | Subscribe | Unsubscribe
-ServerFrame = Welcome | Sent | Msg | Receipt | Presence | Error
+ServerFrame = Welcome | Sent | Msg | Receipt | Presence | Synced | Error
 
 CLIENT_FRAMES: dict[str, type[Frame]] = {
     cls.TYPE: cls for cls in (Hello, Send, Ack, LastSeenQuery, Subscribe, Unsubscribe)
 }
 SERVER_FRAMES: dict[str, type[Frame]] = {
-    cls.TYPE: cls for cls in (Welcome, Sent, Msg, Receipt, Presence, Error)
+    cls.TYPE: cls for cls in (Welcome, Sent, Msg, Receipt, Presence, Synced, Error)
 }

@@ -1,26 +1,19 @@
-"""The session actor: one per WebSocket connection, the user's presence on this node.
+"""The session: opening a connection's session and acting on the client's frames.
 
-A session runs in two tasks. The *reader* owns the inbound side: it authenticates the
-``hello``, then decodes each client message and acts on its frames (send, ack, presence
-queries). The *writer* owns the outbound side and is the only task that writes to the
-socket: it streams the user's backlog from the store on connect, then sends whatever
-arrives in the session's mailbox (messages, receipts, presence, and the reader's own
-replies), coalescing everything that is ready into as few WebSocket messages as the
-limits allow, and keeps the connection alive with pings when the client is quiet.
-
-The session sends items to the client strictly in sequence order. A delivered entry that is
-not the next one expected (the session was busy catching up, or connected in between) is
-not sent out of order: the writer reads the missing range from the store instead, so the
-store stays the single source of truth and nothing is skipped.
+A session runs in two tasks. The *reader* (here) owns the inbound side: it authenticates the
+``hello``, opens the session (registry, presence, the user's queue), then decodes each
+client message and acts on its frames (send, ack, presence queries) within the
+connection's flood budget (:mod:`._flood`). The *writer* (:mod:`._writer`) owns the
+outbound side and is the only task that writes to the socket.
 
 Other actors stop a session with an exit signal on its mailbox (``session_replaced``,
 ``slow_consumer``, ``shutting_down``). The reader stops at once; the writer stops at once
 unless it is in the middle of writing a message, which it is given ``CLOSE_TIMEOUT`` to
 finish so that what follows starts on a message boundary. The session then tells the
-client why in an ``error`` frame and closes with the matching close code.
-
-At about 660 lines the module holds six jobs; issue 12 splits out the flood budget, the
-writer and the merging of acknowledgements.
+client why in an ``error`` frame and closes with the matching close code. An exit whose
+reason is an exception (the session failed while another task wrote to it inline, see
+:meth:`chatd.actors.Mailbox.wake`) closes like a crashed session: 1011, reason
+``internal``, no ``error`` frame.
 """
 
 from __future__ import annotations
@@ -31,27 +24,24 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import attrs
-import cbor2
 import trio
 
 from chatd.actors import ActorTable, Mailbox
 from chatd.auth import TokenError, verify_token
-from chatd.backends import Entry, Message, Queues, StoreUnavailable
+from chatd.backends import Queues, StoreUnavailable
 from chatd.clock import now_ms
 from chatd.config import Config
 from chatd.logs import EventLog
-from chatd.messages import Deliver, Push, Resync
 from chatd.presence import PresenceService
 from chatd.protocol import (
     Ack,
+    CloseCode,
     Error,
     ErrorCode,
     Frame,
     Hello,
     LastSeenQuery,
-    Msg,
     ProtocolError,
-    Receipt,
     Send,
     ServerConnection,
     Subscribe,
@@ -63,18 +53,13 @@ from chatd.registry import Registry
 from chatd.router import Router
 from chatd.transport import ConnectionClosed, WebSocket
 
-__all__ = ["CATCH_UP_BATCH", "Session", "SessionContext"]
+from ._acks import merge_acks
+from ._flood import TokenBucket
+from ._writer import CATCH_UP_BATCH, CLOSE_TIMEOUT, UNREADABLE, Writer
+
+__all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "Session", "SessionContext"]
 
 logger = logging.getLogger(__name__)
-
-#: Entries read from the store per step while streaming a backlog.
-CATCH_UP_BATCH = 256
-#: Seconds allowed to tell a client why it is being closed.
-CLOSE_TIMEOUT = 2.0
-
-#: Why a session closes when its user's queue cannot be read (the backend is unreachable);
-#: the client connects again later.
-_UNREADABLE = "this user's queue cannot be read now; connect again later"
 
 #: Why a presence query or subscription is refused when the backend cannot be read.
 _NO_PRESENCE = "presence cannot be read now; try again later"
@@ -107,11 +92,10 @@ class Session:
         ws: The accepted WebSocket connection.
     """
 
-    __slots__ = ("_auth_scope", "_behind", "_budget", "_conn", "_ctx", "_ending", "_fatal",
-                 "_inbox", "_limited_at", "_log", "_mailbox", "_on_authenticated",
-                 "_open_scope", "_reader_scope", "_refilled", "_reported", "_sent_seq",
-                 "_stop_reason", "_throttled", "_touched", "_user", "_watching",
-                 "_writer_scope", "_writing", "_ws", "_ws_error", "last_heard")
+    __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_fatal", "_inbox", "_limited_at",
+                 "_log", "_mailbox", "_on_authenticated", "_open_scope", "_reader_scope",
+                 "_reported", "_stop_reason", "_throttled", "_touched", "_user", "_watching",
+                 "_writer", "_ws", "_ws_error", "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocket, *,
                  on_authenticated: Callable[[], None] | None = None) -> None:
@@ -121,26 +105,23 @@ class Session:
         self._conn = ServerConnection(ctx.config.limits)
         self._log = EventLog(logger, ctx.actors.node, "session")
         self._user = ""
-        self._mailbox: Mailbox[Deliver | Push | Resync] | None = None
+        self._mailbox: Mailbox[Any] | None = None
         self._auth_scope = trio.CancelScope(
             deadline=trio.current_time() + ctx.config.auth_timeout)
         self._open_scope = trio.CancelScope()
         self._reader_scope = trio.CancelScope()
-        self._writer_scope = trio.CancelScope()
+        self._writer: Writer | None = None
         self._stop_reason: ErrorCode | None = None
-        self._writing = False
-        self._ending = False
         self._fatal: ProtocolError | None = None
         self._ws_error: WebSocketError | None = None
         self._inbox: list[bytes | str] = []
         self._touched: list[Mailbox[Any]] = []
-        self._behind = False
-        self._sent_seq = 0
         self._watching: set[str] = set()
         self._reported = 0.0
+        #: When the reader last heard from the client (hello or data message).
         self.last_heard = trio.current_time()
-        self._budget = float(ctx.config.rate_burst)
-        self._refilled = self.last_heard
+        self._budget = TokenBucket(ctx.config.rate_limit, ctx.config.rate_burst,
+                                   self.last_heard)
         self._limited_at = -1e9
         self._throttled = False
 
@@ -152,7 +133,7 @@ class Session:
     @property
     def writing(self) -> bool:
         """Whether the writer is in the middle of writing a message."""
-        return self._writing
+        return self._writer is not None and self._writer.writing
 
     def stop(self, reason: ErrorCode) -> None:
         """Ask the session to close with ``reason``, whether or not it has authenticated."""
@@ -166,16 +147,18 @@ class Session:
         """An exit signal arrived: stop reading and opening now, and stop the writer."""
         self._open_scope.cancel()
         self._reader_scope.cancel()
-        self._stop_writer()
+        if self._writer is not None:
+            self._writer.stop()
 
-    def _stop_writer(self) -> None:
-        """Stop the writer now, or, if it is writing, once that message is out."""
-        self._ending = True
-        if self._writing:
-            self._writer_scope.deadline = min(self._writer_scope.deadline,
-                                              trio.current_time() + CLOSE_TIMEOUT)
-        else:
-            self._writer_scope.cancel()
+    def _last_sign(self) -> float:
+        """The client's last sign of life: a data message, the hello or a pong.
+
+        A client whose reading is paused for its flood budget is waiting on the server,
+        not the reverse: it counts as heard from now.
+        """
+        if self._throttled:
+            return trio.current_time()
+        return max(self.last_heard, self._ws.pong_at)
 
     async def refuse(self, err: ProtocolError) -> None:
         """Close a connection that will not be served, telling the client why."""
@@ -198,6 +181,8 @@ class Session:
         mailbox = self._mailbox = ctx.actors.open(f"session:{user}",
                                                   ctx.config.mailbox_capacity)
         address = mailbox.address
+        writer = self._writer = Writer(ctx.config, self._ws, self._conn, ctx.queues, user,
+                                       mailbox, self._log, self._last_sign)
         mailbox.bind(None, self._on_exit)
         opened = False
         try:
@@ -214,22 +199,22 @@ class Session:
                     # Everything before the first pending entry reached the user on an
                     # earlier connection: acknowledgements up to there are legitimate.
                     first = await ctx.queues.pending(user, 0, 1)
-                    self._sent_seq = (first[0].seq - 1 if first
-                                      else await ctx.queues.last_seq(user))
+                    writer.sent_seq = (first[0].seq - 1 if first
+                                       else await ctx.queues.last_seq(user))
                 except StoreUnavailable:
-                    self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
+                    self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, UNREADABLE)
                     self._open_scope.cancel()
             if not self._open_scope.cancel_called:
                 welcome = Welcome(self._conn.version, user, f"{address.node}.{address.serial}",
                                   now_ms(), ctx.config.limits.max_frame_bytes,
                                   ctx.config.limits.max_string_bytes)
                 self._log.debug("session_opened", user=user, session=str(address))
-                self._encode([welcome])  # first, before any answer the reader may send
+                writer.encode([welcome])  # first, before any answer the reader may send
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._write, writer)
                     with self._reader_scope:
                         await self._reader(rest)
-                    self._stop_writer()
+                    writer.stop()
         finally:
             ctx.actors.release(mailbox)
             if opened:
@@ -240,15 +225,24 @@ class Session:
                 # Presence also drops this session's subscriptions when it learns it ended.
                 await ctx.presence.session_down(user, address)
         reason = mailbox.exit_reason
+        fatal = self._fatal or writer.fatal
         if isinstance(reason, ErrorCode):
-            self._fatal = ProtocolError(reason, _EXIT_MESSAGES.get(reason, reason.value))
-        if self._fatal is not None:
-            await self._close(self._fatal)
+            fatal = ProtocolError(reason, _EXIT_MESSAGES.get(reason, reason.value))
+        if isinstance(reason, Exception):  # failed in another task: as if it crashed
+            await self._ws.close(int(CloseCode.INTERNAL_ERROR), ErrorCode.INTERNAL.value,
+                                 timeout=CLOSE_TIMEOUT)
+        elif fatal is not None:
+            await self._close(fatal)
         elif self._ws_error is not None:
             await self._ws.close(self._ws_error.code, self._ws_error.reason,
                                  timeout=CLOSE_TIMEOUT)
         else:
             await self._ws.close(1000, timeout=CLOSE_TIMEOUT)
+
+    async def _write(self, writer: Writer) -> None:
+        """Run the writer; when it is done (lost, idle, told to stop), so is the session."""
+        await writer.run()
+        self._reader_scope.cancel()
 
     # -- opening ---------------------------------------------------------------------
 
@@ -287,7 +281,7 @@ class Session:
         try:
             await self._throttle(len(frames) + 1, answers)  # the hello and what came with it
             await self._handle(frames, answers)
-            self._answer(answers)
+            self._answer_now(answers)
             answers = []
             self._wake_touched()
             while True:
@@ -312,12 +306,12 @@ class Session:
                         failed = err  # the messages before it are still acted on
                         break
                     if pending and self._would_wait(len(frames)):
-                        await self._handle(_merge_acks(pending), answers)
+                        await self._handle(merge_acks(pending), answers)
                         pending = []
                     await self._throttle(len(frames), answers)
                     pending += frames
-                await self._handle(_merge_acks(pending), answers)
-                self._answer(answers)
+                await self._handle(merge_acks(pending), answers)
+                self._answer_now(answers)
                 answers = []
                 self._wake_touched()
                 if failed is not None:
@@ -330,9 +324,7 @@ class Session:
 
     def _would_wait(self, frames: int) -> bool:
         """Whether spending ``frames`` now would make :meth:`_throttle` wait."""
-        config = self._ctx.config
-        refill = (trio.current_time() - self._refilled) * config.rate_limit
-        return min(float(config.rate_burst), self._budget + refill) < frames
+        return self._budget.would_wait(frames, trio.current_time())
 
     async def _throttle(self, frames: int, answers: list[Frame]) -> None:
         """Spend ``frames`` from the connection's budget, waiting for it if need be.
@@ -347,25 +339,22 @@ class Session:
         """
         config = self._ctx.config
         now = trio.current_time()
-        self._budget = min(float(config.rate_burst),
-                           self._budget + (now - self._refilled) * config.rate_limit)
-        self._refilled = now
-        self._budget -= frames
-        if self._budget >= 0:
+        wait = self._budget.spend(frames, now)
+        if not wait:
             return
-        self._answer(answers)
+        self._answer_now(answers)
         answers.clear()
         self._wake_touched()
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
-            self._answer([Error(ErrorCode.RATE_LIMITED.value,
+            self._answer_now([Error(ErrorCode.RATE_LIMITED.value,
                                 f"more than {config.rate_limit:g} frames per second; "
                                 "reading paused")])
         # The client is alive (it is the server that is not reading): keepalive waits.
         self._throttled = True
         try:
-            await trio.sleep(-self._budget / config.rate_limit)
+            await trio.sleep(wait)
         finally:
             self._throttled = False
         self.last_heard = trio.current_time()
@@ -385,7 +374,7 @@ class Session:
             frame = frames[at]
             at += 1
             if flush and isinstance(frame, Send | Ack):
-                self._answer(replies)
+                self._answer_now(replies)
                 replies.clear()
                 self._wake_touched()
             if isinstance(frame, Send):
@@ -399,7 +388,7 @@ class Session:
                 match frame:
                     case Ack(status, upto, peer):
                         await ctx.router.acknowledge(self._user, status,
-                                                     min(upto, self._sent_seq), peer,
+                                                     min(upto, self._sent_seq()), peer,
                                                      self._touched)
                     case LastSeenQuery(user):
                         replies.append(await self._lookup(user))
@@ -422,27 +411,14 @@ class Session:
             for mailbox in touched:
                 mailbox.wake()
 
-    def _answer(self, frames: list[Frame]) -> None:
-        """Send answers now if nothing waits to be written, else queue them for the writer.
+    def _answer_now(self, frames: list[Frame]) -> None:
+        """Hand the reader's answers to the writer (see :meth:`Writer.answer`)."""
+        assert self._writer is not None
+        self._writer.answer(frames)
 
-        Answers and items are independent streams (docs/protocol.md 4.7), so an answer
-        need not wait behind items the writer has not sent yet; but it never overtakes
-        bytes already waiting for the socket, and a client that does not read gets its
-        answers through the mailbox, whose bound makes it a slow consumer.
-        """
-        if not frames:
-            return
-        assert self._mailbox is not None
-        ws = self._ws
-        if ws.unsent or self._writing:
-            if not self._mailbox.deliver_nowait(Push(tuple(frames))) and (
-                    not self._mailbox.exiting):
-                self._log.warning("slow_consumer", user=self._user)
-                self._mailbox.exit(ErrorCode.SLOW_CONSUMER)
-            return
-        self._encode(frames)
-        if self._ws.unsent:  # the socket is full: wake the writer to wait on it
-            self._mailbox.deliver_nowait(Push(()))  # the writer takes over the rest
+    def _sent_seq(self) -> int:
+        assert self._writer is not None
+        return self._writer.sent_seq
 
     async def _lookup(self, user: str) -> Frame:
         try:
@@ -464,157 +440,6 @@ class Session:
                 raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _NO_PRESENCE) from None
             self._watching.update(new)
 
-    # -- outbound ----------------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        """Send the backlog, then whatever the mailbox brings."""
-        assert self._mailbox is not None
-        mailbox = self._mailbox
-        ws = self._ws
-        config = self._ctx.config
-        pinged: float | None = None  # the last sign of life when we pinged
-        with self._writer_scope:
-            try:
-                await self._catch_up([])
-                mailbox.inline = self._inline
-                while True:
-                    heard = max(self.last_heard, ws.pong_at)
-                    if pinged is not None and heard > pinged:
-                        pinged = None
-                    deadline = (heard + config.ping_interval if pinged is None
-                                else pinged + config.idle_timeout)
-                    with trio.move_on_at(deadline) as quiet:
-                        message = await mailbox.receive()
-                    if quiet.cancelled_caught:
-                        if self._throttled:  # the client waits on us, not the reverse
-                            self.last_heard = trio.current_time()
-                        elif pinged is None:
-                            if trio.current_time() >= heard + config.ping_interval:
-                                ws.ping()
-                                pinged = heard
-                                await self._flush()
-                        elif max(self.last_heard, ws.pong_at) <= pinged:
-                            self._fatal = ProtocolError(
-                                ErrorCode.IDLE_TIMEOUT,
-                                f"no sign of life for {config.idle_timeout} s")
-                            break
-                        continue
-                    frames: list[Frame] = []
-                    gap = self._take(message, frames) | self._drain(frames) | self._behind
-                    self._behind = False
-                    if gap:
-                        await self._catch_up(frames)
-                    else:
-                        self._encode(frames)
-                        await self._flush()
-            except ConnectionClosed:
-                pass
-            except StoreUnavailable:  # the backend cannot read the queue now
-                self._fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNREADABLE)
-        # The writer is done (connection lost, idle, or told to stop): so is the session.
-        self._reader_scope.cancel()
-
-    def _inline(self) -> bool:
-        """Write what was just delivered from the delivering task, if the writer is idle.
-
-        The mailbox calls this instead of waking the writer while the writer waits for
-        messages. It declines (and the writer is woken) while the writer is stopping, is
-        behind, or has bytes waiting for the socket; after writing, it hands over to the
-        writer if the socket did not take everything or an entry was out of order.
-        """
-        if self._ending or self._behind or self._ws.unsent:
-            return False
-        frames: list[Frame] = []
-        gap = self._drain(frames)
-        if frames:
-            self._encode(frames)
-        if gap or self._ws.unsent:
-            assert self._mailbox is not None
-            self._behind = gap
-            self._mailbox.deliver_nowait(Push(()))  # declined above: wakes the writer
-        return True
-
-    def _take(self, message: Deliver | Push | Resync, frames: list[Frame]) -> bool:
-        """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
-        match message:
-            case Deliver(entry, prev):
-                if entry.seq > self._sent_seq:
-                    # Next in order when nothing can lie between the last sent and it.
-                    if (prev if prev >= 0 else entry.seq - 1) > self._sent_seq:
-                        return True
-                    frames.append(_frame(entry))
-                    self._sent_seq = entry.seq
-            case Push(pushed):
-                frames.extend(pushed)
-            case Resync():
-                return True
-        return False
-
-    def _drain(self, frames: list[Frame]) -> bool:
-        """Take every message already waiting in the mailbox; True if one was skipped."""
-        assert self._mailbox is not None
-        gap = False
-        while True:
-            try:
-                message = self._mailbox.receive_nowait()
-            except trio.WouldBlock:
-                return gap
-            gap |= self._take(message, frames)
-
-    async def _catch_up(self, frames: list[Frame]) -> None:
-        """Send ``frames`` and then every stored entry after the last one sent."""
-        queues, user = self._ctx.queues, self._user
-        while True:
-            entries = await queues.pending(user, self._sent_seq, CATCH_UP_BATCH)
-            if entries:
-                self._sent_seq = entries[-1].seq
-                frames.extend(_frame(entry) for entry in entries)
-            self._drain(frames)
-            if frames:
-                self._encode(frames)
-                await self._flush()
-                frames = []
-            if not entries:
-                return
-
-    def _encode(self, frames: Sequence[Frame]) -> None:
-        """Send frames in as few WebSocket messages as the limits allow."""
-        limits = self._ctx.config.limits
-        to_wire = self._conn.codec.to_wire
-        send = self._ws.send
-        batch: list[bytes] = []
-        size = 0
-        for frame in frames:
-            data = cbor2.dumps(to_wire(frame))
-            if batch and (size + len(data) > limits.max_frame_bytes
-                          or len(batch) == limits.max_frames):
-                send(b"".join(batch))
-                batch, size = [], 0
-            batch.append(data)
-            size += len(data)
-        if batch:
-            send(b"".join(batch))
-
-    async def _flush(self) -> None:
-        """Wait until the socket has taken everything sent; only the writer calls this.
-
-        While the socket is slow, an exit signal does not cancel the writer: it gets
-        CLOSE_TIMEOUT to finish (see :meth:`_stop_writer`), so the error frame and the
-        close follow whole messages.
-        """
-        if not self._ws.unsent:
-            if self._ending:
-                self._writer_scope.cancel()
-            return
-        self._writing = True
-        try:
-            await self._ws.drain()
-        finally:
-            self._writing = False
-        if self._ending:
-            self._writer_scope.cancel()
-            await trio.lowlevel.checkpoint()
-
     async def _close(self, err: ProtocolError) -> None:
         """Tell the client why, then close with the error's close code."""
         close_code = err.close_code or 1011
@@ -624,39 +449,3 @@ class Session:
         self._ws.send(self._conn.send([Error(err.code.value, err.message)]))
         await self._ws.close(int(close_code), err.code.value, timeout=CLOSE_TIMEOUT)
 
-
-def _merge_acks(frames: list[Frame]) -> list[Frame]:
-    """Collapse each run of consecutive acknowledgements without ``peer`` into one or two.
-
-    Acknowledgements are cumulative, and ``read`` up to N also acknowledges delivery up to
-    N, so a run comes down to its highest ``read`` and, if higher, its highest
-    ``delivered``. Each acknowledgement is a store write (an fsync with the durable store),
-    so a client that acknowledges every message it gets, and falls behind, catches up in
-    one write instead of one per message. Receipts carry the same ids, in fewer frames.
-    """
-    merged: list[Frame] = []
-    run: list[Ack] = []
-    for frame in [*frames, None]:
-        if isinstance(frame, Ack) and frame.peer is None:
-            run.append(frame)
-            continue
-        if len(run) > 1:
-            read = max((ack.upto for ack in run if ack.status == "read"), default=-1)
-            delivered = max((ack.upto for ack in run if ack.status == "delivered"), default=-1)
-            if read >= 0:
-                merged.append(Ack("read", read))
-            if delivered > read:
-                merged.append(Ack("delivered", delivered))
-        else:
-            merged.extend(run)
-        run = []
-        if frame is not None:
-            merged.append(frame)
-    return merged
-
-
-def _frame(entry: Entry) -> Msg | Receipt:
-    item = entry.item
-    if isinstance(item, Message):
-        return Msg(entry.seq, item.id, item.sender, item.body, item.ts)
-    return Receipt(entry.seq, item.status, item.by, list(item.ids), item.ts)

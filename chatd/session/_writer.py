@@ -1,0 +1,266 @@
+"""The outbound half of a session: the only task that writes to the client's socket.
+
+The writer streams the user's backlog from the queue on connect, then sends whatever
+arrives in the session's mailbox (messages, receipts, presence, and the reader's own
+answers), coalescing everything that is ready into as few WebSocket messages as the limits
+allow, and keeps the connection alive with pings when the client is quiet (:mod:`._keepalive`).
+
+Items go out strictly in sequence order. A delivered entry that is not the next one
+expected (the writer was busy catching up, or the session opened in between) is not sent
+out of order: the writer reads the missing range from the queue instead, so the queue
+stays the single source of truth and nothing is skipped.
+
+While the writer waits for its mailbox, deliveries may be written *inline*, in the
+delivering task (:meth:`Writer.inline`, installed as the mailbox's ``inline``): a message
+routed to an idle session costs no task switch. Whatever goes wrong there is the
+recipient's fault alone; the mailbox contains it (:meth:`chatd.actors.Mailbox.wake`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cbor2
+import trio
+
+from chatd.actors import Mailbox
+from chatd.backends import Entry, Message, Queues, StoreUnavailable
+from chatd.config import Config
+from chatd.logs import EventLog
+from chatd.messages import Deliver, Push, Resync, offer
+from chatd.protocol import (
+    ErrorCode,
+    Frame,
+    Msg,
+    ProtocolError,
+    Receipt,
+    ServerConnection,
+    Synced,
+)
+from chatd.transport import ConnectionClosed, WebSocket
+
+from ._keepalive import Keepalive, KeepaliveAction
+
+__all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "UNREADABLE", "Writer"]
+
+#: Entries read from the store per step while streaming a backlog.
+CATCH_UP_BATCH = 256
+#: Seconds allowed to tell a client why it is being closed.
+CLOSE_TIMEOUT = 2.0
+#: Why a session closes when its user's queue cannot be read (the backend is unreachable);
+#: the client connects again later.
+UNREADABLE = "this user's queue cannot be read now; connect again later"
+
+
+class Writer:
+    """Everything a session sends, in order, through one task.
+
+    Args:
+        config: The node's configuration (limits, keepalive timers).
+        ws: The connection.
+        conn: The session's protocol state (its codec speaks the negotiated version).
+        queues: Where the user's backlog is read from.
+        user: The authenticated user.
+        mailbox: The session's mailbox.
+        log: The session's event log.
+        last_sign: Returns the time of the client's last sign of life (docs/protocol.md
+            2.6); the reader keeps it.
+    """
+
+    __slots__ = ("_behind", "_config", "_conn", "_last_sign", "_log", "_mailbox", "_queues",
+                 "_scope", "_user", "_ws", "ending", "fatal", "sent_seq", "writing")
+
+    def __init__(self, config: Config, ws: WebSocket, conn: ServerConnection, queues: Queues,
+                 user: str, mailbox: Mailbox[Any], log: EventLog,
+                 last_sign: Callable[[], float]) -> None:
+        self._config = config
+        self._ws = ws
+        self._conn = conn
+        self._queues = queues
+        self._user = user
+        self._mailbox = mailbox
+        self._log = log
+        self._last_sign = last_sign
+        self._scope = trio.CancelScope()
+        self._behind = False
+        #: The seq of the last item sent; acknowledgements are bounded by it.
+        self.sent_seq = 0
+        #: Whether a message is being written and the socket has not taken it all yet.
+        self.writing = False
+        #: Whether the writer has been told to stop.
+        self.ending = False
+        #: Why the writer ended the session, if it did (idle, queue unreadable).
+        self.fatal: ProtocolError | None = None
+
+    def stop(self) -> None:
+        """Stop now, or, if a message is being written, once it is out (``CLOSE_TIMEOUT``)."""
+        self.ending = True
+        if self.writing:
+            self._scope.deadline = min(self._scope.deadline,
+                                       trio.current_time() + CLOSE_TIMEOUT)
+        else:
+            self._scope.cancel()
+
+    def answer(self, frames: list[Frame]) -> None:
+        """Send the reader's answers now if nothing waits to be written, else queue them.
+
+        Answers and items are independent streams (docs/protocol.md 4.7), so an answer
+        need not wait behind items the writer has not sent yet; but it never overtakes
+        bytes already waiting for the socket, and a client that does not read gets its
+        answers through the mailbox, whose bound makes it a slow consumer.
+        """
+        if not frames:
+            return
+        ws = self._ws
+        if ws.unsent or self.writing:
+            offer(self._mailbox, Push(tuple(frames)), self._log, user=self._user)
+            return
+        self.encode(frames)
+        if self._ws.unsent:  # the socket is full: wake the writer to wait on it
+            self._mailbox.deliver_nowait(Push(()))  # the writer takes over the rest
+
+    async def run(self) -> None:
+        """Send the backlog, then whatever the mailbox brings, until stopped or lost."""
+        mailbox = self._mailbox
+        config = self._config
+        keepalive = Keepalive(config.ping_interval, config.idle_timeout, self._last_sign())
+        with self._scope:
+            try:
+                await self._catch_up([])
+                if self._conn.version >= Synced.SINCE:
+                    self.encode([Synced(self.sent_seq)])
+                    await self._flush()
+                mailbox.inline = self.inline
+                while True:
+                    with trio.move_on_at(keepalive.deadline) as quiet:
+                        message = await mailbox.receive()
+                    if quiet.cancelled_caught:
+                        match keepalive.check(trio.current_time(), self._last_sign()):
+                            case KeepaliveAction.PING:
+                                self._ws.ping()
+                                await self._flush()
+                            case KeepaliveAction.IDLE:
+                                self.fatal = ProtocolError(
+                                    ErrorCode.IDLE_TIMEOUT,
+                                    f"no sign of life for {config.idle_timeout:g} s")
+                                return
+                        continue
+                    frames: list[Frame] = []
+                    gap = self._take(message, frames) | self._drain(frames) | self._behind
+                    self._behind = False
+                    if gap:
+                        await self._catch_up(frames)
+                    else:
+                        self.encode(frames)
+                        await self._flush()
+            except ConnectionClosed:
+                pass
+            except StoreUnavailable:  # the backend cannot read the queue now
+                self.fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, UNREADABLE)
+
+    def inline(self) -> bool:
+        """Write what was just delivered from the delivering task, if the writer is idle.
+
+        The mailbox calls this instead of waking the writer while the writer waits for
+        messages. It declines (and the writer is woken) while the writer is stopping, is
+        behind, or has bytes waiting for the socket; after writing, it hands over to the
+        writer if the socket did not take everything or an entry was out of order.
+        """
+        if self.ending or self._behind or self._ws.unsent:
+            return False
+        frames: list[Frame] = []
+        gap = self._drain(frames)
+        if frames:
+            self.encode(frames)
+        if gap or self._ws.unsent:
+            self._behind = gap
+            self._mailbox.deliver_nowait(Push(()))  # declined above: wakes the writer
+        return True
+
+    def _take(self, message: Deliver | Push | Resync, frames: list[Frame]) -> bool:
+        """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
+        match message:
+            case Deliver(entry, prev):
+                if entry.seq > self.sent_seq:
+                    # Next in order when nothing can lie between the last sent and it.
+                    if (prev if prev >= 0 else entry.seq - 1) > self.sent_seq:
+                        return True
+                    frames.append(_frame(entry))
+                    self.sent_seq = entry.seq
+            case Push(pushed):
+                frames.extend(pushed)
+            case Resync():
+                return True
+        return False
+
+    def _drain(self, frames: list[Frame]) -> bool:
+        """Take every message already waiting in the mailbox; True if one was skipped."""
+        gap = False
+        while True:
+            try:
+                message = self._mailbox.receive_nowait()
+            except trio.WouldBlock:
+                return gap
+            gap |= self._take(message, frames)
+
+    async def _catch_up(self, frames: list[Frame]) -> None:
+        """Send ``frames`` and then every stored entry after the last one sent."""
+        queues, user = self._queues, self._user
+        while True:
+            entries = await queues.pending(user, self.sent_seq, CATCH_UP_BATCH)
+            if entries:
+                self.sent_seq = entries[-1].seq
+                frames.extend(_frame(entry) for entry in entries)
+            self._drain(frames)
+            if frames:
+                self.encode(frames)
+                await self._flush()
+                frames = []
+            if not entries:
+                return
+
+    def encode(self, frames: Sequence[Frame]) -> None:
+        """Send frames in as few WebSocket messages as the limits allow."""
+        limits = self._config.limits
+        to_wire = self._conn.codec.to_wire
+        send = self._ws.send
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            data = cbor2.dumps(to_wire(frame))
+            if batch and (size + len(data) > limits.max_frame_bytes
+                          or len(batch) == limits.max_frames):
+                send(b"".join(batch))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        if batch:
+            send(b"".join(batch))
+
+    async def _flush(self) -> None:
+        """Wait until the socket has taken everything sent.
+
+        While the socket is slow, a stop does not cancel the writer: it gets
+        ``CLOSE_TIMEOUT`` to finish (see :meth:`stop`), so the error frame and the close
+        follow whole messages.
+        """
+        if not self._ws.unsent:
+            if self.ending:
+                self._scope.cancel()
+            return
+        self.writing = True
+        try:
+            await self._ws.drain()
+        finally:
+            self.writing = False
+        if self.ending:
+            self._scope.cancel()
+            await trio.lowlevel.checkpoint()
+
+
+def _frame(entry: Entry) -> Msg | Receipt:
+    item = entry.item
+    if isinstance(item, Message):
+        return Msg(entry.seq, item.id, item.sender, item.body, item.ts)
+    return Receipt(entry.seq, item.status, item.by, list(item.ids), item.ts)
