@@ -378,6 +378,28 @@ async def test_cli_send_survives_sigkill(tmp_path: Path) -> None:
         raise OutOfOrder(f"body {first_wrong} is {bodies[first_wrong]!r}")
 
 
+async def test_second_serve_on_the_same_data_dir_exits_1_before_listening(
+        tmp_path: Path) -> None:
+    """A second daemon on a data directory in use says which and who holds it, and leaves
+    the first alone; once the first is SIGKILLed, its lock is gone with it."""
+    data = tmp_path / "data"
+    async with serve(data) as first:
+        status, _, err = await run(["serve", "--port", "0", "--data-dir", str(data)])
+        assert status == 1, err
+        errors = [line for line in err.splitlines() if line.startswith("chatd: error:")]
+        assert errors == [f"chatd: error: {data / 'store' / '0'} is in use by process "
+                          f"{first.process.pid}; stop it first, or give this node another "
+                          "--data-dir"], err
+        assert '"listening"' not in err
+        status, _, err = await run(["send", "--url", first.url, "--token",
+                                      first.token("alice"), "--to", "bob", "still here"])
+        assert status == 0, err
+        await first.crash()
+    async with serve(data) as second:
+        status, bodies, err = await listen(second, "bob", 1)
+        assert (status, bodies) == (0, ["still here"]), err
+
+
 # -- 3. one replica damaged ----------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from chatd.backends import (
     StoreUnavailable,
 )
 from chatd.backends.embedded import DurableStore
+from chatd.backends.embedded._lock import LOCK_FILE, DirectoryInUse
 from chatd.backends.embedded._segments import HEADER_BYTES, SegmentLog
 from chatd.clock import now_ms
 
@@ -184,6 +185,17 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
 
 
 # -- 1. round trip ------------------------------------------------------------------------
+
+
+async def test_a_second_store_on_the_same_directories_is_refused(dirs: list[Path]) -> None:
+    async with running_store(dirs):
+        second = DurableStore(ActorTable("n2"), list(dirs))
+        with pytest.raises(DirectoryInUse) as info, trio.fail_after(DEADLINE):
+            await second.run()
+        assert (info.value.directory, info.value.pid) == (dirs[0], os.getpid())
+        assert (dirs[0] / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    async with running_store(dirs):  # released when the first one stopped
+        pass
 
 
 async def test_state_round_trips_across_restarts(dirs: list[Path]) -> None:

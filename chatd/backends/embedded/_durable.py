@@ -60,6 +60,7 @@ from chatd.logs import EventLog
 from ._index import IndexedStore, QueueIndex
 from ._journal import Body, Journal
 from ._kv import KVTable
+from ._lock import DirectoryLock
 from ._segments import SegmentLog
 
 __all__ = ["DurableStore"]
@@ -142,7 +143,22 @@ class DurableStore(IndexedStore):
 
     async def run(self, *, task_status: trio.TaskStatus[DurableStore] = (
             trio.TASK_STATUS_IGNORED)) -> None:
-        """Recover both replicas, repair them if needed, then serve and checkpoint."""
+        """Lock both replica directories, recover them, repair them if needed, then serve
+        and checkpoint.
+
+        Raises:
+            DirectoryInUse: Another process serves from one of the directories.
+        """
+        locks = [DirectoryLock(d) for d in self.directories]
+        try:
+            for lock in locks:
+                lock.acquire()
+            await self._serve(task_status)
+        finally:
+            for lock in locks:
+                lock.release()
+
+    async def _serve(self, task_status: trio.TaskStatus[DurableStore]) -> None:
         self.index = self._new_index()
         self.kv.clear()
         self.logs = [SegmentLog(d, segment_bytes=self.segment_bytes) for d in self.directories]
