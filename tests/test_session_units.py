@@ -58,14 +58,27 @@ def test_client_sending_data_is_never_pinged() -> None:
 
 
 def test_silent_client_answering_pings_is_pinged_every_interval() -> None:
-    pings, idle = simulate([], pong_after=0.005, until=100.0)
-    assert pings == pytest.approx([20.0, 40.005, 60.01, 80.015])
+    pings, idle = simulate([], pong_after=0.005, until=90.0)
+    assert pings == pytest.approx([20.0, 40.0, 60.0, 80.0])  # 5 ms early: within the slack
     assert idle is None
+
+
+def test_quiet_connection_wakes_the_writer_once_per_ping() -> None:
+    keepalive = Keepalive(20.0, 60.0, 0.0)
+    wakes = pings = 0
+    heard = 0.0
+    while keepalive.deadline <= 200.0:
+        now = keepalive.deadline
+        wakes += 1
+        if keepalive.check(now, heard) is PING:
+            pings += 1
+            heard = now + 0.05  # the pong, 50 ms later
+    assert (pings, wakes) == (10, 10)
 
 
 def test_frame_right_after_hello_does_not_draw_two_pings() -> None:
     pings, idle = simulate([0.003], pong_after=0.001, until=30.0)
-    assert pings == pytest.approx([20.003])
+    assert pings == pytest.approx([20.003], abs=0.2)  # at most ping_interval / 100 early
     assert idle is None
 
 
@@ -84,7 +97,7 @@ def test_data_after_a_ping_keeps_the_client_alive() -> None:
 
 def test_late_pong_resets_the_idle_deadline() -> None:
     pings, idle = simulate([], pong_after=35.0, until=125.0)
-    assert pings == pytest.approx([20.0, 75.0])  # pong at 55, next ping 20 s after it
+    assert pings == pytest.approx([20.0, 75.0], abs=0.2)  # pong at 55, next ping 20 s later
     assert idle is None
 
 

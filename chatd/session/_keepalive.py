@@ -12,6 +12,9 @@ import enum
 
 __all__ = ["Keepalive", "KeepaliveAction"]
 
+#: How early, as a fraction of ``ping_interval``, a ping may go out (see :class:`Keepalive`).
+_SLACK = 0.01
+
 
 class KeepaliveAction(enum.Enum):
     """What :meth:`Keepalive.check` asks the writer to do."""
@@ -27,6 +30,11 @@ class Keepalive:
     A *sign of life* is the accepted ``hello``, a data message from the client or a pong.
     The next ping is due ``ping_interval`` after the last sign of life; after a ping, the
     client has until ``idle_timeout`` after the sign of life it had given then.
+
+    A ping is sent when it is due within ``ping_interval / 100`` (0.2 s by default): the
+    pong to the last ping arrives a round trip after it, and without the slack the writer
+    would wake ``ping_interval`` after the ping, find the next one due a round trip later,
+    and wake again for it. With it, a quiet connection costs one wake-up per ping.
 
     Args:
         ping_interval: Seconds of silence before a ping.
@@ -62,7 +70,7 @@ class Keepalive:
             else:
                 self.deadline = min(self._pinged + self.idle_timeout, now + self.ping_interval)
                 return KeepaliveAction.WAIT
-        if now >= heard + self.ping_interval:
+        if now >= heard + self.ping_interval * (1 - _SLACK):
             self._pinged = heard
             self.deadline = min(heard + self.idle_timeout, now + self.ping_interval)
             return KeepaliveAction.PING
