@@ -287,6 +287,15 @@ def test_close_with_a_one_byte_payload_is_refused_1002() -> None:
     assert refused(FrameReader(LIMIT), frame(OP_CLOSE, b"\x03")) == 1002
 
 
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011,
+                                  1012, 1013, 1014, 3000, 3999, 4000, 4999])
+def test_valid_close_code_is_accepted(code: int) -> None:
+    """RFC 6455 §7.4 and the IANA registry: 1012-1014 too (a client may well retry on
+    them, as chatd's own client library does)."""
+    data = frame(OP_CLOSE, close_payload(code, "bye \u00e9".encode()))
+    assert FrameReader(LIMIT).feed(data) == [Close(code, "bye \u00e9")]
+
+
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999,
                                   5000, 65535])
 def test_invalid_close_code_is_refused_1002(code: int) -> None:

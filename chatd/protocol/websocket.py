@@ -192,8 +192,14 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
 
 
 def _valid_close_code(code: int) -> bool:
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or (
-        3000 <= code <= 4999)
+    """Whether a peer may send ``code`` in a close frame.
+
+    RFC 6455 §7.4 leaves 1000-2999 to the IANA registry, which assigns 1000-1003 and
+    1007-1014 (1012-1014: service restart, try again later, bad gateway); 1004 is
+    reserved and 1005, 1006 and 1015 must never be sent. 3000-4999 belong to libraries
+    and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class FrameReader:
