@@ -178,6 +178,13 @@ def test_control_frame_over_125_bytes_is_refused_1002(opcode: int) -> None:
 
 
 @pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
+def test_control_frame_with_an_extended_length_is_refused_from_its_header(opcode: int) -> None:
+    """A control frame's 7-bit length of 126 or 127 already says it is too long."""
+    assert refused(FrameReader(LIMIT), frame(opcode, b"x" * 126)[:2]) == 1002
+    assert refused(FrameReader(LIMIT), frame(opcode, b"x" * 5, length_bytes=8)[:2]) == 1002
+
+
+@pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
 def test_fragmented_control_frame_is_refused_1002(opcode: int) -> None:
     assert refused(FrameReader(LIMIT), frame(opcode, b"x", fin=False)[:2]) == 1002
 
@@ -191,6 +198,17 @@ def test_control_frame_of_125_bytes_is_accepted() -> None:
 @pytest.mark.parametrize("opcode", [OP_BINARY, OP_CONTINUATION, OP_PING])
 def test_reserved_bits_are_refused_1002_from_the_header(rsv: int, opcode: int) -> None:
     assert refused(FrameReader(LIMIT), frame(opcode, b"abc", rsv=rsv)[:2]) == 1002
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+def test_reserved_opcode_is_refused_1002_as_soon_as_the_header_arrives(opcode: int) -> None:
+    """Only the 2-byte header is fed: the refusal must not wait for the mask or payload."""
+    assert refused(FrameReader(LIMIT), frame(opcode, b"abc")[:2]) == 1002
+
+
+@pytest.mark.parametrize("opcode", [3, 11])
+def test_reserved_opcode_with_a_long_payload_is_refused_from_the_header(opcode: int) -> None:
+    assert refused(FrameReader(LIMIT), frame(opcode, b"x" * 70000)[:2]) == 1002
 
 
 @pytest.mark.parametrize(("size", "length_bytes"), [(0, 2), (125, 2), (0, 8), (65535, 8)])

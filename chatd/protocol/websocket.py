@@ -253,27 +253,31 @@ class FrameReader:
             if not second & 0x80:
                 raise WebSocketError(1002, "client frames must be masked")
             opcode = first & 0x0F
+            if opcode & 0x07 > 2:  # 3-7 and 11-15: refused before the rest arrives
+                raise WebSocketError(1002, f"reserved opcode {opcode}")
             length = second & 0x7F
             head = pos + 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length = int.from_bytes(buf[head:head + 2], "big")
-                head += 2
-                if length < 126:
-                    raise WebSocketError(1002, "frame length not minimally encoded")
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length = int.from_bytes(buf[head:head + 8], "big")
-                head += 8
-                if length < 65536 or length >> 63:
-                    raise WebSocketError(1002, "frame length not minimally encoded")
             if opcode >= 8:
                 if not first & 0x80 or length > 125:
                     raise WebSocketError(1002, "control frames are short and unfragmented")
-            elif self._size + length > self._max_message:
-                raise WebSocketError(1009, f"message larger than {self._max_message} bytes")
+            else:
+                if length == 126:
+                    if end - pos < 4:
+                        break
+                    length = int.from_bytes(buf[head:head + 2], "big")
+                    head += 2
+                    if length < 126:
+                        raise WebSocketError(1002, "frame length not minimally encoded")
+                elif length == 127:
+                    if end - pos < 10:
+                        break
+                    length = int.from_bytes(buf[head:head + 8], "big")
+                    head += 8
+                    if length < 65536 or length >> 63:
+                        raise WebSocketError(1002, "frame length not minimally encoded")
+                if self._size + length > self._max_message:
+                    raise WebSocketError(
+                        1009, f"message larger than {self._max_message} bytes")
             start = head + 4
             if end < start + length:
                 break
@@ -310,9 +314,7 @@ class FrameReader:
             return Ping(payload)
         if opcode == OP_PONG:
             return Pong(payload)
-        if opcode == OP_CLOSE:
-            return _close(payload)
-        raise WebSocketError(1002, f"unknown opcode {opcode}")
+        return _close(payload)  # the last opcode left: the header refused reserved ones
 
     @staticmethod
     def _message(text: bool, payload: bytes) -> Message:
