@@ -271,6 +271,22 @@ def test_text_that_is_not_utf8_is_refused_1007(payload: bytes) -> None:
     assert refused(FrameReader(LIMIT), frame(OP_TEXT, payload)) == 1007
 
 
+@pytest.mark.parametrize("first", [b"\xff", b"ok \xc3\x28", b"\xf4\x90", b"\xed\xa0",
+                                   b"\xed\xbf", b"\xe0\x80"])
+def test_invalid_utf8_is_refused_1007_at_the_first_fragment(first: bytes) -> None:
+    """The first fragment can never become UTF-8: refused before the final one arrives."""
+    reader = FrameReader(LIMIT)
+    assert refused(reader, frame(OP_TEXT, first, fin=False)) == 1007
+    with pytest.raises(WebSocketError):
+        reader.feed(frame(OP_CONTINUATION, b"a"))
+
+
+def test_invalid_utf8_is_refused_1007_at_the_fragment_that_makes_it_invalid() -> None:
+    reader = FrameReader(LIMIT)
+    assert reader.feed(frame(OP_TEXT, b"ok \xe2\x82", fin=False)) == []  # may become a euro
+    assert refused(reader, frame(OP_CONTINUATION, b"(", fin=False)) == 1007
+
+
 @pytest.mark.parametrize("cuts", [(1,), (2,), (1, 2), (1, 2, 3), (3,)])
 def test_multibyte_character_split_across_fragments_is_accepted(cuts: tuple[int, ...]) -> None:
     text = "\U0001f600"  # four bytes in UTF-8

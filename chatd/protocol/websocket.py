@@ -4,8 +4,9 @@ chatd's server speaks WebSocket through this module rather than a general-purpos
 because the per-message path is where its CPU goes: a client message costs one buffer
 slice, one XOR over the payload and one object, and a server message costs one header and
 one concatenation. Only what a chat server needs is here. Frames from clients must be
-masked; fragmented messages are reassembled up to ``max_message`` bytes; pings are
-answered by the caller; there are no extensions (so no compression) and no subprotocols.
+masked; fragmented messages are reassembled up to ``max_message`` bytes, text checked as
+UTF-8 fragment by fragment; pings are answered by the caller; there are no extensions (so
+no compression) and no subprotocols.
 
 Like wsproto, nothing here does I/O: :func:`accept_handshake` turns request bytes into
 response bytes, :class:`FrameReader` turns received bytes into events, and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 
 import attrs
@@ -202,6 +204,59 @@ def _valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+class _BinaryParts:
+    """The fragments of a binary message so far."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, first: bytes) -> None:
+        self._parts = [first]
+
+    def add(self, payload: bytes, fin: bool) -> Message | None:
+        """Add the next fragment; the whole message once ``fin`` marks the last one."""
+        self._parts.append(payload)
+        return Message(b"".join(self._parts)) if fin else None
+
+
+class _TextParts:
+    """The fragments of a text message so far, checked and decoded as each arrives.
+
+    RFC 6455 §8.1 has an endpoint fail the connection as soon as the bytes it reads as
+    UTF-8 are not UTF-8, so a fragment that no later one could make valid is refused when
+    it arrives, not when the message is whole; a character split between fragments is
+    fine. Python's UTF-8 decoder, told that more may follow, raises for every such fragment
+    but one kind: it leaves ``ED A0``-``ED BF`` at the end undecoded, although that start
+    of a UTF-16 surrogate can never be UTF-8, so that tail is checked here.
+
+    Raises:
+        WebSocketError: 1007 when the text is not UTF-8, from the constructor (the first
+            fragment) or :meth:`add`.
+    """
+
+    __slots__ = ("_chars", "_tail")
+
+    def __init__(self, first: bytes) -> None:
+        self._chars: list[str] = []
+        #: The start of a character that the next fragment continues (at most 3 bytes).
+        self._tail = b""
+        self.add(first, False)
+
+    def add(self, payload: bytes, fin: bool) -> Message | None:
+        """Add the next fragment; the whole message once ``fin`` marks the last one."""
+        data = self._tail + payload if self._tail else payload
+        try:
+            text, used = codecs.utf_8_decode(data, "strict", fin)
+        except UnicodeDecodeError:
+            raise WebSocketError(1007, "text message is not UTF-8") from None
+        self._chars.append(text)
+        if fin:
+            return Message("".join(self._chars))
+        tail = self._tail = data[used:]
+        if tail[:1] == b"\xed" and tail[1:2] >= b"\xa0":
+            raise WebSocketError(1007, "text message is not UTF-8")
+        return None
+
+
 class FrameReader:
     """Parses masked client frames from a byte stream into :data:`Event` objects.
 
@@ -210,14 +265,14 @@ class FrameReader:
             a larger one raises ``WebSocketError(1009)`` as soon as its header says so.
     """
 
-    __slots__ = ("_buffer", "_events", "_max_message", "_parts", "_size", "_text", "error")
+    __slots__ = ("_buffer", "_events", "_max_message", "_partial", "_size", "error")
 
     def __init__(self, max_message: int) -> None:
         self._max_message = max_message
         self._buffer = b""
-        self._parts: list[bytes] | None = None
+        #: The fragmented message being received, if one is.
+        self._partial: _BinaryParts | _TextParts | None = None
         self._size = 0
-        self._text = False
         self._events: list[Event] = []
         #: The violation that ended the stream, once there is one.
         self.error: WebSocketError | None = None
@@ -294,22 +349,22 @@ class FrameReader:
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> Event | None:
         if opcode in (OP_BINARY, OP_TEXT):
-            if self._parts is not None:
+            if self._partial is not None:
                 raise WebSocketError(1002, "new message before the last one finished")
             if fin:
                 return self._message(opcode == OP_TEXT, payload)
-            self._parts, self._size, self._text = [payload], len(payload), opcode == OP_TEXT
+            self._size = len(payload)
+            self._partial = _TextParts(payload) if opcode == OP_TEXT else _BinaryParts(payload)
             return None
         if opcode == OP_CONTINUATION:
-            if self._parts is None:
+            partial = self._partial
+            if partial is None:
                 raise WebSocketError(1002, "continuation frame outside a message")
-            self._parts.append(payload)
             self._size += len(payload)
-            if not fin:
-                return None
-            data = b"".join(self._parts)
-            self._parts, self._size = None, 0
-            return self._message(self._text, data)
+            message = partial.add(payload, fin)
+            if fin:
+                self._partial, self._size = None, 0
+            return message
         if opcode == OP_PING:
             return Ping(payload)
         if opcode == OP_PONG:
