@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import tracemalloc
 
 import pytest
 
@@ -373,6 +374,30 @@ def test_events_before_an_error_come_first_and_the_error_is_sticky() -> None:
     assert reader.error is not None and reader.error.code == 1002
     assert refused(reader, b"") == 1002
     assert refused(reader, frame(OP_BINARY, b"more")) == 1002
+
+
+def test_large_message_in_small_reads_allocates_in_proportion_to_its_size() -> None:
+    """The receive buffer grows in place: a read allocates about its own size, not the
+    size of everything buffered, so a large message in many reads costs O(n), not O(n²).
+
+    Measured in bytes allocated (tracemalloc's peak during each read), never in time.
+    """
+    size = 1 << 18
+    data = frame(OP_BINARY, bytes(size))
+    reads = [data[i:i + 512] for i in range(0, len(data), 512)]
+    reader = FrameReader(size)
+    allocated = 0
+    tracemalloc.start()
+    try:
+        for chunk in reads[:-1]:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            assert reader.feed(chunk) == []
+            allocated += tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert reader.feed(reads[-1]) == [ws.Message(bytes(size))]
+    assert allocated < 4 * size, f"{allocated} bytes allocated for a {size}-byte message"
 
 
 # -- the upgrade handshake ---------------------------------------------------------------

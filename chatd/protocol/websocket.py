@@ -183,7 +183,7 @@ class Close:
 Event = Message | Ping | Pong | Close
 
 
-def _unmask(payload: bytes, mask: bytes) -> bytes:
+def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """XOR ``payload`` with the repeating 4-byte ``mask``, as one big-integer operation."""
     size = len(payload)
     if not size:
@@ -269,7 +269,8 @@ class FrameReader:
 
     def __init__(self, max_message: int) -> None:
         self._max_message = max_message
-        self._buffer = b""
+        #: Received bytes of a frame not yet complete; empty between frames.
+        self._buffer = bytearray()
         #: The fragmented message being received, if one is.
         self._partial: _BinaryParts | _TextParts | None = None
         self._size = 0
@@ -296,7 +297,14 @@ class FrameReader:
             raise
 
     def _parse(self, data: bytes) -> list[Event]:
-        buf = self._buffer + data if self._buffer else data
+        # While nothing is buffered, frames are parsed straight from ``data``. Only the
+        # start of a frame not complete yet is kept, in a bytearray that grows in place,
+        # so a large message arriving in many small reads is copied once, not per read.
+        buffer = self._buffer
+        buf: bytes | bytearray = data
+        if buffer:
+            buffer += data
+            buf = buffer
         end = len(buf)
         pos = 0
         events: list[Event] = []
@@ -344,7 +352,10 @@ class FrameReader:
                 if type(event) is Close:
                     pos = end  # nothing after a close frame counts
                     break
-        self._buffer = buf[pos:] if pos < end else b""
+        if buf is buffer:
+            del buffer[:pos]  # CPython moves the start; it compacts when half is unused
+        elif pos < end:
+            buffer += memoryview(data)[pos:]
         return events
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> Event | None:
