@@ -482,6 +482,12 @@ def test_partial_request_returns_none() -> None:
         assert accept_handshake(request[:cut]) is None
 
 
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.2", "HTTP/1.9"])
+def test_http_1_1_and_later_are_accepted(version: str) -> None:
+    """RFC 6455 §4.2.1: an HTTP/1.1 or higher GET request."""
+    assert accept_handshake(upgrade(f"GET /chat {version}")) is not None
+
+
 @pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/0.9", "HTTP/2.0", "HTTP/1.1x",
                                      "HTTP/1.", "HTTP/11", "HTTPS/1.1", "http/1.1"])
 def test_http_1_0_and_other_versions_are_refused_400(version: str) -> None:

@@ -55,6 +55,9 @@ OP_PONG = 0xA
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _REQUEST_END = b"\r\n\r\n"
 _GET = b"GET "
+#: RFC 6455 §4.2.1 asks for "HTTP/1.1 or higher"; RFC 9112 §2.3 gives the version one digit
+#: on each side of the dot, and HTTP/2 and later are not spoken in this text form.
+_HTTP_VERSIONS = frozenset(f"HTTP/1.{minor}" for minor in range(1, 10))
 
 
 class HandshakeError(Exception):
@@ -106,8 +109,8 @@ def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
         raise HandshakeError(400, "malformed request line")
     if request[0] != "GET":
         raise HandshakeError(400, "only GET upgrades to WebSocket")
-    if request[2] != "HTTP/1.1":
-        raise HandshakeError(400, "WebSocket needs HTTP/1.1")
+    if request[2] not in _HTTP_VERSIONS:
+        raise HandshakeError(400, "WebSocket needs HTTP/1.1 or a later HTTP/1.x")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
