@@ -530,6 +530,19 @@ def test_other_websocket_version_is_refused_426_naming_13(version: str | None) -
     assert b"\r\nSec-WebSocket-Version: 13\r\n" in err.response
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Key", "AAAAAAAAAAAAAAAAAAAAAA=="),
+    ("Sec-WebSocket-Version", "13"), ("Host", "server.example.com"), ("host", "evil.example"),
+])
+def test_header_that_must_be_single_is_refused_400_when_repeated(name: str,
+                                                                 value: str) -> None:
+    """RFC 6455 §11.3.1 and §11.3.5 (the key and the version) and RFC 9112 §3.2 (Host)."""
+    err = handshake_refused(upgrade(extra=((name, value),)))
+    assert err.status == 400
+    assert "more than once" in str(err)
+    assert err.response.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
 @pytest.mark.parametrize("line", ["NoColon", ": no name", "Name : space before colon",
                                   " folded: line", "\tfolded: line"])
 def test_malformed_header_line_is_refused_400(line: str) -> None:

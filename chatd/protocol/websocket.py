@@ -58,6 +58,8 @@ _GET = b"GET "
 #: RFC 6455 §4.2.1 asks for "HTTP/1.1 or higher"; RFC 9112 §2.3 gives the version one digit
 #: on each side of the dot, and HTTP/2 and later are not spoken in this text form.
 _HTTP_VERSIONS = frozenset(f"HTTP/1.{minor}" for minor in range(1, 10))
+#: Headers a request may carry only once (see :func:`accept_handshake`).
+_SINGLE_HEADERS = frozenset({"host", "sec-websocket-key", "sec-websocket-version"})
 
 
 class HandshakeError(Exception):
@@ -83,6 +85,14 @@ _STATUS_TEXT = {400: "Bad Request", 426: "Upgrade Required"}
 
 def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
     """Check a client's upgrade request and build the 101 response.
+
+    The request must be a ``GET`` over HTTP/1.1 or a later HTTP/1.x (RFC 6455 §4.2.1).
+    Header names are case-insensitive. ``Host``, ``Sec-WebSocket-Key`` and
+    ``Sec-WebSocket-Version`` must appear once (RFC 9112 §3.2; RFC 6455 §11.3.1 and
+    §11.3.5): a request repeating one is refused with 400 rather than guessed at, since
+    two keys or two hosts mean a broken client or a request spliced together on the way.
+    Other headers may repeat, their lines joined by commas: for ``Connection`` and
+    ``Upgrade``, which are comma-separated lists, that makes one list (RFC 9110 §5.3).
 
     Args:
         data: Bytes received so far on a new connection.
@@ -118,7 +128,12 @@ def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
             raise HandshakeError(400, "malformed header line")
         key = name.lower()
         value = value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if key not in headers:
+            headers[key] = value
+        elif key in _SINGLE_HEADERS:
+            raise HandshakeError(400, f"the {name} header appears more than once")
+        else:
+            headers[key] = f"{headers[key]}, {value}"
     if "host" not in headers:
         raise HandshakeError(400, "missing Host header")
     tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
