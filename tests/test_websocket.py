@@ -348,6 +348,15 @@ def test_nothing_after_a_close_counts() -> None:
     assert reader.feed(stream) == [Close(1000, "")]
 
 
+def test_nothing_after_a_close_counts_in_later_reads_either() -> None:
+    reader = FrameReader(LIMIT)
+    assert reader.feed(frame(OP_PING) + frame(OP_CLOSE)[:1]) == [ws.Ping(b"")]
+    assert reader.feed(frame(OP_CLOSE)[1:]) == [Close(1005, "")]
+    assert reader.feed(frame(OP_BINARY, b"late")) == []
+    assert reader.feed(b"\xff\xff garbage") == []
+    assert reader.error is None
+
+
 # -- pings and pongs ---------------------------------------------------------------------
 
 

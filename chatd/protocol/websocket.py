@@ -283,7 +283,8 @@ class FrameReader:
             a larger one raises ``WebSocketError(1009)`` as soon as its header says so.
     """
 
-    __slots__ = ("_buffer", "_events", "_max_message", "_partial", "_size", "error")
+    __slots__ = ("_buffer", "_ended", "_events", "_max_message", "_partial", "_size",
+                 "error")
 
     def __init__(self, max_message: int) -> None:
         self._max_message = max_message
@@ -293,22 +294,30 @@ class FrameReader:
         self._partial: _BinaryParts | _TextParts | None = None
         self._size = 0
         self._events: list[Event] = []
+        #: Whether a close frame or a violation ended the stream.
+        self._ended = False
         #: The violation that ended the stream, once there is one.
         self.error: WebSocketError | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes and return every event they complete, in order.
 
+        Once a close frame has been returned, nothing after it counts: this call and
+        every later one return nothing more.
+
         Raises:
             WebSocketError: The stream breaks the protocol or the size limit. Events
                 completed before the offending frame are returned first; the error is
                 raised by the next call, and by every call after it.
         """
-        if self.error is not None:
-            raise self.error
+        if self._ended:
+            if self.error is not None:
+                raise self.error
+            return []
         try:
             return self._parse(data)
         except WebSocketError as err:
+            self._ended = True
             self.error = err
             if self._events:
                 return self._events
@@ -368,6 +377,7 @@ class FrameReader:
             if event is not None:
                 events.append(event)
                 if type(event) is Close:
+                    self._ended = True
                     pos = end  # nothing after a close frame counts
                     break
         if buf is buffer:
