@@ -2,13 +2,21 @@
 
 Everything here is synchronous, in wsproto's style: client frames are built by hand, byte
 by byte, and fed to a :class:`FrameReader`; upgrade requests are fed to
-:func:`accept_handshake`. The file has two parts:
+:func:`accept_handshake`. The file has three parts:
 
 * the frame layer: masking, fragmentation, control frames, reserved bits and opcodes,
   lengths, the size limit, UTF-8 (also across fragments), close frames, pings and pongs,
   and how errors are reported;
 * the upgrade handshake: the request line, the headers (missing, invalid, repeated), the
-  size limit, and partial requests.
+  size limit, and partial requests;
+* a Hypothesis differential test: the same client byte stream, valid or not, cut into
+  random reads, is fed to chatd's reader and to wsproto's server connection (the reference
+  parser), and both must see the same messages, pings, pongs and close, or fail with the
+  same close code. Where wsproto departs from RFC 6455 the test follows the RFC; each
+  departure is listed at :func:`rfc_wsproto`.
+
+The file is over 500 lines because it tests one module and its parts share one frame
+builder (:func:`frame`); the differential part builds its streams with it too.
 """
 
 from __future__ import annotations
@@ -17,8 +25,33 @@ import base64
 import hashlib
 import itertools
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameProtocol,
+    MessageDecoder,
+    ParseFailed,
+)
 
 from chatd.protocol import websocket as ws
 from chatd.protocol.websocket import (
@@ -584,3 +617,249 @@ def test_refusal_is_a_complete_http_response() -> None:
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"\r\nConnection: close" in head
     assert f"Content-Length: {len(body)}".encode() in head
+
+
+# -- differential test against wsproto ---------------------------------------------------
+
+#: Close codes wsproto wrongly refuses: assigned in the IANA registry that RFC 6455 §7.4.2
+#: defers to for 1000-2999 (1014: Bad Gateway).
+IANA_CODES_WSPROTO_LACKS = {1014: CloseReason.INTERNAL_ERROR}
+
+
+@contextmanager
+def rfc_wsproto() -> Iterator[None]:
+    """Make wsproto follow RFC 6455 where it departs from it, for the differential test.
+
+    The departures, each corrected here and nowhere else:
+
+    * Close code 1014 (Bad Gateway, in the IANA registry RFC 6455 §7.4.2 defers to) is
+      refused by wsproto as an unknown reserved code, because its ``CloseReason`` lacks
+      it. Corrected by checking such a close frame as if it carried 1011 (valid, with the
+      same reason rules), then reporting the real code.
+    * A text fragment ending in ``ED A0``-``ED BF`` (the start of a UTF-16 surrogate,
+      which no byte can complete into UTF-8) is refused by wsproto only when the next byte
+      arrives, possibly after control frames or a close, because Python's incremental
+      UTF-8 decoder keeps such a prefix pending. RFC 6455 §8.1 and chatd refuse a text
+      message as soon as it cannot be UTF-8. Corrected by refusing such a pending prefix
+      at once.
+
+    Both corrections replace methods of wsproto's own (``_process_close`` is private),
+    which is why pyproject.toml keeps wsproto below its next major version.
+
+    Yields:
+        Nothing; wsproto is patched while the context is open.
+    """
+    process_close = FrameProtocol._process_close
+    process_frame = MessageDecoder.process_frame
+
+    def rfc_process_close(self: FrameProtocol, parsed: Any) -> Any:
+        code = int.from_bytes(parsed.payload[:2], "big")
+        if len(parsed.payload) < 2 or code not in IANA_CODES_WSPROTO_LACKS:
+            return process_close(self, parsed)
+        stand_in = IANA_CODES_WSPROTO_LACKS[code].to_bytes(2, "big") + parsed.payload[2:]
+        checked = process_close(self, parsed._replace(payload=stand_in))
+        return checked._replace(payload=(code, checked.payload[1]))
+
+    def rfc_process_frame(self: MessageDecoder, parsed: Any) -> Any:
+        result = process_frame(self, parsed)
+        if self.decoder is not None:  # a text message goes on
+            pending = self.decoder.getstate()[0]
+            if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0":
+                raise ParseFailed("surrogate in text", CloseReason.INVALID_FRAME_PAYLOAD_DATA)
+        return result
+
+    with (mock.patch.object(FrameProtocol, "_process_close", rfc_process_close),
+          mock.patch.object(MessageDecoder, "process_frame", rfc_process_frame)):
+        yield
+
+
+#: Byte sequences that make text interesting for a UTF-8 checker: valid characters of
+#: every length, each split in two, and sequences that can never be UTF-8.
+UTF8_PIECES = (b"a", b"\xc3\xa9", b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xc3", b"\xa9",
+               b"\xe2\x82", b"\xac", b"\xf0\x9f", b"\x98\x80", b"\xff", b"\xc0\xaf",
+               b"\xed\xa0", b"\xed\xa0\x80", b"\xf4\x90", b"\xe0\x80", b"\x80")
+#: Close codes: every kind of valid and invalid one, besides random ones.
+CLOSE_CODES = (0, 999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010,
+               1011, 1012, 1013, 1014, 1015, 1016, 2999, 3000, 3999, 4000, 4999, 5000)
+
+
+@st.composite
+def wire_frame(draw: st.DrawFn, opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One frame carrying ``payload``, usually well-formed, sometimes not: RSV bits,
+    no mask, a longer length encoding than needed, or a FIN bit cleared on a control
+    frame."""
+    if opcode >= 8:
+        fin = draw(st.sampled_from([True] * 29 + [False]))
+    flaw = draw(st.sampled_from(["none"] * 45 + ["rsv", "unmasked", "long_length"]))
+    mask = draw(st.binary(min_size=4, max_size=4))
+    rsv = draw(st.integers(1, 7)) if flaw == "rsv" else 0
+    length_bytes = None
+    if flaw == "long_length":
+        length_bytes = draw(st.sampled_from([2, 8] if len(payload) < 126 else [8]))
+    return frame(opcode, payload, fin=fin, rsv=rsv,
+                 mask=None if flaw == "unmasked" else mask, length_bytes=length_bytes)
+
+
+@st.composite
+def text_bytes(draw: st.DrawFn) -> bytes:
+    """A text payload: valid UTF-8, or UTF-8 with awkward or invalid pieces in it."""
+    if draw(st.booleans()):
+        return draw(st.text(max_size=20)).encode()
+    return b"".join(draw(st.lists(st.sampled_from(UTF8_PIECES), max_size=8)))
+
+
+@st.composite
+def data_message(draw: st.DrawFn) -> list[bytes]:
+    """A text or binary message in one to four fragments, maybe with control frames
+    between them, maybe large enough for a 2- or 8-byte length."""
+    text = draw(st.booleans())
+    size = draw(st.sampled_from(["small"] * 8 + ["medium", "large"]))
+    if size == "small":
+        payload = draw(text_bytes()) if text else draw(st.binary(max_size=40))
+    else:
+        payload = b"a" * (draw(st.integers(126, 400)) if size == "medium"
+                          else draw(st.integers(65536, 66000)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=3)))
+    bounds = [0, *cuts, len(payload)]
+    frames: list[bytes] = []
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        opcode = OP_CONTINUATION if index else OP_TEXT if text else OP_BINARY
+        last = index == len(bounds) - 2
+        frames.append(draw(wire_frame(opcode, payload[start:stop], last)))
+        if not last and draw(st.integers(0, 3)) == 0:
+            frames.append(draw(control_frame()))
+    return frames
+
+
+@st.composite
+def control_frame(draw: st.DrawFn) -> bytes:
+    """A ping, pong or close; its payload sometimes too long, a close's sometimes bad."""
+    opcode = draw(st.sampled_from([OP_PING, OP_PONG, OP_CLOSE]))
+    if opcode != OP_CLOSE:
+        long = draw(st.integers(0, 9)) == 0
+        payload = draw(st.binary(min_size=120, max_size=130) if long else st.binary(max_size=20))
+    else:
+        shape = draw(st.sampled_from(["empty", "one_byte", "code", "code", "code"]))
+        if shape == "empty":
+            payload = b""
+        elif shape == "one_byte":
+            payload = draw(st.binary(min_size=1, max_size=1))
+        else:
+            code = draw(st.sampled_from(CLOSE_CODES) | st.integers(0, 65535))
+            payload = close_payload(code, draw(text_bytes()))
+    return draw(wire_frame(opcode, payload))
+
+
+@st.composite
+def odd_frame(draw: st.DrawFn) -> bytes:
+    """A frame with any opcode, reserved ones included, or a stray continuation."""
+    opcode = draw(st.integers(0, 15))
+    return draw(wire_frame(opcode, draw(st.binary(max_size=20)), draw(st.booleans())))
+
+
+@st.composite
+def client_stream(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """A stream of client frames, and the same bytes cut into reads at random points."""
+    # Of ten parts, six are data messages, three control frames and one an odd frame.
+    kinds = draw(st.lists(st.integers(0, 9), max_size=6))
+    parts = [draw(data_message() if kind < 6 else st.builds(list, st.tuples(
+        control_frame() if kind < 9 else odd_frame()))) for kind in kinds]
+    stream = b"".join(itertools.chain.from_iterable(parts))
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    reads = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    return stream, reads
+
+
+Outcome = tuple[list[tuple[Any, ...]], int | None]
+"""What a parser made of a stream: its events, then the close code of its error, if any."""
+
+
+def chatd_outcome(reads: list[bytes]) -> Outcome:
+    """Feed ``reads`` to chatd's reader, with no size limit to speak of."""
+    reader = FrameReader(1 << 63)
+    events: list[tuple[Any, ...]] = []
+    for data in reads:
+        try:
+            new = reader.feed(data)
+        except WebSocketError as err:
+            return events, err.code
+        for event in new:
+            match event:
+                case ws.Message(data=str() as text):
+                    events.append(("text", text))
+                case ws.Message(data=bytes() as binary):
+                    events.append(("binary", binary))
+                case ws.Ping(payload=payload):
+                    events.append(("ping", payload))
+                case ws.Pong(payload=payload):
+                    events.append(("pong", payload))
+                case Close(code=code, reason=reason):
+                    events.append(("close", code, reason))
+        if reader.error is not None:
+            return events, reader.error.code
+    return events, None
+
+
+#: An upgrade request that wsproto's server accepts.
+WSPROTO_REQUEST = (b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Key: " + KEY.encode()
+                   + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def wsproto_outcome(reads: list[bytes]) -> Outcome:
+    """Feed ``reads`` to an open wsproto server connection, pieces of messages joined."""
+    conn = WSConnection(ConnectionType.SERVER)
+    conn.receive_data(WSPROTO_REQUEST)
+    assert any(isinstance(event, Request) for event in conn.events())
+    conn.send(AcceptConnection())
+    events: list[tuple[Any, ...]] = []
+    pieces: list[Any] = []
+    for data in reads:
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, Message):
+                pieces.append(event.data)
+                if event.message_finished:
+                    if isinstance(event, TextMessage):
+                        events.append(("text", "".join(pieces)))
+                    else:
+                        assert isinstance(event, BytesMessage)
+                        events.append(("binary", b"".join(bytes(p) for p in pieces)))
+                    pieces = []
+            elif isinstance(event, Ping):
+                events.append(("ping", bytes(event.payload)))
+            elif isinstance(event, Pong):
+                events.append(("pong", bytes(event.payload)))
+            elif isinstance(event, CloseConnection):
+                if conn.state is not ConnectionState.REMOTE_CLOSING:  # a parse failure
+                    return events, int(event.code)
+                events.append(("close", int(event.code), event.reason or ""))
+                return events, None
+    return events, None
+
+
+@settings(max_examples=500, deadline=timedelta(seconds=2),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(client_stream())
+def test_chatd_and_wsproto_agree_on_any_client_stream(
+        stream_and_reads: tuple[bytes, list[bytes]]) -> None:
+    stream, reads = stream_and_reads
+    with rfc_wsproto():
+        expected = wsproto_outcome(reads)
+    assert chatd_outcome(reads) == expected
+    assert chatd_outcome([stream]) == expected  # however the stream is cut
+
+
+def test_differential_setup_reports_errors_and_closes_apart() -> None:
+    """The harness itself: wsproto's parse failures and peer closes are told apart."""
+    closed = [frame(OP_BINARY, b"ok") + frame(OP_CLOSE, close_payload(1000, b"bye"))]
+    assert wsproto_outcome(closed) == ([("binary", b"ok"), ("close", 1000, "bye")], None)
+    assert wsproto_outcome([frame(OP_CLOSE, close_payload(1004))]) == ([], 1002)
+    with rfc_wsproto():
+        assert wsproto_outcome([frame(OP_CLOSE, close_payload(1014))]) == (
+            [("close", 1014, "")], None)
+        assert wsproto_outcome([frame(OP_CLOSE, close_payload(1014, b"\xff"))]) == ([], 1007)
+        assert wsproto_outcome([frame(OP_TEXT, b"\xed\xa0", fin=False)
+                                + frame(OP_PING)]) == ([], 1007)
+    assert wsproto_outcome([frame(OP_TEXT, b"\xed\xa0", fin=False) + frame(OP_PING)]) == (
+        [("ping", b"")], None)
