@@ -4,8 +4,9 @@ chatd's server speaks WebSocket through this module rather than a general-purpos
 because the per-message path is where its CPU goes: a client message costs one buffer
 slice, one XOR over the payload and one object, and a server message costs one header and
 one concatenation. Only what a chat server needs is here. Frames from clients must be
-masked; fragmented messages are reassembled up to ``max_message`` bytes; pings are
-answered by the caller; there are no extensions (so no compression) and no subprotocols.
+masked; fragmented messages are reassembled up to ``max_message`` bytes, text checked as
+UTF-8 fragment by fragment; pings are answered by the caller; there are no extensions (so
+no compression) and no subprotocols.
 
 Like wsproto, nothing here does I/O: :func:`accept_handshake` turns request bytes into
 response bytes, :class:`FrameReader` turns received bytes into events, and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 
 import attrs
@@ -53,6 +55,11 @@ OP_PONG = 0xA
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _REQUEST_END = b"\r\n\r\n"
 _GET = b"GET "
+#: RFC 6455 §4.2.1 asks for "HTTP/1.1 or higher"; RFC 9112 §2.3 gives the version one digit
+#: on each side of the dot, and HTTP/2 and later are not spoken in this text form.
+_HTTP_VERSIONS = frozenset(f"HTTP/1.{minor}" for minor in range(1, 10))
+#: Headers a request may carry only once (see :func:`accept_handshake`).
+_SINGLE_HEADERS = frozenset({"host", "sec-websocket-key", "sec-websocket-version"})
 
 
 class HandshakeError(Exception):
@@ -79,6 +86,14 @@ _STATUS_TEXT = {400: "Bad Request", 426: "Upgrade Required"}
 def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
     """Check a client's upgrade request and build the 101 response.
 
+    The request must be a ``GET`` over HTTP/1.1 or a later HTTP/1.x (RFC 6455 §4.2.1).
+    Header names are case-insensitive. ``Host``, ``Sec-WebSocket-Key`` and
+    ``Sec-WebSocket-Version`` must appear once (RFC 9112 §3.2; RFC 6455 §11.3.1 and
+    §11.3.5): a request repeating one is refused with 400 rather than guessed at, since
+    two keys or two hosts mean a broken client or a request spliced together on the way.
+    Other headers may repeat, their lines joined by commas: for ``Connection`` and
+    ``Upgrade``, which are comma-separated lists, that makes one list (RFC 9110 §5.3).
+
     Args:
         data: Bytes received so far on a new connection.
 
@@ -104,8 +119,8 @@ def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
         raise HandshakeError(400, "malformed request line")
     if request[0] != "GET":
         raise HandshakeError(400, "only GET upgrades to WebSocket")
-    if request[2] != "HTTP/1.1":
-        raise HandshakeError(400, "WebSocket needs HTTP/1.1")
+    if request[2] not in _HTTP_VERSIONS:
+        raise HandshakeError(400, "WebSocket needs HTTP/1.1 or a later HTTP/1.x")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
@@ -113,7 +128,12 @@ def accept_handshake(data: bytes) -> tuple[bytes, int] | None:
             raise HandshakeError(400, "malformed header line")
         key = name.lower()
         value = value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if key not in headers:
+            headers[key] = value
+        elif key in _SINGLE_HEADERS:
+            raise HandshakeError(400, f"the {name} header appears more than once")
+        else:
+            headers[key] = f"{headers[key]}, {value}"
     if "host" not in headers:
         raise HandshakeError(400, "missing Host header")
     tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
@@ -181,7 +201,7 @@ class Close:
 Event = Message | Ping | Pong | Close
 
 
-def _unmask(payload: bytes, mask: bytes) -> bytes:
+def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """XOR ``payload`` with the repeating 4-byte ``mask``, as one big-integer operation."""
     size = len(payload)
     if not size:
@@ -192,8 +212,67 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
 
 
 def _valid_close_code(code: int) -> bool:
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or (
-        3000 <= code <= 4999)
+    """Whether a peer may send ``code`` in a close frame.
+
+    RFC 6455 §7.4 leaves 1000-2999 to the IANA registry, which assigns 1000-1003 and
+    1007-1014 (1012-1014: service restart, try again later, bad gateway); 1004 is
+    reserved and 1005, 1006 and 1015 must never be sent. 3000-4999 belong to libraries
+    and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class _BinaryParts:
+    """The fragments of a binary message so far."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, first: bytes) -> None:
+        self._parts = [first]
+
+    def add(self, payload: bytes, fin: bool) -> Message | None:
+        """Add the next fragment; the whole message once ``fin`` marks the last one."""
+        self._parts.append(payload)
+        return Message(b"".join(self._parts)) if fin else None
+
+
+class _TextParts:
+    """The fragments of a text message so far, checked and decoded as each arrives.
+
+    RFC 6455 §8.1 has an endpoint fail the connection as soon as the bytes it reads as
+    UTF-8 are not UTF-8, so a fragment that no later one could make valid is refused when
+    it arrives, not when the message is whole; a character split between fragments is
+    fine. Python's UTF-8 decoder, told that more may follow, raises for every such fragment
+    but one kind: it leaves ``ED A0``-``ED BF`` at the end undecoded, although that start
+    of a UTF-16 surrogate can never be UTF-8, so that tail is checked here.
+
+    Raises:
+        WebSocketError: 1007 when the text is not UTF-8, from the constructor (the first
+            fragment) or :meth:`add`.
+    """
+
+    __slots__ = ("_chars", "_tail")
+
+    def __init__(self, first: bytes) -> None:
+        self._chars: list[str] = []
+        #: The start of a character that the next fragment continues (at most 3 bytes).
+        self._tail = b""
+        self.add(first, False)
+
+    def add(self, payload: bytes, fin: bool) -> Message | None:
+        """Add the next fragment; the whole message once ``fin`` marks the last one."""
+        data = self._tail + payload if self._tail else payload
+        try:
+            text, used = codecs.utf_8_decode(data, "strict", fin)
+        except UnicodeDecodeError:
+            raise WebSocketError(1007, "text message is not UTF-8") from None
+        self._chars.append(text)
+        if fin:
+            return Message("".join(self._chars))
+        tail = self._tail = data[used:]
+        if tail[:1] == b"\xed" and tail[1:2] >= b"\xa0":
+            raise WebSocketError(1007, "text message is not UTF-8")
+        return None
 
 
 class FrameReader:
@@ -204,38 +283,55 @@ class FrameReader:
             a larger one raises ``WebSocketError(1009)`` as soon as its header says so.
     """
 
-    __slots__ = ("_buffer", "_events", "_max_message", "_parts", "_size", "_text", "error")
+    __slots__ = ("_buffer", "_ended", "_events", "_max_message", "_partial", "_size",
+                 "error")
 
     def __init__(self, max_message: int) -> None:
         self._max_message = max_message
-        self._buffer = b""
-        self._parts: list[bytes] | None = None
+        #: Received bytes of a frame not yet complete; empty between frames.
+        self._buffer = bytearray()
+        #: The fragmented message being received, if one is.
+        self._partial: _BinaryParts | _TextParts | None = None
         self._size = 0
-        self._text = False
         self._events: list[Event] = []
+        #: Whether a close frame or a violation ended the stream.
+        self._ended = False
         #: The violation that ended the stream, once there is one.
         self.error: WebSocketError | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Add received bytes and return every event they complete, in order.
 
+        Once a close frame has been returned, nothing after it counts: this call and
+        every later one return nothing more.
+
         Raises:
             WebSocketError: The stream breaks the protocol or the size limit. Events
                 completed before the offending frame are returned first; the error is
                 raised by the next call, and by every call after it.
         """
-        if self.error is not None:
-            raise self.error
+        if self._ended:
+            if self.error is not None:
+                raise self.error
+            return []
         try:
             return self._parse(data)
         except WebSocketError as err:
+            self._ended = True
             self.error = err
             if self._events:
                 return self._events
             raise
 
     def _parse(self, data: bytes) -> list[Event]:
-        buf = self._buffer + data if self._buffer else data
+        # While nothing is buffered, frames are parsed straight from ``data``. Only the
+        # start of a frame not complete yet is kept, in a bytearray that grows in place,
+        # so a large message arriving in many small reads is copied once, not per read.
+        buffer = self._buffer
+        buf: bytes | bytearray = data
+        if buffer:
+            buffer += data
+            buf = buffer
         end = len(buf)
         pos = 0
         events: list[Event] = []
@@ -247,27 +343,31 @@ class FrameReader:
             if not second & 0x80:
                 raise WebSocketError(1002, "client frames must be masked")
             opcode = first & 0x0F
+            if opcode & 0x07 > 2:  # 3-7 and 11-15: refused before the rest arrives
+                raise WebSocketError(1002, f"reserved opcode {opcode}")
             length = second & 0x7F
             head = pos + 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length = int.from_bytes(buf[head:head + 2], "big")
-                head += 2
-                if length < 126:
-                    raise WebSocketError(1002, "frame length not minimally encoded")
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length = int.from_bytes(buf[head:head + 8], "big")
-                head += 8
-                if length < 65536 or length >> 63:
-                    raise WebSocketError(1002, "frame length not minimally encoded")
             if opcode >= 8:
                 if not first & 0x80 or length > 125:
                     raise WebSocketError(1002, "control frames are short and unfragmented")
-            elif self._size + length > self._max_message:
-                raise WebSocketError(1009, f"message larger than {self._max_message} bytes")
+            else:
+                if length == 126:
+                    if end - pos < 4:
+                        break
+                    length = int.from_bytes(buf[head:head + 2], "big")
+                    head += 2
+                    if length < 126:
+                        raise WebSocketError(1002, "frame length not minimally encoded")
+                elif length == 127:
+                    if end - pos < 10:
+                        break
+                    length = int.from_bytes(buf[head:head + 8], "big")
+                    head += 8
+                    if length < 65536 or length >> 63:
+                        raise WebSocketError(1002, "frame length not minimally encoded")
+                if self._size + length > self._max_message:
+                    raise WebSocketError(
+                        1009, f"message larger than {self._max_message} bytes")
             start = head + 4
             if end < start + length:
                 break
@@ -277,36 +377,38 @@ class FrameReader:
             if event is not None:
                 events.append(event)
                 if type(event) is Close:
+                    self._ended = True
                     pos = end  # nothing after a close frame counts
                     break
-        self._buffer = buf[pos:] if pos < end else b""
+        if buf is buffer:
+            del buffer[:pos]  # CPython moves the start; it compacts when half is unused
+        elif pos < end:
+            buffer += memoryview(data)[pos:]
         return events
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> Event | None:
         if opcode in (OP_BINARY, OP_TEXT):
-            if self._parts is not None:
+            if self._partial is not None:
                 raise WebSocketError(1002, "new message before the last one finished")
             if fin:
                 return self._message(opcode == OP_TEXT, payload)
-            self._parts, self._size, self._text = [payload], len(payload), opcode == OP_TEXT
+            self._size = len(payload)
+            self._partial = _TextParts(payload) if opcode == OP_TEXT else _BinaryParts(payload)
             return None
         if opcode == OP_CONTINUATION:
-            if self._parts is None:
+            partial = self._partial
+            if partial is None:
                 raise WebSocketError(1002, "continuation frame outside a message")
-            self._parts.append(payload)
             self._size += len(payload)
-            if not fin:
-                return None
-            data = b"".join(self._parts)
-            self._parts, self._size = None, 0
-            return self._message(self._text, data)
+            message = partial.add(payload, fin)
+            if fin:
+                self._partial, self._size = None, 0
+            return message
         if opcode == OP_PING:
             return Ping(payload)
         if opcode == OP_PONG:
             return Pong(payload)
-        if opcode == OP_CLOSE:
-            return _close(payload)
-        raise WebSocketError(1002, f"unknown opcode {opcode}")
+        return _close(payload)  # the last opcode left: the header refused reserved ones
 
     @staticmethod
     def _message(text: bool, payload: bytes) -> Message:
