@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, run, serve
+from daemons import CHATD, DEADLINE, Daemon, refusing_url, run, serve
 
 
 def run_sync(args: list[str], **kwargs: Any) -> Any:
@@ -103,14 +103,16 @@ async def test_lastseen_prints_presence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--url", "{server}", "--token", "not-a-token"], "chatd: error: refused: auth_failed"),
-    (["--url", "ws://127.0.0.1:9", "--token", "x"], "chatd: error: cannot connect"),
+    (["--url", "{refusing}", "--token", "x"], "chatd: error: cannot connect"),
 ])
 async def test_client_failures_exit_1_with_one_line(tmp_path: Path, args: list[str],
                                                     expected: str) -> None:
     async with daemon(tmp_path) as server:
-        argv = ["send", "--to", "bob", *[a.replace("{server}", server.url) for a in args],
-                "hi"]
-        status, out, err = await run(argv)
+        with refusing_url() as refusing:
+            argv = ["send", "--to", "bob", *[a.replace("{server}", server.url)
+                                             .replace("{refusing}", refusing) for a in args],
+                    "hi"]
+            status, out, err = await run(argv)
     assert status == 1 and out == ""
     assert err.startswith(expected) and err.count("\n") == 1
 

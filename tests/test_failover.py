@@ -10,12 +10,11 @@ handed to the application twice.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, first_line, run, serve
+from daemons import CHATD, DEADLINE, Daemon, first_line, refusing_url, run, serve
 
 from chatd.client import Backoff, Client, connect
 from chatd.protocol import Msg
@@ -23,13 +22,6 @@ from chatd.protocol import Msg
 pytestmark = pytest.mark.slow
 
 FAST = Backoff(initial=0.05, maximum=0.5)
-
-
-def dead_url() -> str:
-    """The URL of a local port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"ws://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def port_of(server: Daemon) -> str:
@@ -95,8 +87,8 @@ async def test_clients_fail_over_across_a_sigkill_and_lose_nothing(tmp_path: Pat
 
 async def test_client_tries_each_url_in_turn(tmp_path: Path) -> None:
     async with serve(tmp_path) as server:
-        with trio.fail_after(DEADLINE):
-            async with connect([dead_url(), server.url], server.token("alice"),
+        with refusing_url() as dead, trio.fail_after(DEADLINE):
+            async with connect([dead, server.url], server.token("alice"),
                                backoff=FAST) as alice:
                 assert alice.url == server.url
                 assert (await alice.send("bob", "hi")).dup is False
@@ -109,22 +101,23 @@ async def test_cli_listen_fails_over_across_a_sigkill(tmp_path: Path) -> None:
         status, _, err = await run(["send", "--url", url, "--token", alice, "--to", "bob",
                                     "before"])
         assert status == 0, err
-        async with trio.open_nursery() as nursery:
-            listen = await trio.lowlevel.open_process(
-                [*CHATD, "listen", "--url", dead_url(), "--url", url, "--token", bob,
-                 "--count", "2", "--timeout", str(DEADLINE)],
-                stdout=-1, stderr=-1)
-            assert listen.stdout is not None
-            assert b'"body":"before"' in await first_line(listen.stdout)
-            await first.crash()
-            async with serve(tmp_path, "--port", port) as second:
-                status, _, err = await run(["send", "--url", second.url, "--token", alice,
-                                            "--to", "bob", "after"])
-                assert status == 0, err
-                with trio.fail_after(DEADLINE):
-                    rest = b""
-                    async for chunk in listen.stdout:
-                        rest += chunk
-                    assert await listen.wait() == 0
-            assert b'"body":"after"' in rest and b'"body":"before"' not in rest
-            nursery.cancel_scope.cancel()
+        with refusing_url() as dead:
+            async with trio.open_nursery() as nursery:
+                listen = await trio.lowlevel.open_process(
+                    [*CHATD, "listen", "--url", dead, "--url", url, "--token", bob,
+                     "--count", "2", "--timeout", str(DEADLINE)],
+                    stdout=-1, stderr=-1)
+                assert listen.stdout is not None
+                assert b'"body":"before"' in await first_line(listen.stdout)
+                await first.crash()
+                async with serve(tmp_path, "--port", port) as second:
+                    status, _, err = await run(["send", "--url", second.url, "--token", alice,
+                                                "--to", "bob", "after"])
+                    assert status == 0, err
+                    with trio.fail_after(DEADLINE):
+                        rest = b""
+                        async for chunk in listen.stdout:
+                            rest += chunk
+                        assert await listen.wait() == 0
+                assert b'"body":"after"' in rest and b'"body":"before"' not in rest
+                nursery.cancel_scope.cancel()
