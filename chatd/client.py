@@ -129,10 +129,12 @@ class Backoff:
 _RETRY_CLOSES = frozenset({None, 1001, 1006, 1011, 1012, 1013, 1014,
                            CloseCode.IDLE_TIMEOUT, CloseCode.SLOW_CONSUMER,
                            CloseCode.TOO_MANY_CONNECTIONS})
-#: Refusals of the hello that are worth trying elsewhere.
-_RETRY_REFUSALS = frozenset({ErrorCode.SHUTTING_DOWN.value, ErrorCode.INTERNAL.value,
-                             ErrorCode.TOO_MANY_CONNECTIONS.value,
-                             ErrorCode.STORE_UNAVAILABLE.value})
+#: Error codes, refusing the hello or announcing a close, after which a client with failover
+#: connects again: those of the close codes above.
+_RETRY_ERRORS = frozenset({ErrorCode.SHUTTING_DOWN.value, ErrorCode.INTERNAL.value,
+                           ErrorCode.TOO_MANY_CONNECTIONS.value,
+                           ErrorCode.STORE_UNAVAILABLE.value, ErrorCode.IDLE_TIMEOUT.value,
+                           ErrorCode.SLOW_CONSUMER.value})
 
 
 class Client:
@@ -143,6 +145,8 @@ class Client:
     sends again every message still waiting for its ``sent`` (same ids, so none is stored
     twice), watches the same users and repeats the last ``read`` acknowledgements; pending
     :meth:`send` and :meth:`last_seen` calls carry on, and :meth:`events` goes on yielding.
+    The error frame that announces such a close (``shutting_down``...) is not yielded: the
+    client recovers from it as from a lost connection.
     """
 
     def __init__(self, urls: Sequence[str], token: str, *, resume: int, timeout: float,
@@ -330,7 +334,7 @@ class Client:
                         raise
                     self._log_failure(url, exc)
                 except ChatError as exc:
-                    if exc.code not in _RETRY_REFUSALS or not self._reconnect or (
+                    if exc.code not in _RETRY_ERRORS or not self._reconnect or (
                             not started and trio.current_time() >= give_up):
                         raise
                 else:
@@ -467,6 +471,8 @@ class Client:
             case Error(ref=ref):
                 if ErrorCode.is_fatal(frame.code):
                     self._last_error = frame
+                    if self._reconnect and frame.code in _RETRY_ERRORS:
+                        return  # the close it announces is failed over like a lost connection
                 elif ref is not None and frame.code != ErrorCode.STORE_UNAVAILABLE.value:
                     self._unsent.pop(ref, None)  # refused for good (id_conflict...)
                 await self._events_in.send(frame)
