@@ -26,7 +26,7 @@ from daemons import CHATD, DEADLINE, Daemon, first_line, refusing_url, run, serv
 from natsservers import NatsServer
 
 from chatd.auth import load_or_create_secret, mint_token
-from chatd.client import Backoff, Client, connect
+from chatd.client import Backoff, Client, Failure, connect
 from chatd.protocol import Msg
 
 pytestmark = pytest.mark.slow
@@ -198,9 +198,11 @@ async def test_client_fails_over_when_its_node_stops_gracefully(
     """The library treats the `shutting_down` error and close (1001) of a node that stops
     like a lost connection: it connects to the next URL, and the application sees no error,
     only what comes next."""
+    retries: list[Failure] = []
     async with two_nodes(tmp_path, shared_nats) as (n1, n2, token):
         with trio.fail_after(DEADLINE):
-            async with connect([n1.url, n2.url], token("bob"), backoff=FAST) as bob:
+            async with connect([n1.url, n2.url], token("bob"), backoff=FAST,
+                               on_retry=retries.append) as bob:
                 assert bob.url == n1.url
                 await stop(n1)
                 async with connect(n2.url, token("alice")) as alice:
@@ -213,3 +215,4 @@ async def test_client_fails_over_when_its_node_stops_gracefully(
                 assert [type(event) for event in events] == [Msg], events
                 assert events[0].id == "after"
                 assert (bob.url, bob.reconnects, bob.closed) == (n2.url, 1, None)
+    assert retries == [Failure(n1.url, "shutting_down: the server is shutting down", lost=True)]

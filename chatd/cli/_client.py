@@ -1,5 +1,13 @@
 """The client commands, ``chatd send``, ``listen`` and ``lastseen``: connect to a node with
-the client library, do one thing, print JSON lines."""
+the client library, do one thing, print JSON lines.
+
+Each failed attempt to connect, and each lost connection, after which the command tries
+again is reported on stderr as it happens (``chatd: cannot connect: URL: CAUSE``). ``send``
+and ``lastseen`` try each ``--url`` once in turn, and after a lost connection each once
+again, then give up (``chatd: error: cannot connect: URL: CAUSE``, the last attempt's);
+``listen`` tries as the library does by default: for its timeout (10 s) to connect the
+first time, without end after a lost connection.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,10 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed
 
 from chatd.cli._common import CommandError, emit
-from chatd.client import ChatError, Client, close_info, connect, new_id
+from chatd.client import ChatError, Client, ConnectFailed, Failure, close_info, connect, new_id
 from chatd.config import ConfigError
 from chatd.protocol import Error, ErrorCode, Msg, Receipt, Sent
 
@@ -27,16 +35,22 @@ _RANK = {"sent": 0, "delivered": 1, "read": 2}
 
 def add_client_commands(commands: Commands) -> None:
     """Add ``send``, ``listen`` and ``lastseen`` to the subcommands."""
-    def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+    def client_parser(name: str, help_text: str, *, keep_trying: bool
+                      ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
+        tries = ("tried in turn: for 10 s to connect, then without end after a lost "
+                 "connection" if keep_trying
+                 else "each is tried once in turn, and once again after a lost connection")
         sub.add_argument("--url", action="append", dest="urls", metavar="URL",
                          help="node URL (default ws://127.0.0.1:8765); give it once per "
-                              "node to fail over between them")
+                              f"node to fail over between them ({tries})")
         sub.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
                          help="token (default $CHATD_TOKEN)")
+        sub.set_defaults(keep_trying=keep_trying)
         return sub
 
-    send = client_parser("send", "send TEXT (or each line of stdin with -)")
+    send = client_parser("send", "send TEXT (or each line of stdin with -)",
+                         keep_trying=False)
     send.add_argument("--to", required=True, help="recipient user id")
     send.add_argument("--wait", choices=list(_RANK), default="sent",
                       help="state to wait for (default sent)")
@@ -45,13 +59,15 @@ def add_client_commands(commands: Commands) -> None:
     send.add_argument("text", metavar="TEXT", help="the message, or - for stdin lines")
     send.set_defaults(run=_client_command(_send_body))
 
-    listen = client_parser("listen", "print incoming messages as JSON lines")
+    listen = client_parser("listen", "print incoming messages as JSON lines",
+                           keep_trying=True)
     listen.add_argument("--read", action="store_true", help="also mark each message read")
     listen.add_argument("--count", type=int, help="exit after N messages")
     listen.add_argument("--timeout", type=float, help="seconds (default: no limit)")
     listen.set_defaults(run=_client_command(_listen_body))
 
-    lastseen = client_parser("lastseen", "print USER's presence and last seen")
+    lastseen = client_parser("lastseen", "print USER's presence and last seen",
+                             keep_trying=False)
     lastseen.add_argument("user", metavar="USER")
     lastseen.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     lastseen.set_defaults(run=_client_command(_lastseen_body))
@@ -59,17 +75,27 @@ def add_client_commands(commands: Commands) -> None:
 
 async def _with_client(args: argparse.Namespace,
                        body: Callable[[Client], Coroutine[Any, Any, None]]) -> None:
+    """Connect as the options say, run ``body``, and turn each way of failing into one
+    line."""
+    urls = _urls(args)
+    last: list[Failure] = []
+
+    def retrying(failure: Failure) -> None:
+        last[:] = [failure]
+        print(f"chatd: {failure}", file=sys.stderr, flush=True)
+
     try:
         with trio.fail_after(args.timeout) if args.timeout else _no_deadline():
-            async with connect(_urls(args), args.token) as client:
+            async with connect(urls, args.token, on_retry=retrying,
+                               attempts=None if args.keep_trying else len(urls)) as client:
                 await body(client)
     except trio.TooSlowError:
-        raise CommandError(f"timed out after {args.timeout} s") from None
+        raise CommandError(f"timed out after {args.timeout} s" + (
+            f" (the last attempt: {last[0]})" if last else "")) from None
     except ChatError as exc:
         raise CommandError(f"refused: {exc.code}: {exc.message}") from None
-    except (OSError, HandshakeError) as exc:
-        cause = exc.__cause__ or exc.__context__ or exc
-        raise CommandError(f"cannot connect to {', '.join(_urls(args))}: {cause}") from None
+    except ConnectFailed as exc:
+        raise CommandError(f"cannot connect: {exc}") from None
     except ConnectionClosed as exc:
         code, reason = close_info(exc)
         raise CommandError(f"connection closed: {code} {reason or ''}".rstrip()) from None
@@ -129,6 +155,9 @@ async def _send_body(args: argparse.Namespace, client: Client) -> None:
 
 
 def _lost(client: Client) -> str:
+    """Why the client closed for good, in one line."""
+    if client.gave_up is not None:
+        return f"cannot connect: {client.gave_up.url}: {client.gave_up.cause}"
     closed = client.closed
     if closed is None:
         return "connection closed"
@@ -162,7 +191,12 @@ async def _listen_body(args: argparse.Namespace, client: Client) -> None:
 
 
 async def _lastseen_body(args: argparse.Namespace, client: Client) -> None:
-    presence = await client.last_seen(args.user)
+    try:
+        presence = await client.last_seen(args.user)
+    except ChatError:
+        if client.gave_up is None:
+            raise
+        raise CommandError(_lost(client)) from None
     emit({"user": presence.user, "online": presence.online, "last_seen": presence.last_seen})
 
 
