@@ -7,7 +7,7 @@ configuration error. Client commands print one JSON object per line on stdout.
 
 One module per command group: :mod:`chatd.cli._serve` (``serve``; with ``--workers N``
 above 1 it supervises N node processes, :mod:`chatd.workers`), :mod:`chatd.cli._tokens`
-(``token``), :mod:`chatd.cli._nats` (``nats-config``) and :mod:`chatd.cli._client`
+(``token``, ``secret new``), :mod:`chatd.cli._nats` (``nats-config``) and :mod:`chatd.cli._client`
 (``send``, ``listen``, ``lastseen``); :mod:`chatd.cli._main` puts them together.
 """
 

@@ -11,7 +11,7 @@ from chatd.cli._client import add_client_commands
 from chatd.cli._common import CommandError
 from chatd.cli._nats import add_nats_config
 from chatd.cli._serve import add_serve
-from chatd.cli._tokens import add_token
+from chatd.cli._tokens import add_secret, add_token
 from chatd.config import ConfigError
 
 __all__ = ["main", "parser"]
@@ -24,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve(commands)
     add_token(commands)
+    add_secret(commands)
     add_nats_config(commands)
     add_client_commands(commands)
     return parser
