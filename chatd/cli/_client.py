@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,6 +25,7 @@ from trio_websocket import ConnectionClosed
 from chatd.cli._common import CommandError, emit
 from chatd.client import ChatError, Client, ConnectFailed, Failure, close_info, connect, new_id
 from chatd.config import ConfigError
+from chatd.dial import client_context
 from chatd.protocol import Error, ErrorCode, Msg, Receipt, Sent
 
 __all__ = ["add_client_commands"]
@@ -46,6 +49,9 @@ def add_client_commands(commands: Commands) -> None:
                               f"node to fail over between them ({tries})")
         sub.add_argument("--token", default=os.environ.get("CHATD_TOKEN"),
                          help="token (default $CHATD_TOKEN)")
+        sub.add_argument("--ca-file", type=Path, metavar="FILE",
+                         help="for wss:// URLs: trust the CA certificates (PEM) in FILE "
+                              "instead of the system's")
         sub.set_defaults(keep_trying=keep_trying)
         return sub
 
@@ -78,6 +84,7 @@ async def _with_client(args: argparse.Namespace,
     """Connect as the options say, run ``body``, and turn each way of failing into one
     line."""
     urls = _urls(args)
+    ca = _ca_context(args.ca_file) if args.ca_file is not None else None
     last: list[Failure] = []
 
     def retrying(failure: Failure) -> None:
@@ -86,7 +93,7 @@ async def _with_client(args: argparse.Namespace,
 
     try:
         with trio.fail_after(args.timeout) if args.timeout else _no_deadline():
-            async with connect(urls, args.token, on_retry=retrying,
+            async with connect(urls, args.token, on_retry=retrying, ca=ca,
                                attempts=None if args.keep_trying else len(urls)) as client:
                 await body(client)
     except trio.TooSlowError:
@@ -99,6 +106,20 @@ async def _with_client(args: argparse.Namespace,
     except ConnectionClosed as exc:
         code, reason = close_info(exc)
         raise CommandError(f"connection closed: {code} {reason or ''}".rstrip()) from None
+
+
+def _ca_context(path: Path) -> ssl.SSLContext:
+    """The TLS context that trusts the CA certificates in ``path``.
+
+    Raises:
+        CommandError: The file cannot be read, or holds no PEM certificate.
+    """
+    try:
+        return client_context(path)
+    except ssl.SSLError:
+        raise CommandError(f"the CA file {path} holds no PEM certificate") from None
+    except OSError as exc:
+        raise CommandError(f"cannot read the CA file {path}: {exc.strerror or exc}") from None
 
 
 def _urls(args: argparse.Namespace) -> list[str]:

@@ -37,7 +37,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
                        nats=getattr(args, "nats", None),
                        nats_creds=getattr(args, "nats_creds", None),
                        workers=getattr(args, "workers", None),
-                       reuse_port=getattr(args, "reuse_port", None))
+                       reuse_port=getattr(args, "reuse_port", None),
+                       tls_cert=getattr(args, "tls_cert", None),
+                       tls_key=getattr(args, "tls_key", None))
 
 
 def emit(obj: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from chatd.cli._common import CommandError, config_from_args
 from chatd.config import Config
 from chatd.logs import configure, root_cause
 from chatd.node import Node
+from chatd.tls import TlsError, server_context
 from chatd.workers import WorkersFailed, report_ready, run_workers, watch_supervisor
 
 __all__ = ["add_serve", "freeze_startup_heap", "passthrough"]
@@ -51,18 +52,32 @@ def add_serve(commands: Commands) -> None:
                             "(default 1)")
     serve.add_argument("--reuse-port", action="store_true", default=None,
                        help="listen with SO_REUSEPORT, so other processes may share the port")
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE",
+                       help="serve wss:// with this certificate chain (PEM); with --tls-key "
+                            "(default: plain ws://)")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE",
+                       help="the private key (PEM, no passphrase) of --tls-cert")
     # A worker of `chatd serve --workers`: report readiness on stdout, stop at stdin EOF.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve, serve_parser=serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Run the node (or the workers) until it stops; 0 after a graceful stop.
+
+    Raises:
+        ConfigError: The configuration is invalid.
+        CommandError: The node could not start, or failed, or a second signal cut its
+            shutdown short.
+    """
     config = config_from_args(args)
     configure(config.log_level)
     if config.workers > 1:
         try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                server_context(config.tls_cert, config.tls_key)  # before any worker starts
             run_workers(config, passthrough(args))
-        except WorkersFailed as exc:
+        except (WorkersFailed, TlsError) as exc:
             raise CommandError(str(exc)) from None
         return 0
     try:
@@ -75,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot serve on {config.host}:{config.port}: "
                                f"{leaf.strerror or leaf}") from None
         if isinstance(leaf, RestartIntensityExceeded | ValueError | ReplicaFailed
-                      | BackendUnavailable):
+                      | BackendUnavailable | TlsError):
             raise CommandError(str(leaf)) from None
         raise
     except BackendUnavailable as exc:
