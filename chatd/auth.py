@@ -150,7 +150,8 @@ def new_secret_file(path: Path) -> None:
     then the directory is fsync'd; so two processes creating it at once agree on one secret.
 
     Raises:
-        FileExistsError: ``path`` exists already (it is left as it is).
+        FileExistsError: ``path`` exists already (it is left as it is), or a file has the
+            name of one of its parent directories (``filename`` says which).
         OSError: The file or its directory cannot be written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,10 @@ def ensure_secret(path: Path) -> bool:
         return False
     try:
         new_secret_file(path)
-    except FileExistsError:  # another process created it meanwhile
-        return False
+    except FileExistsError:
+        if not path.exists():
+            raise  # not the file but a parent directory's name, taken by a file
+        return False  # another process created it meanwhile
     return True
 
 

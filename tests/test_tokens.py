@@ -61,6 +61,9 @@ def test_secret_new_makes_a_private_file_and_never_replaces_one(tmp_path: Path) 
                              "invalidate every token signed with it\n")
     assert path.read_text() == text
     assert chatd("secret", "new").returncode == 2
+    result = chatd("secret", "new", str(path / "under-a-file"))
+    assert (result.returncode, result.stderr) == (1, f"chatd: error: cannot write {path}: "
+                                                     "File exists\n")
 
 
 async def test_two_nodes_with_one_secret_file_accept_the_same_token(tmp_path: Path) -> None:

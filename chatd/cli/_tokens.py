@@ -87,9 +87,11 @@ def _secret_new(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
         new_secret_file(path)
-    except FileExistsError:
-        raise CommandError(f"{path} already exists; a new secret would invalidate every "
-                           "token signed with it") from None
+    except FileExistsError as exc:
+        if path.exists():
+            raise CommandError(f"{path} already exists; a new secret would invalidate every "
+                               "token signed with it") from None
+        raise CommandError(f"cannot write {exc.filename}: {exc.strerror}") from None
     except OSError as exc:
         raise CommandError(f"cannot write {exc.filename or path}: "
                            f"{exc.strerror or exc}") from None
