@@ -61,7 +61,8 @@ def add_client_commands(commands: Commands) -> None:
     send.add_argument("--wait", choices=list(_RANK), default="sent",
                       help="state to wait for (default sent)")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
-    send.add_argument("--id", help="message id (idempotency key) for a single message")
+    send.add_argument("--id", help="message id (idempotency key) of the one message: TEXT, "
+                                   "or the single line of stdin with -")
     send.add_argument("text", metavar="TEXT", help="the message, or - for stdin lines")
     send.set_defaults(run=_client_command(_send_body))
 
@@ -141,7 +142,7 @@ async def _send_body(args: argparse.Namespace, client: Client) -> None:
     if not bodies:
         return
     if args.id is not None and len(bodies) > 1:
-        raise ConfigError("--id names a single message; it cannot be used with -")
+        raise ConfigError(f"--id names a single message, and stdin holds {len(bodies)} lines")
     ids = [args.id] if args.id is not None else [new_id() for _ in bodies]
     states: dict[str, int] = {}
     goal = _RANK[args.wait]
