@@ -97,6 +97,17 @@ async def test_listen_reports_every_failed_attempt_while_it_keeps_trying() -> No
     assert set(lines[:4]) == wanted, lines
 
 
+async def test_a_deadline_passing_while_listen_tries_says_the_last_cause() -> None:
+    with refusing_url() as first, refusing_url() as second:
+        status, out, err = await run(["listen", "--url", first, "--url", second, "--token",
+                                      "x", "--timeout", "1"])
+    assert (status, out) == (1, "")
+    last = err.splitlines()[-1]
+    assert re.fullmatch(rf"chatd: error: timed out after 1.0 s \(last: cannot connect: "
+                        rf"({re.escape(first)}|{re.escape(second)}): Connection refused\)",
+                        last), last
+
+
 async def test_send_to_an_untrusted_certificate_says_tls() -> None:
     async with untrusted_tls_server() as url:
         started = trio.current_time()

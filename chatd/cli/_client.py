@@ -99,7 +99,7 @@ async def _with_client(args: argparse.Namespace,
                 await body(client)
     except trio.TooSlowError:
         raise CommandError(f"timed out after {args.timeout} s" + (
-            f" (the last attempt: {last[0]})" if last else "")) from None
+            f" (last: {last[0]})" if last else "")) from None
     except ChatError as exc:
         raise CommandError(f"refused: {exc.code}: {exc.message}") from None
     except ConnectFailed as exc:
