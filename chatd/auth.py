@@ -6,7 +6,8 @@ refused), the signature is compared in constant time, and ``exp`` is required.
 
 The secret is the text of a file (``<data-dir>/secret`` unless configured), used as the
 HMAC key exactly as written, without its trailing newline. On first start the daemon
-generates 32 random bytes, hex-encoded, into that file with mode 0600.
+generates 32 random bytes, hex-encoded, into that file with mode 0600
+(:func:`new_secret_file`, which ``chatd secret new`` also uses).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Claims", "TokenError", "load_or_create_secret", "mint_token", "read_secret",
-           "verify_token"]
+__all__ = ["Claims", "TokenError", "ensure_secret", "load_or_create_secret", "mint_token",
+           "new_secret_file", "read_secret", "verify_token"]
 
 _HEADER = {"alg": "HS256", "typ": "JWT"}
 _MAX_USER = 64
@@ -141,14 +142,18 @@ def read_secret(path: Path) -> bytes:
     return secret
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """Read the secret at ``path``, creating it (mode 0600, 32 random bytes as hex) if absent.
+def new_secret_file(path: Path) -> None:
+    """Create a secret file: 32 random bytes as hex and a newline, mode 0600.
 
-    Creation is atomic: the file is written under a temporary name, fsync'd, and linked
-    into place, so two processes starting at once agree on one secret.
+    Missing parent directories are created. Creation is atomic: the file is written under a
+    temporary name beside it, fsync'd, and linked into place (never over an existing file),
+    then the directory is fsync'd; so two processes creating it at once agree on one secret.
+
+    Raises:
+        FileExistsError: ``path`` exists already (it is left as it is), or a file has the
+            name of one of its parent directories (``filename`` says which).
+        OSError: The file or its directory cannot be written.
     """
-    if path.exists():
-        return read_secret(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -159,8 +164,6 @@ def load_or_create_secret(path: Path) -> bytes:
         os.close(fd)
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        pass
     finally:
         tmp.unlink()
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -168,4 +171,31 @@ def load_or_create_secret(path: Path) -> bytes:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def ensure_secret(path: Path) -> bool:
+    """Create the secret file at ``path`` unless it exists (:func:`new_secret_file`).
+
+    Returns:
+        True if this call created it.
+    """
+    if path.exists():
+        return False
+    try:
+        new_secret_file(path)
+    except FileExistsError:
+        if not path.exists():
+            raise  # not the file but a parent directory's name, taken by a file
+        return False  # another process created it meanwhile
+    return True
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the secret at ``path``, creating it first if absent (:func:`ensure_secret`).
+
+    Raises:
+        ValueError: The file is empty.
+        OSError: The file cannot be created or read.
+    """
+    ensure_secret(path)
     return read_secret(path)

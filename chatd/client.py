@@ -12,8 +12,10 @@ Example::
         async for event in client.events():
             ...
 
-The module is a little over 500 lines: the connection, the failover that outlives it and
-the state they share (outbox, resume point, subscriptions) stay together.
+The module is about 600 lines: the connection, the failover that outlives it and the
+state they share (outbox, resume point, subscriptions) stay together. Opening a
+connection (TCP, TLS, the WebSocket handshake, and the cause of a failure) is
+:mod:`chatd.dial`'s.
 """
 
 from __future__ import annotations
@@ -21,21 +23,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import random
+import ssl
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from chatd.dial import ConnectFailed, client_context, open_websocket, parse_url
 from chatd.protocol import (
     Ack,
     ClientConnection,
@@ -55,8 +55,8 @@ from chatd.protocol import (
     Welcome,
 )
 
-__all__ = ["Backoff", "ChatError", "Client", "Closed", "Event", "close_info", "connect",
-           "new_id"]
+__all__ = ["Backoff", "ChatError", "Client", "Closed", "ConnectFailed", "Event", "Failure",
+           "close_info", "connect", "new_id"]
 
 #: What :meth:`Client.events` yields.
 Event = Msg | Receipt | Presence | Sent | Error
@@ -86,6 +86,27 @@ class Closed:
     code: int | None
     reason: str | None
     error: Error | None = None
+
+
+@attrs.frozen
+class Failure:
+    """An attempt to connect that failed, or a connection that was lost.
+
+    Attributes:
+        url: The node's URL.
+        cause: Why, in words: ``Connection refused``, ``TLS: ...``, ``refused:
+            shutting_down: ...`` (a refused hello), or for a lost connection the error
+            code that announced the close (``shutting_down: the server is shutting down``)
+            or its close code.
+        lost: True if the connection had been up (it was lost), False if it never was.
+    """
+
+    url: str
+    cause: str
+    lost: bool = False
+
+    def __str__(self) -> str:
+        return f"{'connection lost' if self.lost else 'cannot connect'}: {self.url}: {self.cause}"
 
 
 class _Waiter:
@@ -129,10 +150,12 @@ class Backoff:
 _RETRY_CLOSES = frozenset({None, 1001, 1006, 1011, 1012, 1013, 1014,
                            CloseCode.IDLE_TIMEOUT, CloseCode.SLOW_CONSUMER,
                            CloseCode.TOO_MANY_CONNECTIONS})
-#: Refusals of the hello that are worth trying elsewhere.
-_RETRY_REFUSALS = frozenset({ErrorCode.SHUTTING_DOWN.value, ErrorCode.INTERNAL.value,
-                             ErrorCode.TOO_MANY_CONNECTIONS.value,
-                             ErrorCode.STORE_UNAVAILABLE.value})
+#: Error codes, refusing the hello or announcing a close, after which a client with failover
+#: connects again: those of the close codes above.
+_RETRY_ERRORS = frozenset({ErrorCode.SHUTTING_DOWN.value, ErrorCode.INTERNAL.value,
+                           ErrorCode.TOO_MANY_CONNECTIONS.value,
+                           ErrorCode.STORE_UNAVAILABLE.value, ErrorCode.IDLE_TIMEOUT.value,
+                           ErrorCode.SLOW_CONSUMER.value})
 
 
 class Client:
@@ -143,17 +166,28 @@ class Client:
     sends again every message still waiting for its ``sent`` (same ids, so none is stored
     twice), watches the same users and repeats the last ``read`` acknowledgements; pending
     :meth:`send` and :meth:`last_seen` calls carry on, and :meth:`events` goes on yielding.
+    The error frame that announces such a close (``shutting_down``...) is not yielded: the
+    client recovers from it as from a lost connection.
     """
 
     def __init__(self, urls: Sequence[str], token: str, *, resume: int, timeout: float,
-                 queue_size: int, reconnect: bool, backoff: Backoff) -> None:
+                 queue_size: int, reconnect: bool, backoff: Backoff,
+                 attempts: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                 on_retry: Callable[[Failure], None] | None = None) -> None:
         if not urls:
             raise ValueError("at least one URL is needed")
+        for url in urls:
+            parse_url(url)
+        if attempts is not None and attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {attempts}")
         self._urls = list(urls)
         self._token = token
         self._timeout = timeout
         self._reconnect = reconnect
         self._backoff = backoff
+        self._attempts = attempts
+        self._ssl_context = ssl_context
+        self._on_retry = on_retry
         self._ws: WebSocketConnection | None = None
         self._conn = ClientConnection()
         self._up = trio.Event()
@@ -168,6 +202,9 @@ class Client:
         #: when connecting again.
         self.last_seq = resume
         self.closed: Closed | None = None
+        #: The last failure, when the client gave up connecting again after losing a
+        #: connection (``attempts`` in a row failed).
+        self.gave_up: Failure | None = None
         self._last_error: Error | None = None
         self._sends: dict[str, _Waiter] = {}
         self._unsent: dict[str, Send] = {}
@@ -290,9 +327,6 @@ class Client:
         for start in range(0, len(frames), limits.max_frames):
             await ws.send_message(self._conn.send(frames[start:start + limits.max_frames]))
 
-    def _log_failure(self, url: str, exc: BaseException) -> None:
-        logger.info("connect_failed url=%s error=%s", url, type(exc).__name__)
-
     # -- receiving ---------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[Event]:
@@ -309,7 +343,8 @@ class Client:
                    ) -> None:
         """Connect, serve the connection, and (with failover) connect again, until final."""
         started = False
-        attempt = 0
+        attempt = 0  # rounds of backoff since the last connection
+        failures = 0  # failed attempts since the last connection
         give_up = trio.current_time() + self._timeout
         index = 0
         try:
@@ -318,51 +353,80 @@ class Client:
                 index += 1
                 try:
                     async with self._open(url) as first:
-                        attempt = 0
+                        attempt = failures = 0
                         if not started:
                             started = True
                             task_status.started()
                         else:
                             self.reconnects += 1
-                        final = await self._serve(first)
-                except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
-                    if not self._reconnect or (not started and trio.current_time() >= give_up):
+                        closed, final = await self._serve(first)
+                except (ConnectFailed, ChatError) as exc:
+                    if isinstance(exc, ChatError) and exc.code not in _RETRY_ERRORS:
                         raise
-                    self._log_failure(url, exc)
-                except ChatError as exc:
-                    if exc.code not in _RETRY_REFUSALS or not self._reconnect or (
-                            not started and trio.current_time() >= give_up):
-                        raise
+                    failures += 1
+                    failure = Failure(url, exc.cause if isinstance(exc, ConnectFailed)
+                                      else f"refused: {exc.code}: {exc.message}")
+                    logger.info("connect_failed url=%s cause=%s", url, failure.cause)
+                    if self._gives_up(started, failures, give_up):
+                        if not started:
+                            raise
+                        self.gave_up = failure
+                        return
+                    self._retrying(failure)
                 else:
                     if final or not self._reconnect:
+                        self.closed = closed
                         return
+                    failure = Failure(url, _lost_cause(closed), lost=True)
+                    logger.info("connection_lost url=%s cause=%s", url, failure.cause)
+                    self._retrying(failure)
                 if index % len(self._urls) == 0 or not started:
                     await trio.sleep(self._backoff.delay(attempt))
                     attempt += 1
         finally:
             self._finish()
 
+    def _gives_up(self, started: bool, failures: int, give_up: float) -> bool:
+        """Whether the client stops after ``failures`` failed attempts in a row."""
+        if self._attempts is not None and failures >= self._attempts:
+            return True
+        if started:
+            return False
+        return (self._attempts is None and not self._reconnect) or (
+            trio.current_time() >= give_up)
+
+    def _retrying(self, failure: Failure) -> None:
+        if self._on_retry is not None:
+            self._on_retry(failure)
+
     @contextlib.asynccontextmanager
     async def _open(self, url: str) -> AsyncIterator[list[Frame]]:
-        """Connect to ``url`` and log in; yields the frames that came with the welcome."""
+        """Connect to ``url`` and log in; yields the frames that came with the welcome.
+
+        Raises:
+            ConnectFailed: No connection, or no welcome within the timeout.
+            ChatError: The server refused the hello.
+        """
         conn = ClientConnection()
-        async with open_websocket_url(url, max_message_size=conn.codec.limits.max_frame_bytes,
-                                      connect_timeout=self._timeout) as ws:
-            with trio.fail_after(self._timeout):
-                await ws.send_message(conn.hello(self._token, self.last_seq))
+        async with open_websocket(url, ssl_context=self._ssl_context, timeout=self._timeout,
+                                  max_message_size=conn.codec.limits.max_frame_bytes) as ws:
+            with trio.move_on_after(self._timeout) as hello:
                 try:
+                    await ws.send_message(conn.hello(self._token, self.last_seq))
                     frames = conn.receive(await ws.get_message())
+                    welcome = frames[0]
+                    assert isinstance(welcome, Welcome)
+                    self.welcome, self.user, self.url = welcome, welcome.user, url
+                    self._conn, self._last_error = conn, None
+                    if self.reconnects or self._unsent:
+                        await self._restore(ws)
                 except ProtocolError as exc:
                     raise ChatError(exc.code.value, exc.message) from None
                 except ConnectionClosed as exc:
                     raise ChatError(close_info(exc)[1] or ErrorCode.INTERNAL.value,
                                     "connection closed during hello") from None
-                welcome = frames[0]
-                assert isinstance(welcome, Welcome)
-                self.welcome, self.user, self.url = welcome, welcome.user, url
-                self._conn, self._last_error = conn, None
-                if self.reconnects or self._unsent:
-                    await self._restore(ws)
+            if hello.cancelled_caught:
+                raise ConnectFailed(url, f"no welcome within {self._timeout:g} s")
             self._ws = ws
             self._lost = trio.Event()
             self._up.set()
@@ -374,9 +438,6 @@ class Client:
                 # else writers keep the closed one: it raises ConnectionClosed, as documented
                 self._lost.set()
                 self._up = trio.Event()
-                with trio.move_on_after(2) as scope:
-                    scope.shield = True
-                    await ws.aclose()
 
     async def _restore(self, ws: WebSocketConnection) -> None:
         """On a new connection: what the last one left unfinished, before anything else."""
@@ -395,8 +456,9 @@ class Client:
             await self._write_now(ws, [*frames, *todo])
             frames = []
 
-    async def _serve(self, first: list[Frame]) -> bool:
-        """Dispatch frames until the connection ends; True if that end is final.
+    async def _serve(self, first: list[Frame]) -> tuple[Closed, bool]:
+        """Dispatch frames until the connection ends; how it ended, and whether that is
+        final.
 
         One task dispatches, so frames reach the application in the order the server
         sent them.
@@ -412,20 +474,16 @@ class Client:
                     await self._dispatch(frame)
         except ConnectionClosed as exc:
             code, text = close_info(exc)
-            self.closed = Closed(code, text, self._last_error)
-            final = code not in _RETRY_CLOSES
+            return Closed(code, text, self._last_error), code not in _RETRY_CLOSES
         except ProtocolError as exc:
-            self.closed = Closed(None, exc.code.value, self._last_error)
             await ws.aclose(4400, exc.code.value)
-            final = True
-        if self._reconnect and not final:
-            self.closed = None
-        return final
+            return Closed(None, exc.code.value, self._last_error), True
 
     def _finish(self) -> None:
         """The client is closed for good: end the events and fail whatever waits."""
         if self.closed is None:
-            self.closed = Closed(None, "closed", self._last_error)
+            self.closed = Closed(None, "cannot_connect" if self.gave_up else "closed",
+                                 self._last_error)
         self._events_in.close()
         self._up.set()
         failure = ChatError(*self._close_cause())
@@ -436,6 +494,8 @@ class Client:
                 waiter.resolve(error=failure)
 
     def _close_cause(self) -> tuple[str, str]:
+        if self.gave_up is not None:
+            return "cannot_connect", f"{self.gave_up.url}: {self.gave_up.cause}"
         if self._last_error is not None:
             return self._last_error.code, self._last_error.message
         if self.closed is not None and self.closed.reason:
@@ -467,6 +527,8 @@ class Client:
             case Error(ref=ref):
                 if ErrorCode.is_fatal(frame.code):
                     self._last_error = frame
+                    if self._reconnect and frame.code in _RETRY_ERRORS:
+                        return  # the close it announces is failed over like a lost connection
                 elif ref is not None and frame.code != ErrorCode.STORE_UNAVAILABLE.value:
                     self._unsent.pop(ref, None)  # refused for good (id_conflict...)
                 await self._events_in.send(frame)
@@ -475,6 +537,15 @@ class Client:
                 await self._events_in.send(frame)
             case Presence():
                 await self._events_in.send(frame)
+
+
+def _lost_cause(closed: Closed) -> str:
+    """Why a connection was lost: the error that announced the close, or the close code."""
+    if closed.error is not None:
+        return f"{closed.error.code}: {closed.error.message}"
+    if closed.code is not None:
+        return f"closed with {closed.code} {closed.reason or ''}".rstrip()
+    return "the connection ended"
 
 
 def close_info(exc: ConnectionClosed) -> tuple[int | None, str | None]:
@@ -491,12 +562,16 @@ def new_id() -> str:
 @asynccontextmanager
 async def connect(url: str | Sequence[str], token: str, *, resume: int = 0,
                   timeout: float = 10.0, queue_size: int = 1024,
-                  reconnect: bool | None = None, backoff: Backoff | None = None
+                  reconnect: bool | None = None, backoff: Backoff | None = None,
+                  attempts: int | None = None,
+                  ca: str | os.PathLike[str] | ssl.SSLContext | None = None,
+                  on_retry: Callable[[Failure], None] | None = None
                   ) -> AsyncIterator[Client]:
     """Connect, authenticate, and yield a :class:`Client`; close on exit.
 
     Args:
-        url: ``ws://host:port`` of a node, or several nodes' URLs, tried in turn.
+        url: ``ws://host:port`` (or ``wss://``) of a node, or several nodes' URLs, tried in
+            turn.
         token: An HS256 JWT for the user.
         resume: The highest sequence number already processed (from a previous
             connection's :attr:`Client.last_seq`); the server treats it as acknowledged.
@@ -506,15 +581,33 @@ async def connect(url: str | Sequence[str], token: str, *, resume: int = 0,
         reconnect: Fail over when a connection is lost (see :class:`Client`). Defaults to
             on when several URLs are given, off for one.
         backoff: Delays between attempts once every URL has been tried.
+        attempts: The most attempts to connect in a row (each URL tried counts one) before
+            the client gives up: for the first connection, and with failover after each
+            lost connection (it then closes for good, with :attr:`Client.gave_up` saying
+            why). None: no limit but ``timeout`` for the first connection (tried once
+            without failover); after a lost connection, the client tries forever.
+        ca: For ``wss://``: the CA certificates (a PEM file) to trust instead of the
+            system's, or the TLS context to use.
+        on_retry: Called with a :class:`Failure` each time an attempt to connect fails, or
+            a connection is lost, and the client tries again.
 
     Raises:
         ChatError: The server refused the hello (bad token, unsupported version...).
-        trio_websocket.HandshakeError / OSError: No server could be reached.
+        ConnectFailed: No server could be reached; an :class:`OSError` whose ``cause``
+            says why (the last attempt's).
+        OSError: ``ca`` names a file that cannot be read or holds no certificate.
+        ValueError: A URL is not ``ws://`` or ``wss://``.
     """
     urls = [url] if isinstance(url, str) else list(url)
+    ssl_context: ssl.SSLContext | None = None
+    if isinstance(ca, ssl.SSLContext):
+        ssl_context = ca
+    elif any(parse_url(u)[3] for u in urls):
+        ssl_context = client_context(ca)
     client = Client(urls, token, resume=resume, timeout=timeout, queue_size=queue_size,
                     reconnect=len(urls) > 1 if reconnect is None else reconnect,
-                    backoff=backoff or Backoff())
+                    backoff=backoff or Backoff(), attempts=attempts, ssl_context=ssl_context,
+                    on_retry=on_retry)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)
@@ -526,7 +619,7 @@ async def connect(url: str | Sequence[str], token: str, *, resume: int = 0,
     except BaseExceptionGroup as group:
         # The caller's own exception surfaces as itself, not wrapped by our nursery.
         if len(group.exceptions) == 1:
-            # Keep its own cause (the OSError behind a HandshakeError, say), not the group.
+            # Keep its own cause, not the group.
             only = group.exceptions[0]
             raise only from only.__cause__
         raise

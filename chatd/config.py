@@ -99,6 +99,9 @@ class Config:
     workers: int = 1
     #: Set SO_REUSEPORT on the WebSocket sockets, so that several processes share the port.
     reuse_port: bool = False
+    #: Serve ``wss://``: the certificate chain (PEM) and its private key (:mod:`chatd.tls`).
+    tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     limits: Limits = attrs.field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
@@ -126,6 +129,8 @@ class Config:
             raise ConfigError(f"nats_replicas must be 0-5, not {self.nats_replicas}")
         if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
             raise ConfigError("nats_tls_cert and nats_tls_key go together")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1-{MAX_WORKERS}, not {self.workers}")
         if (self.workers > 1 or self.reuse_port) and not hasattr(socket, "SO_REUSEPORT"):
@@ -182,7 +187,7 @@ def _check_limits(limits: Limits) -> None:
 #: Settings whose default is None and whose value is text (paths and credentials).
 _OPTIONAL_TEXT = frozenset(("secret_file", "nats_user", "nats_password", "nats_token",
                             "nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert",
-                            "nats_tls_key"))
+                            "nats_tls_key", "tls_cert", "tls_key"))
 
 
 def _typed(cls: type[Any], table: dict[str, Any], where: str) -> dict[str, Any]:

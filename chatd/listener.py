@@ -14,6 +14,10 @@ up to a deadline, for them to finish.
 With ``reuse_port`` the listening sockets carry SO_REUSEPORT: the workers of
 ``chatd serve --workers`` each listen on the same port, and the kernel spreads new
 connections among them (:mod:`chatd.workers`).
+
+With ``tls_cert`` and ``tls_key`` every connection speaks TLS first (:mod:`chatd.tls`) and the
+listener serves ``wss://``; the certificate and key are loaded when the listener is made, so
+a file that cannot be used stops the node before it listens.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from chatd.logs import EventLog, root_cause
 from chatd.protocol import ErrorCode, ProtocolError
 from chatd.protocol.websocket import HandshakeError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
+from chatd.tls import TlsWebSocket, server_context
 from chatd.transport import ConnectionClosed, WebSocket, is_fd_exhaustion
 
 __all__ = ["Listener", "open_listening_sockets", "reserve_port", "unused_port"]
@@ -48,10 +53,16 @@ class Listener:
 
     Args:
         ctx: The services sessions use.
+
+    Raises:
+        TlsError: The configured TLS certificate or key cannot be used.
     """
 
     def __init__(self, ctx: SessionContext) -> None:
         self._ctx = ctx
+        config = ctx.config
+        self._tls = (server_context(config.tls_cert, config.tls_key)
+                     if config.tls_cert is not None and config.tls_key is not None else None)
         self._log = EventLog(logger, ctx.actors.node, "listener")
         self._accept_scope = trio.CancelScope()
         self._sessions: set[Session] = set()
@@ -77,7 +88,9 @@ class Listener:
         sockets = open_listening_sockets(config.host, config.port,
                                          reuse_port=config.reuse_port)
         host, port = sockets[0].getsockname()[:2]
-        self.url = f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
+        scheme = "ws" if self._tls is None else "wss"
+        self.url = (f"{scheme}://{host}:{port}" if ":" not in host
+                    else f"{scheme}://[{host}]:{port}")
         try:
             async with trio.open_nursery() as sessions:
                 self._accept_scope = trio.CancelScope()
@@ -130,7 +143,9 @@ class Listener:
     async def _serve(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ws = WebSocket(sock, self._ctx.config.limits.max_frame_bytes)
+        max_message = self._ctx.config.limits.max_frame_bytes
+        ws = (WebSocket(sock, max_message) if self._tls is None
+              else TlsWebSocket(sock, max_message, self._tls))
         try:
             with trio.move_on_after(self._ctx.config.handshake_timeout) as opening:
                 await ws.handshake()

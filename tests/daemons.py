@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import trio
 
 from chatd.auth import mint_token, read_secret
 
-__all__ = ["CHATD", "DEADLINE", "Daemon", "run", "serve"]
+__all__ = ["CHATD", "DEADLINE", "Daemon", "refusing_url", "run", "serve"]
 
 CHATD = [sys.executable, "-m", "chatd"]
 #: Seconds any single wait on a daemon may take.
@@ -153,3 +154,16 @@ async def first_line(stream: trio.abc.ReceiveStream) -> bytes:
         while not data.endswith(b"\n"):
             data += await stream.receive_some()
     return data
+
+
+@contextmanager
+def refusing_url() -> Iterator[str]:
+    """A ``ws://`` URL on loopback whose port refuses connections while the block runs.
+
+    The port is bound and never listened on: a connection to it is refused, and nothing
+    else can take the port meanwhile (unlike a port merely closed again, or a well-known
+    one such as 9 that some machine may serve).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"ws://127.0.0.1:{sock.getsockname()[1]}"

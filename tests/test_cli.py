@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, run, serve
+from daemons import CHATD, DEADLINE, Daemon, refusing_url, run, serve
 
 
 def run_sync(args: list[str], **kwargs: Any) -> Any:
@@ -103,14 +103,16 @@ async def test_lastseen_prints_presence(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--url", "{server}", "--token", "not-a-token"], "chatd: error: refused: auth_failed"),
-    (["--url", "ws://127.0.0.1:9", "--token", "x"], "chatd: error: cannot connect"),
+    (["--url", "{refusing}", "--token", "x"], "chatd: error: cannot connect"),
 ])
 async def test_client_failures_exit_1_with_one_line(tmp_path: Path, args: list[str],
                                                     expected: str) -> None:
     async with daemon(tmp_path) as server:
-        argv = ["send", "--to", "bob", *[a.replace("{server}", server.url) for a in args],
-                "hi"]
-        status, out, err = await run(argv)
+        with refusing_url() as refusing:
+            argv = ["send", "--to", "bob", *[a.replace("{server}", server.url)
+                                             .replace("{refusing}", refusing) for a in args],
+                    "hi"]
+            status, out, err = await run(argv)
     assert status == 1 and out == ""
     assert err.startswith(expected) and err.count("\n") == 1
 
@@ -201,7 +203,19 @@ async def test_send_stdin_edge_cases(tmp_path: Path) -> None:
         base = ["send", "--url", server.url, "--token", alice, "--to", "bob"]
         assert await run([*base, "-"], stdin=b"") == (0, "", "")
         status, _, err = await run([*base, "--id", "m1", "-"], stdin=b"a\nb\n")
-        assert status == 2 and "--id" in err
+        assert (status, err) == (2, "chatd: error: --id names a single message, and stdin "
+                                    "holds 2 lines\n")
+        status, out, err = await run([*base, "--id", "m1", "-"], stdin=b"just one\n")
+        assert status == 0, err
+        assert json_lines(out)[0]["id"] == "m1"
+
+
+def test_a_data_directory_that_is_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """The second example of status 1 in operations.md, word for word."""
+    (tmp_path / "chatd-data").write_text("")
+    result = run_sync(["serve", "--port", "0"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["chatd: error: cannot use chatd-data: File exists"]
 
 
 def test_empty_secret_file_is_a_one_line_error(tmp_path: Path) -> None:

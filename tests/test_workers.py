@@ -22,7 +22,9 @@ import pytest
 import trio
 from daemons import CHATD, DEADLINE, Daemon, serve
 
-from chatd.cli import _config, _parser, _passthrough
+from chatd.cli import parser
+from chatd.cli._common import config_from_args
+from chatd.cli._serve import passthrough
 from chatd.client import Client, connect
 from chatd.config import ConfigError, load_config
 from chatd.listener import unused_port
@@ -341,13 +343,13 @@ def test_worker_names_keep_within_32_characters() -> None:
 
 def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path) -> None:
     (tmp_path / "chatd.toml").write_text("")
-    args = _parser().parse_args([
+    args = parser().parse_args([
         "serve", "--workers", "3", "--config", str(tmp_path / "chatd.toml"),
         "--log-level", "debug",
         "--node", "edge", "--data-dir", "/srv/chatd", "--port", "9000",
         "--nats-creds", "/etc/chatd/nats.creds"])
-    config = _config(args)
-    options = _passthrough(args)
+    config = config_from_args(args)
+    options = passthrough(args)
     assert options == [f"--config={tmp_path / 'chatd.toml'}", "--log-level=debug",
                        "--nats-creds=/etc/chatd/nats.creds"]
     names = worker_names(config)
@@ -360,6 +362,6 @@ def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path)
         "--host=127.0.0.1", "--port=9000", "--data-dir=/srv/chatd/w2",
         "--secret-file=/srv/chatd/secret", "--nats=nats://127.0.0.1:4999"}
     # What a worker's own command line makes of it.
-    worker = _config(_parser().parse_args(list(argv[3:])))
+    worker = config_from_args(parser().parse_args(list(argv[3:])))
     assert (worker.workers, worker.reuse_port, worker.node, worker.port, worker.nats) == (
         1, True, "edge-w2", 9000, ("nats://127.0.0.1:4999",))
