@@ -12,8 +12,9 @@ Example::
         async for event in client.events():
             ...
 
-The module is about 600 lines: the connection, the failover that outlives it and the
-state they share (outbox, resume point, subscriptions) stay together. Opening a
+The module is about 650 lines, on purpose: the connection, the failover that outlives it
+and the state they share (outbox, resume point, subscriptions, the backlog's end) stay
+together, since each reconnection touches all of them. Opening a
 connection (TCP, TLS, the WebSocket handshake, and the cause of a failure) is
 :mod:`chatd.dial`'s.
 """
@@ -51,6 +52,7 @@ from chatd.protocol import (
     Send,
     Sent,
     Subscribe,
+    Synced,
     Unsubscribe,
     Welcome,
 )
@@ -192,6 +194,7 @@ class Client:
         self._conn = ClientConnection()
         self._up = trio.Event()
         self._lost = trio.Event()
+        self._synced = trio.Event()
         self.welcome: Welcome | None = None
         self.user = ""
         #: The URL of the node the client is (or was last) connected to.
@@ -271,6 +274,24 @@ class Client:
         await self._write([LastSeenQuery(user)])
         result: Presence = await waiter.wait()
         return result
+
+    async def wait_synced(self) -> None:
+        """Wait until the server has sent everything that was queued for this connection.
+
+        The server marks the end of the backlog it streams after the welcome (``synced``,
+        protocol version 2). When this returns, every message and receipt that was waiting
+        when the connection opened is in :meth:`events`, ahead of anything newer. After a
+        reconnection it waits for the new connection's backlog.
+
+        Raises:
+            ChatError: ``unsupported_version``: the server speaks only version 1, which
+                does not mark the end of the backlog.
+        """
+        await self._up.wait()
+        if self.welcome is not None and self.welcome.version < Synced.SINCE:
+            raise ChatError(ErrorCode.UNSUPPORTED_VERSION.value,
+                            "the server does not mark the end of the backlog (version 1)")
+        await self._synced.wait()
 
     async def subscribe(self, users: Sequence[str]) -> None:
         """Watch the presence of ``users``; updates arrive through :meth:`events`."""
@@ -418,6 +439,8 @@ class Client:
                     assert isinstance(welcome, Welcome)
                     self.welcome, self.user, self.url = welcome, welcome.user, url
                     self._conn, self._last_error = conn, None
+                    if self._synced.is_set():  # a new connection, a new backlog
+                        self._synced = trio.Event()
                     if self.reconnects or self._unsent:
                         await self._restore(ws)
                 except ProtocolError as exc:
@@ -520,7 +543,7 @@ class Client:
             case Error(ref=ref) if ref is not None and ref in self._sends:
                 self._unsent.pop(ref, None)
                 self._sends[ref].resolve(error=ChatError(frame.code, frame.message))
-            case Presence(user=user) if self._queries.get(user):
+            case Presence(user=user, watch=False) if self._queries.get(user):
                 self._queries[user].pop(0).resolve(frame)
                 if not self._queries[user]:
                     del self._queries[user]
@@ -537,6 +560,8 @@ class Client:
                 await self._events_in.send(frame)
             case Presence():
                 await self._events_in.send(frame)
+            case Synced():
+                self._synced.set()
 
 
 def _lost_cause(closed: Closed) -> str:

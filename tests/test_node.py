@@ -174,6 +174,15 @@ class Peer:
         """The next ``n`` events, all messages."""
         return [await self.next(Msg) for _ in range(n)]
 
+    def backlog(self) -> list[Event]:
+        """The events the library has already received and not yet handed over."""
+        events: list[Event] = []
+        while True:
+            try:
+                events.append(self.client._events_out.receive_nowait())
+            except trio.WouldBlock:
+                return events
+
     async def drain(self) -> tuple[list[Event], Closed]:
         """Every event until the connection ends, and how it ended."""
         events: list[Event] = []
@@ -255,6 +264,30 @@ async def test_version_2_marks_an_empty_backlog_and_version_1_gets_no_mark(
                        {"t": "lastseen", "user": "carol"})
         await raw.expect("welcome", version=1)
         await raw.expect("presence", user="carol")  # the answer came first: no mark
+
+
+async def test_client_library_waits_for_the_backlog(chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        queued = [(await alice.client.send("bob", f"queued {n}")).id for n in range(3)]
+        async with login(chat_node, "bob") as bob:
+            with trio.fail_after(TIMEOUT):
+                await bob.client.wait_synced()
+            backlog = bob.backlog()  # what the library holds for the application now
+            assert [m.id for m in backlog if isinstance(m, Msg)] == queued
+            live = await alice.client.send("bob", "live")
+            assert (await bob.next(Msg)).id == live.id
+
+
+async def test_client_library_tells_a_lastseen_answer_from_a_subscription(
+        chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        # The subscription's first state and the answer are both about bob and alike
+        # but for `watch`: each must go where it belongs, in whatever order they come.
+        await alice.client.subscribe(["bob"])
+        answer = await alice.client.last_seen("bob")
+        event = await alice.next(Presence)
+        assert (answer.user, answer.watch, event.user, event.watch) == (
+            "bob", False, "bob", True)
 
 
 @pytest.mark.parametrize("version", [1, 2])
