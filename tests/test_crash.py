@@ -78,14 +78,18 @@ async def send_all(client: Client, messages: list[tuple[str, str, str]]) -> None
     raise AssertionError(f"connection closed with {len(waiting)} messages not SENT")
 
 
-async def send_backlog(server: Daemon, to: str, count: int) -> list[str]:
+async def send_backlog(server: Daemon, to: str, count: int, *, runs: int = 1) -> list[str]:
     """``count`` messages from alice to ``to`` (offline), all SENT; their ids in order.
 
-    The ids are ``{to}-00000``...; the bodies :func:`body_of` ("alice", index, to).
+    The ids are ``{to}-00000``...; the bodies :func:`body_of` ("alice", index, to). With
+    ``runs``, they are sent in that many runs, each once the previous one is SENT, so that
+    they are written in at least that many journal batches however the store groups them.
     """
     messages = [(message_id(to, i), to, body_of("alice", i, to)) for i in range(count)]
+    size = -(-count // runs)
     async with connect(server.url, server.token("alice")) as alice:
-        await send_all(alice, messages)
+        for start in range(0, count, size):
+            await send_all(alice, messages[start:start + size])
     return [msg_id for msg_id, _, _ in messages]
 
 
@@ -418,7 +422,9 @@ async def test_damaged_replica_is_repaired_from_its_peer(tmp_path: Path,
         config.write_text(f"segment_bytes = {segment_bytes}\ncheckpoint_interval = 3600.0\n")
         args = ["--config", str(config)]
     async with serve(data, *args) as first:
-        sent = await send_backlog(first, "bob", 200)
+        # In 20 runs: a batch is never split across segments, so one pipelined burst,
+        # grouped into a single batch on a loaded machine, could fill only one.
+        sent = await send_backlog(first, "bob", 200, runs=20)
         await first.crash()
 
     replica = data / "store" / "0"
