@@ -109,7 +109,7 @@ def command(target: str, port: int, data_dir: Path, secret: Path) -> list[str]:
     store = "durable" if target == "chatd_durable" else "memory"
     return [sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--data-dir", str(data_dir), "--secret-file", str(secret), "--store", store,
-            "--log-level", "warning"]
+            "--log-level", "warning", "--http-listen", "127.0.0.1:0"]
 
 
 def prepare_child() -> None:

@@ -118,7 +118,7 @@ async def bench_node(directory: Path, writers: int, messages: int,
     data_dir = directory / f"node-{store}"
     process = subprocess.Popen(
         [sys.executable, "-m", "chatd", "serve", "--port", "0", "--data-dir", str(data_dir),
-         "--store", store], stderr=subprocess.PIPE, text=True)
+         "--store", store, "--http-listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None
         url = ""

@@ -102,6 +102,8 @@ class Config:
     #: Serve ``wss://``: the certificate chain (PEM) and its private key (:mod:`chatd.tls`).
     tls_cert: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    #: The HTTP front (health, readiness, metrics) as HOST:PORT; "" turns it off.
+    http_listen: str = "127.0.0.1:8766"
     limits: Limits = attrs.field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
@@ -131,6 +133,8 @@ class Config:
             raise ConfigError("nats_tls_cert and nats_tls_key go together")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
+        if self.http_listen:
+            host_port(self.http_listen, "http_listen (or \"\" for none)", zero=True)
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1-{MAX_WORKERS}, not {self.workers}")
         if (self.workers > 1 or self.reuse_port) and not hasattr(socket, "SO_REUSEPORT"):
@@ -157,15 +161,21 @@ _MIN_DEPTH = 3
 _FRAME_OVERHEAD = 1024
 
 
-def host_port(text: str, what: str = "address") -> tuple[str, int]:
+def host_port(text: str, what: str = "address", *, zero: bool = False) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6).
 
+    Args:
+        text: The address.
+        what: What it is, for the error.
+        zero: Whether port 0 (any free port) is allowed.
+
     Raises:
-        ConfigError: It is not HOST:PORT with a port of 1-65535.
+        ConfigError: It is not HOST:PORT with a port of 1-65535 (0-65535 with ``zero``).
     """
     host, colon, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not colon or not host or not port.isdigit() or not (
+            0 if zero else 1) <= int(port) <= 65535:
         raise ConfigError(f"{what} must be HOST:PORT, not {text!r}")
     return host, int(port)
 

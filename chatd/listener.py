@@ -77,6 +77,11 @@ class Listener:
         return len(self._sessions)
 
     @property
+    def authenticating(self) -> int:
+        """How many of them have not had their hello accepted yet."""
+        return sum(self._unauthenticated.values())
+
+    @property
     def sessions(self) -> frozenset[Session]:
         """The sessions being served now."""
         return frozenset(self._sessions)

@@ -6,6 +6,7 @@
      ├─ backend    permanent   queues, state, blobs, bus: embedded files or NATS JetStream
      ├─ registry   permanent   user -> local session; releases claims of ended sessions
      ├─ presence   permanent   last seen, online state, subscriptions
+     ├─ http       permanent   health, readiness, metrics (unless http_listen is "")
      └─ listener   permanent   WebSocket accept loop
           └─ sessions          temporary, one per connection
 
@@ -28,9 +29,11 @@ from chatd.actors import ActorTable, ChildSpec, Restart, Supervisor
 from chatd.auth import load_or_create_secret
 from chatd.backends import Backend, open_backend
 from chatd.config import Config
+from chatd.http import HttpFront
 from chatd.listener import Listener
 from chatd.logs import EventLog
 from chatd.messages import Resync
+from chatd.metrics import Metrics
 from chatd.presence import PresenceService
 from chatd.registry import Registry
 from chatd.router import Router
@@ -58,6 +61,7 @@ class Node:
 
     def __init__(self, config: Config, *, backend: Backend | None = None) -> None:
         self.config = config
+        self.metrics = Metrics(config.node)
         self.actors = ActorTable(config.node)
         self.backend = backend or open_backend(config, self.actors)
         self.registry = Registry(self.actors, self.backend.state, self.backend.bus)
@@ -65,13 +69,14 @@ class Node:
                                         threshold=config.online_threshold,
                                         last_seen_ttl=config.last_seen_ttl)
         self.router = Router(self.actors, self.registry, self.backend.queues,
-                             self.backend.bus)
+                             self.backend.bus, self.metrics)
         self.backend.bus.bind(deliver=self.router.deliver, signal=self.registry.signal,
                               presence=self.presence.heard, lost=self._resync)
         self.supervisor = Supervisor("node", node=config.node,
                                      intensity=config.restart_intensity,
                                      period=config.restart_period)
         self.listener: Listener | None = None
+        self.http: HttpFront | None = None
         self._log = EventLog(logger, config.node, "node")
         self._shutdown = trio.Event()
 
@@ -97,6 +102,18 @@ class Node:
             if mailbox is not None:
                 mailbox.deliver_nowait(Resync())
 
+    def _export(self, listener: Listener) -> None:
+        """Export the figures read at scrape time: connections, sessions, readiness."""
+        metrics = self.metrics
+        metrics.gauge("chatd_connections", "WebSocket connections served, by state.",
+                      lambda: [({"state": "authenticating"}, listener.authenticating),
+                               ({"state": "open"},
+                                listener.live_sessions - listener.authenticating)])
+        metrics.gauge("chatd_sessions", "Sessions of users on this node.",
+                      lambda: [({}, len(self.registry.local))])
+        metrics.gauge("chatd_ready", "1 when the backend accepts writes (/readyz), else 0.",
+                      lambda: [({}, 0.0 if self.backend.unready() else 1.0)])
+
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Start the tree, report ready, serve until shutdown is requested, then stop.
@@ -110,14 +127,18 @@ class Node:
         config = self.config
         secret = load_or_create_secret(config.secret_path)
         ctx = SessionContext(config, secret, self.actors, self.registry, self.presence,
-                             self.router, self.backend.queues)
+                             self.router, self.backend.queues, self.metrics)
         listener = self.listener = Listener(ctx)
+        self._export(listener)
         children = [
             ChildSpec("backend", self.backend.run, Restart.PERMANENT),
             ChildSpec("registry", self.registry.run, Restart.PERMANENT),
             ChildSpec("presence", self.presence.run, Restart.PERMANENT),
-            ChildSpec("listener", listener.run, Restart.PERMANENT),
         ]
+        if config.http_listen:
+            self.http = HttpFront(config, self.metrics, self.backend.unready)
+            children.append(ChildSpec("http", self.http.run, Restart.PERMANENT))
+        children.append(ChildSpec("listener", listener.run, Restart.PERMANENT))
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
             task_status.started(self)

@@ -25,10 +25,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from chatd.actors import ActorTable, Mailbox
-from chatd.backends import Bus, Entry, IdConflict, Message, Queues, StoreUnavailable
+from chatd.backends import (
+    Bus,
+    Entry,
+    IdConflict,
+    Message,
+    Queues,
+    ReceiptItem,
+    StoreUnavailable,
+)
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 from chatd.messages import Deliver, offer
+from chatd.metrics import Metrics
 from chatd.protocol import Error, ErrorCode, ProtocolError, Send, Sent
 from chatd.registry import Registry
 
@@ -48,10 +57,12 @@ class Router:
         registry: Where to find the local session of a user.
         queues: Where every routed item is queued first.
         bus: What brings a stored item to the process holding its user's session.
+        metrics: Where messages accepted and acknowledged are counted.
     """
 
     def __init__(self, actors: ActorTable, registry: Registry, queues: Queues,
-                 bus: Bus) -> None:
+                 bus: Bus, metrics: Metrics) -> None:
+        self._metrics = metrics
         self._actors = actors
         self._sessions = registry.local
         self._queues = queues
@@ -83,6 +94,7 @@ class Router:
                                      frame.id))
             else:
                 if outcome.entry is not None:
+                    self._metrics.messages_sent += 1
                     self._bus.offer(frame.to, outcome.entry, touched)
                 answers.append(Sent(frame.id, outcome.ts, outcome.duplicate))
         return answers
@@ -99,7 +111,10 @@ class Router:
             queued = await self._queues.acknowledge(user, status, upto, peer)
         except StoreUnavailable:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE) from None
+        acked = self._metrics.messages_acked
         for sender, entry in queued:
+            if isinstance(entry.item, ReceiptItem):
+                acked[entry.item.status] += len(entry.item.ids)
             self._bus.offer(sender, entry, touched)
 
     def deliver(self, user: str, entry: Entry, prev: int = -1,

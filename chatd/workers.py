@@ -55,7 +55,7 @@ import trio
 
 from chatd.auth import load_or_create_secret
 from chatd.backends.nats.server import ServerSpec, render, server_binary
-from chatd.config import Config
+from chatd.config import Config, host_port
 from chatd.listener import reserve_port, unused_port
 from chatd.logs import EventLog
 
@@ -123,12 +123,17 @@ def plan_workers(config: Config, names: Sequence[str], port: int, nats: Sequence
         of that worker, which override anything ``options`` sets.
     """
     specs = []
+    http = host_port(config.http_listen, zero=True) if config.http_listen else None
     for index, name in enumerate(names, 1):
+        http_listen = ""
+        if http is not None:  # a port each, so that every worker's metrics can be scraped
+            host = f"[{http[0]}]" if ":" in http[0] else http[0]
+            http_listen = f"{host}:{http[1] + index - 1 if http[1] else 0}"
         argv = [sys.executable, "-m", "chatd", "serve", *options,
                 "--workers=1", "--reuse-port", "--supervised", f"--node={name}",
                 f"--host={config.host}", f"--port={port}",
                 f"--data-dir={config.data_dir / f'w{index}'}",
-                f"--secret-file={config.secret_path}",
+                f"--secret-file={config.secret_path}", f"--http-listen={http_listen}",
                 *[f"--nats={url}" for url in nats]]
         specs.append(WorkerSpec(name, tuple(argv)))
     return specs

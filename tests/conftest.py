@@ -75,7 +75,8 @@ def make_node(tmp_path: Path, nursery: trio.Nursery, nats_settings: dict[str, An
 
     async def start(**overrides: Any) -> RunningNode:
         data_dir = overrides.pop("data_dir", tmp_path / "data")
-        config = load_config(data_dir=data_dir, port=0, **{**nats_settings, **overrides})
+        config = load_config(data_dir=data_dir, port=0, http_listen="127.0.0.1:0",
+                             **{**nats_settings, **overrides})
         node = Node(config)
         await nursery.start(node.run)
         return RunningNode(node, load_or_create_secret(config.secret_path))

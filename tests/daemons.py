@@ -92,7 +92,7 @@ async def serve(data_dir: Path, *args: str, cwd: Path | None = None,
         args: More ``chatd serve`` options.
         graceful: End with SIGTERM and expect exit status 0 (else SIGKILL).
     """
-    argv = [*CHATD, "serve", "--port", "0", *args]
+    argv = [*CHATD, "serve", "--port", "0", "--http-listen", "127.0.0.1:0", *args]
     if cwd is None:
         argv += ["--data-dir", str(data_dir)]
     else:

@@ -360,8 +360,10 @@ def test_each_worker_gets_its_own_settings_and_the_options_given(tmp_path: Path)
     assert set(argv[7:]) == {
         "--workers=1", "--reuse-port", "--supervised", "--node=edge-w2",
         "--host=127.0.0.1", "--port=9000", "--data-dir=/srv/chatd/w2",
-        "--secret-file=/srv/chatd/secret", "--nats=nats://127.0.0.1:4999"}
+        "--secret-file=/srv/chatd/secret", "--nats=nats://127.0.0.1:4999",
+        "--http-listen=127.0.0.1:8767"}  # worker N: the HTTP port + N - 1
     # What a worker's own command line makes of it.
     worker = config_from_args(parser().parse_args(list(argv[3:])))
-    assert (worker.workers, worker.reuse_port, worker.node, worker.port, worker.nats) == (
-        1, True, "edge-w2", 9000, ("nats://127.0.0.1:4999",))
+    assert (worker.workers, worker.reuse_port, worker.node, worker.port, worker.nats,
+            worker.http_listen) == (
+        1, True, "edge-w2", 9000, ("nats://127.0.0.1:4999",), "127.0.0.1:8767")

@@ -304,6 +304,15 @@ class Backend(Protocol):
     blobs: Blobs
     bus: Bus
 
+    def unready(self) -> tuple[str, str] | None:
+        """Why the engine would not accept a write now, or None if it would.
+
+        Returns:
+            (check, reason): the check that failed (``store``, ``nats``) and why, in one
+            line; None when writes are accepted.
+        """
+        ...
+
     async def run(self, *, task_status: trio.TaskStatus[Backend] = ...) -> None:
         """Start the engine, call ``task_status.started(self)`` once it serves, then run.
 

@@ -39,7 +39,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                        workers=getattr(args, "workers", None),
                        reuse_port=getattr(args, "reuse_port", None),
                        tls_cert=getattr(args, "tls_cert", None),
-                       tls_key=getattr(args, "tls_key", None))
+                       tls_key=getattr(args, "tls_key", None),
+                       http_listen=getattr(args, "http_listen", None))
 
 
 def emit(obj: dict[str, Any]) -> None:

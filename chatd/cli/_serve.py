@@ -16,6 +16,7 @@ from chatd.backends import BackendUnavailable
 from chatd.backends.embedded import ReplicaFailed
 from chatd.cli._common import CommandError, config_from_args
 from chatd.config import Config
+from chatd.http import HttpUnavailable
 from chatd.logs import configure, root_cause
 from chatd.node import Node
 from chatd.tls import TlsError, server_context
@@ -57,6 +58,9 @@ def add_serve(commands: Commands) -> None:
                             "(default: plain ws://)")
     serve.add_argument("--tls-key", type=Path, metavar="FILE",
                        help="the private key (PEM, no passphrase) of --tls-cert")
+    serve.add_argument("--http-listen", metavar="HOST:PORT",
+                       help="the HTTP port for /healthz, /readyz and /metrics; \"\" for none "
+                            "(default 127.0.0.1:8766; with --workers, worker N gets PORT+N-1)")
     # A worker of `chatd serve --workers`: report readiness on stdout, stop at stdin EOF.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve, serve_parser=serve)
@@ -90,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot serve on {config.host}:{config.port}: "
                                f"{leaf.strerror or leaf}") from None
         if isinstance(leaf, RestartIntensityExceeded | ValueError | ReplicaFailed
-                      | BackendUnavailable | TlsError):
+                      | BackendUnavailable | TlsError | HttpUnavailable):
             raise CommandError(str(leaf)) from None
         raise
     except BackendUnavailable as exc:

@@ -32,6 +32,7 @@ from chatd.backends import Queues, StoreUnavailable
 from chatd.clock import now_ms
 from chatd.config import Config
 from chatd.logs import EventLog
+from chatd.metrics import Metrics
 from chatd.presence import PresenceService
 from chatd.protocol import (
     Ack,
@@ -82,6 +83,7 @@ class SessionContext:
     presence: PresenceService
     router: Router
     queues: Queues
+    metrics: Metrics
 
 
 class Session:
@@ -182,7 +184,7 @@ class Session:
                                                   ctx.config.mailbox_capacity)
         address = mailbox.address
         writer = self._writer = Writer(ctx.config, self._ws, self._conn, ctx.queues, user,
-                                       mailbox, self._log, self._last_sign)
+                                       mailbox, self._log, self._last_sign, ctx.metrics)
         mailbox.bind(None, self._on_exit)
         opened = False
         try:
@@ -228,6 +230,8 @@ class Session:
         fatal = self._fatal or writer.fatal
         if isinstance(reason, ErrorCode):
             fatal = ProtocolError(reason, _EXIT_MESSAGES.get(reason, reason.value))
+            if reason is ErrorCode.SLOW_CONSUMER:
+                ctx.metrics.slow_consumers += 1
         if isinstance(reason, Exception):  # failed in another task: as if it crashed
             await self._ws.close(int(CloseCode.INTERNAL_ERROR), ErrorCode.INTERNAL.value,
                                  timeout=CLOSE_TIMEOUT)
@@ -257,6 +261,7 @@ class Session:
             except TokenError as err:
                 raise ProtocolError(ErrorCode(err.code), err.message) from None
             self._user = claims.sub
+            self._ctx.metrics.frames_in[Hello.TYPE] += 1
             self.last_heard = trio.current_time()
             if self._on_authenticated is not None:
                 self._on_authenticated()
@@ -345,6 +350,7 @@ class Session:
         self._answer_now(answers)
         answers.clear()
         self._wake_touched()
+        self._ctx.metrics.rate_limited += 1
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
@@ -368,10 +374,12 @@ class Session:
         """
         ctx = self._ctx
         flush = ctx.queues.waits_for_io
+        counted = ctx.metrics.frames_in
         frames = list(frames)
         at = 0
         while at < len(frames):
             frame = frames[at]
+            counted[frame.TYPE] += 1
             at += 1
             if flush and isinstance(frame, Send | Ack):
                 self._answer_now(replies)
@@ -381,8 +389,13 @@ class Session:
                 run = [frame]
                 while at < len(frames) and isinstance(frames[at], Send):
                     run.append(cast(Send, frames[at]))
+                    counted[Send.TYPE] += 1
                     at += 1
                 replies.extend(await ctx.router.submit_many(self._user, run, self._touched))
+                latency = trio.current_time() - self.last_heard
+                observe = ctx.metrics.send_latency.observe
+                for _ in run:
+                    observe(latency)
                 continue
             try:
                 match frame:
@@ -446,6 +459,8 @@ class Session:
         if close_code >= 4000 or close_code == 1001:
             self._log.info("session_closed", user=self._user, reason=err.code.value,
                            close_code=int(close_code))
+        self._ctx.metrics.frames_out[Error.TYPE] += 1
+        self._ctx.metrics.errors[err.code.value] += 1
         self._ws.send(self._conn.send([Error(err.code.value, err.message)]))
         await self._ws.close(int(close_code), err.code.value, timeout=CLOSE_TIMEOUT)
 

@@ -29,7 +29,9 @@ from chatd.backends import Entry, Message, Queues, StoreUnavailable
 from chatd.config import Config
 from chatd.logs import EventLog
 from chatd.messages import Deliver, Push, Resync, offer
+from chatd.metrics import Metrics
 from chatd.protocol import (
+    Error,
     ErrorCode,
     Frame,
     Msg,
@@ -66,15 +68,18 @@ class Writer:
         log: The session's event log.
         last_sign: Returns the time of the client's last sign of life (docs/protocol.md
             2.6); the reader keeps it.
+        metrics: Where frames sent are counted.
     """
 
-    __slots__ = ("_behind", "_config", "_conn", "_last_sign", "_log", "_mailbox", "_queues",
-                 "_scope", "_user", "_ws", "ending", "fatal", "sent_seq", "writing")
+    __slots__ = ("_behind", "_config", "_conn", "_last_sign", "_log", "_mailbox", "_metrics",
+                 "_queues", "_scope", "_user", "_ws", "ending", "fatal", "sent_seq",
+                 "writing")
 
     def __init__(self, config: Config, ws: WebSocket, conn: ServerConnection, queues: Queues,
                  user: str, mailbox: Mailbox[Any], log: EventLog,
-                 last_sign: Callable[[], float]) -> None:
+                 last_sign: Callable[[], float], metrics: Metrics) -> None:
         self._config = config
+        self._metrics = metrics
         self._ws = ws
         self._conn = conn
         self._queues = queues
@@ -225,9 +230,13 @@ class Writer:
         limits = self._config.limits
         to_wire = self._conn.codec.to_wire
         send = self._ws.send
+        counted = self._metrics.frames_out
         batch: list[bytes] = []
         size = 0
         for frame in frames:
+            counted[frame.TYPE] += 1
+            if type(frame) is Error:
+                self._metrics.errors[frame.code] += 1
             data = cbor2.dumps(to_wire(frame))
             if batch and (size + len(data) > limits.max_frame_bytes
                           or len(batch) == limits.max_frames):

@@ -98,6 +98,16 @@ class EmbeddedBackend:
         self.blobs: Blobs = blobs
         self.bus: Bus = LocalBus()
 
+    def unready(self) -> tuple[str, str] | None:
+        """The durable store refuses writes once a replica has failed (until a restart)."""
+        store = self.store
+        if isinstance(store, DurableStore):
+            if store.journal is None:
+                return "store", "the store is not running"
+            if store.journal.failed is not None:
+                return "store", f"a replica failed: {store.journal.failed}"
+        return None
+
     async def run(self, *, task_status: trio.TaskStatus[EmbeddedBackend] = (
             trio.TASK_STATUS_IGNORED)) -> None:
         """Run the store (recovery first, for the durable one), then serve."""

@@ -70,6 +70,12 @@ class NatsBackend:
         #: Replicas of the streams and buckets, once the backend runs.
         self.replicas = 0
 
+    def unready(self) -> tuple[str, str] | None:
+        """NATS accepts writes while the connection is up (JetStream answers each one)."""
+        if not self.bridge.connected:
+            return "nats", "not connected to NATS"
+        return None
+
     async def run(self, *, task_status: trio.TaskStatus[NatsBackend] = (
             trio.TASK_STATUS_IGNORED)) -> None:
         """Connect, create or update the streams and buckets, then serve.
