@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from chatd.metrics import LATENCY_BUCKETS
 from chatd.protocol import MAX_RECEIPT_IDS, Limits
 
 __all__ = ["MAX_WORKERS", "Config", "ConfigError", "host_port", "load_config"]
@@ -32,6 +33,11 @@ def _paths(values: Any) -> tuple[Path, ...]:
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name} must be positive, not {value}")
+
+
+def _fraction(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0 < value < 1:
+        raise ConfigError(f"{attribute.name} must be between 0 and 1, not {value}")
 
 
 #: The most worker processes ``chatd serve --workers`` starts.
@@ -104,6 +110,14 @@ class Config:
     tls_key: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     #: The HTTP front (health, readiness, metrics) as HOST:PORT; "" turns it off.
     http_listen: str = "127.0.0.1:8766"
+    #: The send latency objective: a share of sends answered within a latency (seconds,
+    #: a bound of the latency histogram).
+    slo_latency_seconds: float = 0.005
+    slo_latency_target: float = attrs.field(default=0.9999, validator=_fraction)
+    #: The send availability objective: the share of sends answered without a server error.
+    slo_availability_target: float = attrs.field(default=0.99999, validator=_fraction)
+    #: Seconds between two samples of the objectives' counts.
+    slo_interval: float = attrs.field(default=10.0, validator=_positive)
     limits: Limits = attrs.field(factory=Limits)
 
     def __attrs_post_init__(self) -> None:
@@ -133,6 +147,9 @@ class Config:
             raise ConfigError("nats_tls_cert and nats_tls_key go together")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
+        if self.slo_latency_seconds not in LATENCY_BUCKETS:
+            raise ConfigError("slo_latency_seconds must be one of the latency histogram's "
+                              f"bounds {list(LATENCY_BUCKETS)}, not {self.slo_latency_seconds}")
         if self.http_listen:
             host_port(self.http_listen, "http_listen (or \"\" for none)", zero=True)
         if not 1 <= self.workers <= MAX_WORKERS:

@@ -97,6 +97,8 @@ class Metrics:
         self.rate_limited = 0
         #: From a client message read to its ``sent`` answer, in seconds.
         self.send_latency = Histogram()
+        #: Sends answered ``store_unavailable``: nothing was stored (a server failure).
+        self.send_failures = 0
         self._gauges: list[tuple[str, str, Callable[[], Sequence[tuple[dict[str, str],
                                                                       float]]]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
@@ -133,6 +135,9 @@ class Metrics:
         for status in ("delivered", "read"):
             messages.add_metric([status], self.messages_acked[status])
         yield messages
+        yield CounterMetricFamily("chatd_send_failures",
+                                  "Sends answered store_unavailable (nothing was stored).",
+                                  value=self.send_failures)
         yield CounterMetricFamily("chatd_slow_consumers",
                                   "Sessions closed because they read too slowly.",
                                   value=self.slow_consumers)

@@ -6,6 +6,7 @@
      ├─ backend    permanent   queues, state, blobs, bus: embedded files or NATS JetStream
      ├─ registry   permanent   user -> local session; releases claims of ended sessions
      ├─ presence   permanent   last seen, online state, subscriptions
+     ├─ slo        permanent   burn-rate alarms on the send objectives
      ├─ http       permanent   health, readiness, metrics (unless http_listen is "")
      └─ listener   permanent   WebSocket accept loop
           └─ sessions          temporary, one per connection
@@ -38,6 +39,7 @@ from chatd.presence import PresenceService
 from chatd.registry import Registry
 from chatd.router import Router
 from chatd.session import SessionContext
+from chatd.slo import SloMonitor
 
 __all__ = ["FLUSH_TIMEOUT", "Node"]
 
@@ -70,6 +72,7 @@ class Node:
                                         last_seen_ttl=config.last_seen_ttl)
         self.router = Router(self.actors, self.registry, self.backend.queues,
                              self.backend.bus, self.metrics)
+        self.slo = SloMonitor(config, self.metrics)
         self.backend.bus.bind(deliver=self.router.deliver, signal=self.registry.signal,
                               presence=self.presence.heard, lost=self._resync)
         self.supervisor = Supervisor("node", node=config.node,
@@ -134,6 +137,7 @@ class Node:
             ChildSpec("backend", self.backend.run, Restart.PERMANENT),
             ChildSpec("registry", self.registry.run, Restart.PERMANENT),
             ChildSpec("presence", self.presence.run, Restart.PERMANENT),
+            ChildSpec("slo", self.slo.run, Restart.PERMANENT),
         ]
         if config.http_listen:
             self.http = HttpFront(config, self.metrics, self.backend.unready)

@@ -62,8 +62,11 @@ class HttpFront:
         hc.include_server_header = False
         hc.accesslog = None
         # hypercorn's own records (a bad request, an application error) reach chatd's
-        # JSON handler through a child of the chatd logger.
-        hc.errorlog = logging.getLogger(f"{__name__}.hypercorn")
+        # JSON handler through a child of the chatd logger; its "Running on" line is
+        # http_listening's.
+        errorlog = logging.getLogger(f"{__name__}.hypercorn")
+        errorlog.setLevel(logging.WARNING)
+        hc.errorlog = errorlog
         return hc
 
     async def run(self, *, task_status: trio.TaskStatus[HttpFront] = trio.TASK_STATUS_IGNORED

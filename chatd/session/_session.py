@@ -44,6 +44,7 @@ from chatd.protocol import (
     LastSeenQuery,
     ProtocolError,
     Send,
+    Sent,
     ServerConnection,
     Subscribe,
     Unsubscribe,
@@ -391,11 +392,15 @@ class Session:
                     run.append(cast(Send, frames[at]))
                     counted[Send.TYPE] += 1
                     at += 1
-                replies.extend(await ctx.router.submit_many(self._user, run, self._touched))
+                answers = await ctx.router.submit_many(self._user, run, self._touched)
                 latency = trio.current_time() - self.last_heard
                 observe = ctx.metrics.send_latency.observe
-                for _ in run:
-                    observe(latency)
+                for answer in answers:
+                    if isinstance(answer, Sent):
+                        observe(latency)
+                    elif answer.code == ErrorCode.STORE_UNAVAILABLE.value:
+                        ctx.metrics.send_failures += 1
+                replies.extend(answers)
                 continue
             try:
                 match frame:
