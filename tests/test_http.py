@@ -6,7 +6,9 @@ slow, oversized and malformed requests, with the WebSocket port's sessions undis
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+import yaml
 from conftest import RunningNode
 from daemons import run
 from natsservers import nats_server
@@ -247,3 +250,28 @@ async def test_http_port_in_use_is_one_line_and_exit_1(tmp_path: Path, engine: s
     errors = [line for line in err.splitlines() if line.startswith("chatd: error:")]
     assert errors == [f"chatd: error: cannot serve HTTP on {listen}: Address already in use "
                       '(set http_listen, or "" for none)'], err
+
+
+async def test_shipped_rules_and_dashboard_use_only_metrics_the_node_exports(
+        chat_node: RunningNode) -> None:
+    """docs/monitoring's Prometheus rules and Grafana dashboard load as they are (YAML and
+    JSON of the documented shapes) and name only metrics a node exports."""
+    docs = Path(__file__).parent.parent / "docs" / "monitoring"
+    rules = yaml.safe_load((docs / "prometheus-rules.yml").read_text())
+    exprs = []
+    for group in rules["groups"]:
+        assert set(group) <= {"name", "interval", "rules"} and group["rules"]
+        for rule in group["rules"]:
+            assert ("record" in rule) != ("alert" in rule), rule
+            if "alert" in rule:
+                assert rule["labels"]["severity"] in ("page", "ticket")
+            exprs.append(rule["expr"])
+    dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+    assert dashboard["panels"] and dashboard["title"] == "chatd"
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        text = (await http.get(f"{http_url(chat_node)}/metrics")).text
+    exported = {family.name for family in text_string_to_metric_families(text)}
+    used = {re.sub(r"_(bucket|count|sum|total)$", "", name)
+            for expr in exprs for name in re.findall(r"\b(?:chatd|process)_[a-z_]+", expr)}
+    assert used and used <= exported, used - exported
