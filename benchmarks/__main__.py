@@ -38,6 +38,7 @@ from typing import Any
 import attrs
 
 from benchmarks import scenarios
+from benchmarks.metrics_cost import recording_us_per_message
 from benchmarks.natsdeploy import deployment_name, nats_version
 from benchmarks.scenarios import NATS_SETUPS, Params, Tokens
 from benchmarks.servers import TARGETS, BenchError, Server, kill_all, write_secret
@@ -197,6 +198,15 @@ def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
     }
 
 
+def _metrics_cost(results: dict[str, Any]) -> dict[str, float | None]:
+    """What recording the metrics costs per routed message, alone and as a share of chatd's
+    CPU per routed message in this run (goal: under 2%)."""
+    cost = recording_us_per_message()
+    per_msg = (results.get("chatd") or {}).get("cpu_us_per_msg")
+    share = round(cost / per_msg * 100, 2) if per_msg else None
+    return {"us_per_msg": round(cost, 3), "pct_of_chatd_cpu_per_msg": share}
+
+
 def _ratio(results: dict[str, Any], target: str) -> dict[str, float | None] | None:
     if target not in results or "peer" not in results:
         return None
@@ -255,6 +265,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         data_fs = machine(work)
     out["ratio"] = _ratio(out, "chatd")
     out["ratio_durable"] = _ratio(out, "chatd_durable")
+    out["metrics_cost"] = _metrics_cost(out)
     out["machine"] = data_fs
     out["run"] = {"quick": args.quick, "tiny": args.tiny, "targets": args.targets,
                   "scenarios": args.scenarios, "latency_rate": args.latency_rate,
@@ -341,6 +352,12 @@ def table(results: dict[str, Any]) -> str:
         lines.append(row)
     if results.get("nats"):
         lines.extend(nats_table(results["nats"]))
+    cost = results.get("metrics_cost") or {}
+    if cost:
+        share = cost.get("pct_of_chatd_cpu_per_msg")
+        lines.append(f"metrics recording: {cost['us_per_msg']:.2f} us per routed message"
+                     + (f", {share:.1f}% of chatd's CPU per message (goal: under 2%)"
+                        if share is not None else ""))
     lines.extend(f"!!! {message}" for message in results["run"].get("warnings", ()))
     run_info = results["run"]
     lines.append(f"({'quick' if run_info['quick'] else 'tiny' if run_info['tiny'] else 'full'} "

@@ -110,6 +110,8 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         assert figures["errors"] == {} or set(figures["errors"]) <= {"rate_limited"}
         assert results["histograms"][target]["total"] == figures["samples"]
     assert results["ratio"]["cpu_us_per_msg"] > 0
+    cost = results["metrics_cost"]
+    assert cost["us_per_msg"] > 0 and cost["pct_of_chatd_cpu_per_msg"] > 0
     assert "rss_kb_per_conn" in results["ratio"]
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["memory_gib"] > 0

@@ -236,7 +236,8 @@ class Writer:
         for frame in frames:
             counted[frame.TYPE] += 1
             if type(frame) is Error:
-                self._metrics.errors[frame.code] += 1
+                errors = self._metrics.errors
+                errors[frame.code] = errors.get(frame.code, 0) + 1
             data = cbor2.dumps(to_wire(frame))
             if batch and (size + len(data) > limits.max_frame_bytes
                           or len(batch) == limits.max_frames):
