@@ -124,19 +124,27 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, node: str, stream: TextIO | None = None) -> None:
-    """Send every ``chatd`` logger's records to ``stream`` (stderr) as ECS JSON lines.
+    """Send log records to ``stream`` (stderr) as ECS JSON lines.
+
+    chatd's own loggers log from ``level`` up; other libraries' (``asyncio``...), and
+    Python's warnings (``py.warnings``), from warning up, in the same layout, instead of the
+    plain text Python would print for them, so that every line is JSON.
 
     Args:
-        level: The least level logged (``debug``, ``info``, ``warning`` or ``error``).
+        level: The least level chatd logs (``debug``, ``info``, ``warning`` or ``error``).
         node: The node's name, for records that do not carry one.
         stream: Where the lines go; stderr if None.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(node))
-    root = logging.getLogger("chatd")
+    chatd = logging.getLogger("chatd")
+    chatd.handlers[:] = [handler]
+    chatd.setLevel(level.upper())
+    chatd.propagate = False
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 @attrs.frozen

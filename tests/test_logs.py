@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 from daemons import DEADLINE, action, serve
 
 from chatd.client import ChatError, connect
-from chatd.logs import EventLog, JsonFormatter
+from chatd.logs import EventLog, JsonFormatter, configure
 from chatd.protocol import Msg, Receipt, Sent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,6 +221,48 @@ def test_the_record_of_another_library(log_lines: Any) -> None:
     assert _common(record) == {}
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root and ``chatd`` loggers back as they were (pytest's handlers included)."""
+    saved = [(logger, logger.handlers[:], logger.level, logger.propagate)
+             for logger in (logging.getLogger(), logging.getLogger("chatd"))]
+    try:
+        yield
+    finally:
+        for logger, handlers, level, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_writes_other_libraries_warnings_as_records() -> None:
+    stream = io.StringIO()
+    configure("debug", "node1", stream)
+    EventLog(logging.getLogger("chatd.test_logs"), "node1", "node").debug("opened")
+    logging.getLogger("asyncio").info("not logged: below warning")
+    logging.getLogger("asyncio").error("Task exception was never retrieved")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    for record in (first, second):
+        check_record(record)
+    assert (first["log.level"], first["event.action"]) == ("debug", "opened")
+    assert {k: second[k] for k in ("log.level", "event.code", "chatd.component",
+                                   "service.node.name", "message")} == {
+        "log.level": "error", "event.code": "log", "chatd.component": "asyncio",
+        "service.node.name": "node1", "message": "Task exception was never retrieved"}
+
+
+async def test_python_warnings_are_records_too() -> None:
+    code = ("import warnings; from chatd.logs import configure; configure('info', 'node1'); "
+            "warnings.warn('careful', RuntimeWarning)")
+    with trio.fail_after(DEADLINE):
+        result = await trio.run_process([sys.executable, "-c", code], capture_stderr=True)
+    record = one_record(result.stderr.decode().splitlines())
+    assert (record["log.level"], record["event.code"], record["log.logger"]) == (
+        "warning", "log", "py.warnings")
+    assert "RuntimeWarning: careful" in record["message"]
+
+
 # -- every code documented -----------------------------------------------------------------
 
 
@@ -276,7 +319,7 @@ def test_every_warning_and_error_code_is_documented() -> None:
     assert not missing, f"not in docs/operations.md, 'Warning and error codes': {missing}"
     for code, levels in codes.items():
         assert all(level in documented[code] for level in levels), (code, levels)
-    stale = sorted(set(documented) - set(codes))
+    stale = sorted(set(documented) - set(codes) - {"log"})
     assert not stale, f"documented but logged nowhere: {stale}"
 
 
