@@ -48,6 +48,13 @@ __all__ = ["ChatdNode", "NatsDeployment", "NatsServer", "deployment_name", "nats
 
 #: nats-server log levels that count as a problem.
 _NATS_PROBLEMS = ("[WRN]", "[ERR]", "[FTL]")
+#: What :func:`_short` leaves out of a chatd log record's ``key=value`` list: the fields
+#: every record has (docs/operations.md section 5); it starts with two of them, the level
+#: and the action.
+_EVERY_RECORD = frozenset({
+    "@timestamp", "log.level", "message", "event.action", "event.code", "event.dataset",
+    "service.name", "service.version", "service.node.name", "log.logger", "ecs.version",
+    "host.hostname"})
 
 
 def deployment_name(nodes: int, servers: int) -> str:
@@ -258,14 +265,18 @@ class NatsDeployment:
 
 
 def _short(line: str) -> str:
-    """A chatd log record as ``level event key=value ...`` (the line itself if not JSON)."""
+    """A chatd log record as ``level action key=value ...`` (the line itself if not JSON).
+
+    The keys shown are the event's own: not those every record has (docs/operations.md
+    section 5), nor the ``chatd.`` prefix of its custom fields.
+    """
     try:
         record = json.loads(line)
     except ValueError:
         return line.strip()[:300]
     if not isinstance(record, dict):
         return line.strip()[:300]
-    head = f"{record.get('level', '?')} {record.get('event', '?')}"
-    rest = " ".join(f"{k}={v}" for k, v in record.items()
-                    if k not in ("level", "event", "ts", "time", "node"))
+    head = f"{record.get('log.level', '?')} {record.get('event.action', '?')}"
+    rest = " ".join(f"{k.removeprefix('chatd.')}={v}" for k, v in record.items()
+                    if k not in _EVERY_RECORD)
     return f"{head} {rest}".strip()[:300]

@@ -127,7 +127,8 @@ async def bench_node(directory: Path, writers: int, messages: int,
             if not line:
                 raise RuntimeError("chatd serve exited before listening")
             record = json.loads(line)
-            url = record.get("url", "") if record.get("event") == "listening" else ""
+            url = (record.get("url.full", "") if record.get("event.action") == "listening"
+                   else "")
         secret = load_or_create_secret(data_dir / "secret")
         latencies: list[float] = []
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from chatd.logs import EventLog, root_cause
+from chatd.logs import EventLog
 from chatd.protocol import ErrorCode, ProtocolError
 from chatd.protocol.websocket import HandshakeError
 from chatd.session import CLOSE_TIMEOUT, Session, SessionContext
@@ -185,9 +185,9 @@ class Listener:
         self._sessions.add(session)
         try:
             await session.run()
-        except Exception as exc:
+        except Exception:
             self._log.error("session_crashed", error="session_crashed", user=session.user,
-                            exception=type(root_cause(exc)).__name__, exc_info=True)
+                            exc_info=True)
             await ws.close(1011, ErrorCode.INTERNAL.value, timeout=CLOSE_TIMEOUT)
         finally:
             authenticated()

@@ -72,7 +72,7 @@ STOP_MARGIN = 10.0
 NATS_START_TIMEOUT = 30.0
 _MAX_NAME = 32
 _ERROR_PREFIX = b"chatd: error: "
-_LISTENING = b'"event":"listening"'
+_LISTENING = b'"event.action":"listening"'
 
 
 class WorkersFailed(Exception):
@@ -522,7 +522,7 @@ def _is_listening(line: bytes) -> bool:
         record = json.loads(line)
     except ValueError:
         return False
-    return isinstance(record, dict) and record.get("event") == "listening"
+    return isinstance(record, dict) and record.get("event.action") == "listening"
 
 
 def _describe(status: int) -> str:

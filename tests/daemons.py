@@ -19,11 +19,21 @@ import trio
 
 from chatd.auth import mint_token, read_secret
 
-__all__ = ["CHATD", "DEADLINE", "Daemon", "refusing_url", "run", "serve"]
+__all__ = ["CHATD", "DEADLINE", "Daemon", "action", "refusing_url", "run", "serve"]
 
 CHATD = [sys.executable, "-m", "chatd"]
 #: Seconds any single wait on a daemon may take.
 DEADLINE = 20
+
+
+def action(record: dict[str, Any]) -> Any:
+    """What a log record says happened: its ``event.action`` (``not_json`` for a line that
+    was not JSON: then ``line`` holds it).
+
+    The records are ECS documents with dotted keys (docs/operations.md section 5):
+    ``record["log.level"]``, ``record["service.node.name"]``, ``record["chatd.worker"]``...
+    """
+    return record.get("event.action")
 
 
 class Daemon:
@@ -53,10 +63,10 @@ class Daemon:
         try:
             record = json.loads(line)
         except ValueError:
-            record = {"event": "not_json", "line": line.decode(errors="replace")}
+            record = {"event.action": "not_json", "line": line.decode(errors="replace")}
         self.records.append(record)
-        if record.get("event") == "listening":
-            self.url = record["url"]
+        if action(record) == "listening":
+            self.url = record["url.full"]
             self._ready.set()
 
     async def wait_listening(self) -> None:
@@ -65,10 +75,10 @@ class Daemon:
         assert self.url, f"chatd serve did not start: {self.records}"
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("event") == name]
+        return [r for r in self.records if action(r) == name]
 
     def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("level") == "error"]
+        return [r for r in self.records if r.get("log.level") == "error"]
 
     def token(self, user: str) -> str:
         return mint_token(read_secret(self.data_dir / "secret"), user, 3600.0)

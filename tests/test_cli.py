@@ -136,7 +136,8 @@ async def test_serve_runs_on_embedded_defaults(tmp_path: Path) -> None:
         secret = tmp_path / "chatd-data" / "secret"
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         (record,) = server.events("listening")
-        assert {"ts", "level", "event", "node", "component"} <= set(record)
+        assert {"@timestamp", "log.level", "event.action", "event.code", "service.node.name",
+                "chatd.component"} <= set(record)
 
 
 async def test_port_in_use_exits_1(tmp_path: Path) -> None:

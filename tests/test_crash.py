@@ -441,13 +441,13 @@ async def test_damaged_replica_is_repaired_from_its_peer(tmp_path: Path,
 
     async with serve(data, *args) as second:
         (damage,) = second.events("replica_damaged")
-        assert damage["level"] == "error" and damage["replica"] == str(replica)
-        assert (damage["start"], damage["end"], damage["reason"]) == (
+        assert damage["log.level"] == "error" and damage["file.path"] == str(replica)
+        assert (damage["chatd.start"], damage["chatd.end"], damage["event.reason"]) == (
             damaged_start, damaged_end, "bad_record")
-        assert damage["segment"] == int(oldest.stem)
+        assert damage["chatd.segment"] == int(oldest.stem)
         (torn,) = second.events("torn_tail_truncated")
-        assert torn["level"] == "warning" and torn["replica"] == str(replica)
-        assert torn["bytes"] == last_end - 3 - last_start
+        assert torn["log.level"] == "warning" and torn["file.path"] == str(replica)
+        assert torn["chatd.bytes"] == last_end - 3 - last_start
         assert second.events("replicas_repaired")
         assert not second.events("records_lost")
         async with connect(second.url, second.token("alice")) as alice:

@@ -355,7 +355,7 @@ async def test_a_node_given_every_url_replicates_its_streams_three_times(tmp_pat
         chat = Deployment(tmp_path / "chatd", nats_replicas=0)  # chatd's default
         async with chat.node("n1", urls(servers)) as n1:
             created = n1.events("nats_stream_created")
-            assert created and {e["replicas"] for e in created} == {3}, created
+            assert created and {e["chatd.replicas"] for e in created} == {3}, created
             info = await stream_info(servers)
             assert info["config"]["num_replicas"] == 3
             assert len(info["cluster"]["replicas"]) == 2, info["cluster"]

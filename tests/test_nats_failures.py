@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, serve
+from daemons import CHATD, DEADLINE, Daemon, action, serve
 from natsservers import NatsServer, nats_server
 from test_nats_cluster import (
     RECOVERY,
@@ -111,7 +111,7 @@ async def test_unreachable_nats_at_start_is_a_one_line_error(tmp_path: Path) -> 
     assert url in errors[0], errors[0]
     print(f"exited {status} after {took:.1f} s: {errors[0]}")
     assert took < NATS_TIMEOUT + 5, f"took {took:.1f} s"
-    assert accepted == 0 and not [r for r in records if r.get("event") == "listening"]
+    assert accepted == 0 and not [r for r in records if action(r) == "listening"]
 
 
 # -- 7. wrong credentials ----------------------------------------------------------------------
@@ -131,7 +131,7 @@ async def test_wrong_credentials_are_a_one_line_error_and_right_ones_serve(
         assert "credentials" in plain[0] and server.url in plain[0], plain[0]
         print(f"exited {status} after {took:.1f} s: {plain[0]}")
         assert took < NATS_TIMEOUT + 5, f"took {took:.1f} s"
-        assert accepted == 0 and not [r for r in records if r.get("event") == "listening"]
+        assert accepted == 0 and not [r for r in records if action(r) == "listening"]
 
         (tmp_path / "right").mkdir()
         right = settings(tmp_path / "right", nats_user="u", nats_password="p")

@@ -58,7 +58,7 @@ async def test_chatd_reaches_nats_over_tls_with_a_private_ca(tmp_path: Path) -> 
         async with serve(tmp_path / "data", "--config", str(config), "--nats", url,
                          graceful=True) as daemon:
             connected = daemon.events("nats_connected")
-            assert connected and connected[0]["url"] == url
+            assert connected and connected[0]["url.full"] == url
             await alice_reaches_bob(daemon, "over TLS")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemons import CHATD, DEADLINE, Daemon, serve
+from daemons import CHATD, DEADLINE, Daemon, action, serve
 
 from chatd.cli import parser
 from chatd.cli._common import config_from_args
@@ -53,14 +53,16 @@ async def workers(tmp_path: Path, *args: str, graceful: bool = True
         yield daemon
 
 
-async def logged(daemon: Daemon, event: str, **match: Any) -> dict[str, Any]:
+async def logged(daemon: Daemon, event: str, match: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Wait (with a deadline) until ``daemon`` has logged ``event`` with fields ``match``
-    (a value, or a function of the field's value that says whether it matches)."""
+    (by ECS name: a value, or a function of the field's value that says whether it
+    matches)."""
     with trio.fail_after(DEADLINE):
         while True:
             for record in daemon.events(event):
                 if all(value(record.get(key)) if callable(value) else record.get(key) == value
-                       for key, value in match.items()):
+                       for key, value in (match or {}).items()):
                     return record
             await trio.sleep(0.02)
 
@@ -116,11 +118,12 @@ async def test_both_workers_serve_through_one_port(tmp_path: Path) -> None:
     async with workers(tmp_path, "--port", str(port)) as daemon:
         assert daemon.url == f"ws://127.0.0.1:{port}"
         (listening,) = daemon.events("listening")
-        assert (listening["node"], listening["component"], listening["workers"]) == (
+        assert (listening["service.node.name"], listening["chatd.component"],
+                listening["chatd.workers"]) == (
             "node1", "workers", 2)
         # Only the supervisor says `listening`, and only once every worker serves.
-        ready = {r["worker"] for r in daemon.records[:daemon.records.index(listening)]
-                 if r.get("event") == "worker_ready"}
+        ready = {r["chatd.worker"] for r in daemon.records[:daemon.records.index(listening)]
+                 if action(r) == "worker_ready"}
         assert ready == set(WORKERS)
         seen = await workers_seen(daemon)
         assert set(seen) == set(WORKERS), seen
@@ -153,7 +156,7 @@ async def test_users_on_two_workers_chat(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_every_worker_and_exits_0(tmp_path: Path, signum: int) -> None:
     async with workers(tmp_path, graceful=False) as daemon:
-        pids = [r["pid"] for r in daemon.events("worker_started")]
+        pids = [r["process.pid"] for r in daemon.events("worker_started")]
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
         with trio.fail_after(DEADLINE):
             async with connect(daemon.url, daemon.token("carol")) as carol:
@@ -163,27 +166,30 @@ async def test_a_signal_stops_every_worker_and_exits_0(tmp_path: Path, signum: i
             assert carol.closed is not None
             assert (carol.closed.code, carol.closed.reason) == (1001, "shutting_down")
             assert await daemon.process.wait() == 0
-        await logged(daemon, "stopped", component="workers")
+        await logged(daemon, "stopped", {"chatd.component": "workers"})
         assert all(not alive(pid) for pid in pids)
-        exited = {r["worker"]: r for r in daemon.events("worker_exited")}
+        exited = {r["chatd.worker"]: r for r in daemon.events("worker_exited")}
         assert set(exited) == set(WORKERS)
-        assert all(r["status"] == 0 and r["level"] == "info" for r in exited.values())
+        assert all(r["process.exit_code"] == 0 and r["log.level"] == "info"
+                   for r in exited.values())
         assert not daemon.errors()
 
 
 async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
         tmp_path: Path) -> None:
     async with workers(tmp_path) as daemon:  # and SIGTERM at the end still exits 0
-        (victim,) = [r for r in daemon.events("worker_started") if r["worker"] == "node1-w2"]
-        os.kill(victim["pid"], signal.SIGKILL)
-        exited = await logged(daemon, "worker_exited", worker="node1-w2")
-        assert (exited["status"], exited["level"]) == (-signal.SIGKILL, "error")
-        again = await logged(daemon, "worker_started", worker="node1-w2", restarts=1)
-        assert again["pid"] != victim["pid"]
-        await logged(daemon, "worker_ready", pid=again["pid"])
+        (victim,) = [r for r in daemon.events("worker_started")
+                     if r["chatd.worker"] == "node1-w2"]
+        os.kill(victim["process.pid"], signal.SIGKILL)
+        exited = await logged(daemon, "worker_exited", {"chatd.worker": "node1-w2"})
+        assert (exited["process.exit_code"], exited["log.level"]) == (-signal.SIGKILL, "error")
+        again = await logged(daemon, "worker_started",
+                             {"chatd.worker": "node1-w2", "chatd.restarts": 1})
+        assert again["process.pid"] != victim["process.pid"]
+        await logged(daemon, "worker_ready", {"process.pid": again["process.pid"]})
         assert set(await workers_seen(daemon)) == set(WORKERS)
         assert daemon.process.poll() is None
-        assert [r["event"] for r in daemon.errors()] == ["worker_exited"]
+        assert [action(r) for r in daemon.errors()] == ["worker_exited"]
         assert len(daemon.events("listening")) == 1
 
 
@@ -191,20 +197,22 @@ async def test_too_many_restarts_stop_everything_with_one_line(tmp_path: Path) -
     config = tmp_path / "chatd.toml"
     config.write_text("restart_intensity = 1\nrestart_period = 60.0\n")
     async with workers(tmp_path, "--config", str(config), graceful=False) as daemon:
-        pids = [r["pid"] for r in daemon.events("worker_started")]
-        first = await logged(daemon, "worker_started", worker="node1-w1", restarts=0)
-        os.kill(first["pid"], signal.SIGKILL)
-        second = await logged(daemon, "worker_started", worker="node1-w1", restarts=1)
-        pids.append(second["pid"])
-        await logged(daemon, "worker_ready", pid=second["pid"])
-        os.kill(second["pid"], signal.SIGKILL)
+        pids = [r["process.pid"] for r in daemon.events("worker_started")]
+        first = await logged(daemon, "worker_started",
+                             {"chatd.worker": "node1-w1", "chatd.restarts": 0})
+        os.kill(first["process.pid"], signal.SIGKILL)
+        second = await logged(daemon, "worker_started",
+                              {"chatd.worker": "node1-w1", "chatd.restarts": 1})
+        pids.append(second["process.pid"])
+        await logged(daemon, "worker_ready", {"process.pid": second["process.pid"]})
+        os.kill(second["process.pid"], signal.SIGKILL)
         with trio.fail_after(DEADLINE):
             assert await daemon.process.wait() == 1
-        await logged(daemon, "stopped", component="workers")
+        await logged(daemon, "stopped", {"chatd.component": "workers"})
         exceeded = await logged(daemon, "restart_intensity_exceeded")
-        assert (exceeded["worker"], exceeded["intensity"]) == ("node1-w1", 1)
+        assert (exceeded["chatd.worker"], exceeded["chatd.intensity"]) == ("node1-w1", 1)
         assert daemon.records[-1] == {
-            "event": "not_json",
+            "event.action": "not_json",
             "line": "chatd: error: workers restarted more than 1 times in 60.0 s "
                     "(the last: node1-w1, killed by SIGKILL)"}
         assert all(not alive(pid) for pid in pids)
@@ -253,16 +261,16 @@ async def test_a_killed_nats_server_is_restarted_and_nothing_is_lost(tmp_path: P
                 alice = await connect_on(stack, daemon, "alice", "node1-w1")
                 before = [await alice.send("bob", f"before {i}") for i in range(20)]
                 started = daemon.events("nats_started")[0]
-                (server,) = children(started["pid"])  # the watchdog runs nats-server
+                (server,) = children(started["process.pid"])  # the watchdog runs nats-server
                 os.kill(server, signal.SIGKILL)
-                await logged(daemon, "nats_exited", pid=started["pid"])
-                restarted = await logged(daemon, "nats_started",
-                                         pid=lambda pid: pid != started["pid"])
-                await logged(daemon, "nats_ready", pid=restarted["pid"])
+                await logged(daemon, "nats_exited", {"process.pid": started["process.pid"]})
+                restarted = await logged(daemon, "nats_started", {
+                    "process.pid": lambda pid: pid != started["process.pid"]})
+                await logged(daemon, "nats_ready", {"process.pid": restarted["process.pid"]})
                 # The workers reconnect by themselves, check their streams and buckets, and
                 # serve again.
                 for worker in WORKERS:
-                    await logged(daemon, "bus_resync", node=worker)
+                    await logged(daemon, "bus_resync", {"service.node.name": worker})
                 after = await alice.send("bob", "after")
                 bob = await connect_on(stack, daemon, "bob", "node1-w2")
                 got = []
@@ -276,9 +284,9 @@ async def test_a_killed_nats_server_is_restarted_and_nothing_is_lost(tmp_path: P
 
 async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     async with workers(tmp_path, graceful=False) as daemon:
-        pids = [r["pid"] for r in daemon.events("worker_started")]
+        pids = [r["process.pid"] for r in daemon.events("worker_started")]
         assert len(pids) == 2
-        watchdog = daemon.events("nats_started")[0]["pid"]
+        watchdog = daemon.events("nats_started")[0]["process.pid"]
         pids += [watchdog, *children(watchdog)]
         assert len(pids) == 4
         await daemon.crash()

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from chatd.logs import EventLog, root_cause
+from chatd.logs import EventLog
 
 __all__ = ["ActorTable", "Address", "Mailbox"]
 
@@ -115,7 +115,7 @@ class Mailbox(Generic[T]):
                 self.inline = None
                 EventLog(logger, self.address.node, "mailbox").error(
                     "inline_failed", error="inline_failed", actor=str(self.address),
-                    exception=type(root_cause(exc)).__name__, exc_info=True)
+                    exc_info=True)
                 self.exit(exc)
         if self._receiver is task:
             self._receiver = None

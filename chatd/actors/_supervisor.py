@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from chatd.logs import EventLog, root_cause
+from chatd.logs import EventLog
 
 __all__ = ["ChildSpec", "Restart", "RestartIntensityExceeded", "Supervisor"]
 
@@ -152,14 +152,12 @@ class Supervisor:
                         await spec.start(task_status=status)
                         if not status.started_once:
                             raise RuntimeError(f"child {spec.name!r} returned before it started")
-                    except Exception as exc:
+                    except Exception:
                         if not status.started_once:
                             raise
                         crashed = True
                         self._log.error("child_crashed", error="child_crashed",
-                                        child=spec.name,
-                                        exception=type(root_cause(exc)).__name__,
-                                        exc_info=True)
+                                        child=spec.name, exc_info=True)
                 if scope.cancel_called:
                     return
                 if spec.restart is Restart.TEMPORARY or (

@@ -75,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
             shutdown short.
     """
     config = config_from_args(args)
-    configure(config.log_level)
+    configure(config.log_level, config.node)
     if config.workers > 1:
         try:
             if config.tls_cert is not None and config.tls_key is not None:

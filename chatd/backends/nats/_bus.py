@@ -144,7 +144,7 @@ class NatsBus:
                 case ["replaced", str(node), int(serial)]:
                     self._signal(user, Replaced(node, serial))
                 case other:
-                    self._log.warning("bus_message_refused", user=user, message=repr(other))
+                    self._log.warning("bus_message_refused", user=user, shape=_shape(other))
 
         return on_live
 
@@ -154,6 +154,22 @@ class NatsBus:
                 case [bool(online), int(ts), str(session)]:
                     self._presence(user, PresenceReport(online, ts, session))
                 case other:
-                    self._log.warning("bus_message_refused", user=user, message=repr(other))
+                    self._log.warning("bus_message_refused", user=user, shape=_shape(other))
 
         return on_presence
+
+
+def _shape(value: Any) -> str:
+    """What a refused bus message is, without its content (which might be a message body).
+
+    Returns:
+        Its CBOR type and length (``list of 3``), and the tag that a list of chatd's own
+        starts with when the first item looks like one (``list of 3 tagged 'replaced'``).
+    """
+    if not isinstance(value, list | dict | str | bytes):
+        return type(value).__name__
+    shape = f"{type(value).__name__} of {len(value)}"
+    if (isinstance(value, list) and value and isinstance(value[0], str)
+            and value[0].isidentifier() and len(value[0]) <= 32):
+        shape += f" tagged {value[0]!r}"
+    return shape
