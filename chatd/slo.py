@@ -36,7 +36,7 @@ from chatd.config import Config
 from chatd.logs import EventLog
 from chatd.metrics import Metrics
 
-__all__ = ["WINDOWS", "Alarm", "BurnRate", "SloMonitor", "Window"]
+__all__ = ["RECENT", "WINDOWS", "Alarm", "BurnRate", "SloMonitor", "Window"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class Window:
     short: float
     factor: float
 
+
+#: Seconds of the "recent" figures the monitor exports for ``chatd status``.
+RECENT = 60.0
 
 #: The alarms every objective has.
 WINDOWS = (Window("page", 3600.0, 300.0, 14.4), Window("ticket", 21600.0, 1800.0, 6.0))
@@ -146,6 +149,14 @@ class SloMonitor:
         metrics.gauge("chatd_slo_burn_rate",
                       "An objective's error-budget burn rate over a window (seconds).",
                       self._burn_samples)
+        self._recent: collections.deque[tuple[float, tuple[int, ...]]] = collections.deque()
+        metrics.gauge("chatd_sends_recent_per_second",
+                      "Sends answered sent per second over the last minute.",
+                      self._recent_rate)
+        metrics.gauge("chatd_send_latency_recent_seconds",
+                      "Send latency quantiles over the last minute: the upper bound of the "
+                      "histogram bucket that holds each (0 without sends).",
+                      self._recent_quantiles)
 
     def _alarm_samples(self) -> list[tuple[dict[str, str], float]]:
         return [({"objective": o.objective, "severity": w.severity},
@@ -156,6 +167,35 @@ class SloMonitor:
         windows = sorted({s for w in WINDOWS for s in (w.long, w.short)})
         return [({"objective": o.objective, "window": f"{s:g}"}, o.burn(s))
                 for o in self.objectives for s in windows]
+
+    def _recent_delta(self) -> tuple[float, list[int]]:
+        """Seconds between the oldest and newest recent samples, and the latency bucket
+        counts added between them."""
+        if len(self._recent) < 2:
+            return 0.0, []
+        (start, before), (end, after) = self._recent[0], self._recent[-1]
+        return end - start, [b - a for a, b in zip(before, after, strict=True)]
+
+    def _recent_rate(self) -> list[tuple[dict[str, str], float]]:
+        seconds, counts = self._recent_delta()
+        return [({}, sum(counts) / seconds if seconds else 0.0)]
+
+    def _recent_quantiles(self) -> list[tuple[dict[str, str], float]]:
+        _, counts = self._recent_delta()
+        bounds = (*self._metrics.send_latency.bounds, float("inf"))
+        total = sum(counts)
+        samples = []
+        for quantile in ("0.99", "0.9999"):
+            value = 0.0
+            if total:
+                rank, running = float(quantile) * total, 0
+                for bound, count in zip(bounds, counts, strict=True):
+                    running += count
+                    if running >= rank:
+                        value = bound
+                        break
+            samples.append(({"quantile": quantile}, value))
+        return samples
 
     def _counts(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(good, all) for the latency objective and for the availability one."""
@@ -174,6 +214,9 @@ class SloMonitor:
             for objective, (good, total) in zip(self.objectives, self._counts(), strict=True):
                 for alarm in objective.sample(now, good, total):
                     self._report(alarm)
+            self._recent.append((now, tuple(self._metrics.send_latency.counts)))
+            while len(self._recent) > 1 and self._recent[1][0] <= now - RECENT:
+                self._recent.popleft()
             await trio.sleep(self._config.slo_interval)
 
     def _report(self, alarm: Alarm) -> None:

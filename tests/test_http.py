@@ -20,7 +20,7 @@ import trio
 import trio.testing
 import yaml
 from conftest import RunningNode
-from daemons import run
+from daemons import refusing_url, run
 from natsservers import nats_server
 from prometheus_client.parser import text_string_to_metric_families
 from test_node import exchange, login
@@ -275,3 +275,35 @@ async def test_shipped_rules_and_dashboard_use_only_metrics_the_node_exports(
     used = {re.sub(r"_(bucket|count|sum|total)$", "", name)
             for expr in exprs for name in re.findall(r"\b(?:chatd|process)_[a-z_]+", expr)}
     assert used and used <= exported, used - exported
+
+
+async def test_chatd_status_summarizes_a_node(make_node: MakeNode, engine: str) -> None:
+    if engine != "embedded":
+        pytest.skip("chatd status reads /metrics, which does not depend on the engine")
+    node = await make_node(slo_interval=0.1)
+    async with login(node, "alice") as alice, login(node, "bob") as bob:
+        for n in range(3):
+            await alice.client.send("bob", f"hello {n}")
+        await bob.msgs(3)
+        with trio.fail_after(TIMEOUT):
+            while not (await scrape(node)).get(("chatd_sends_recent_per_second", ())):
+                await trio.sleep(0.05)
+        status, out, err = await run(["status", http_url(node)])
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"chatd at {http_url(node)}: ready"
+    assert lines[1].split()[:2] == ["sessions", "2"]
+    assert "sent 3," in out and "SLO alarms            none" in out
+    assert re.search(r"send latency, 1 min +p99 <= [0-9.]+ ms, p99\.99 <= [0-9.]+ ms", out), out
+
+
+async def test_chatd_status_of_nothing_is_one_line_and_exit_1(engine: str) -> None:
+    if engine != "embedded":
+        pytest.skip("no node involved")
+    with refusing_url() as url:
+        http = url.replace("ws://", "http://")
+        status, out, err = await run(["status", http])
+    assert (status, out) == (1, "")
+    assert err.startswith(f"chatd: error: cannot read {http}/metrics: ") and (
+        "refused" in err), err
+    assert len(err.splitlines()) == 1

@@ -11,6 +11,7 @@ from chatd.cli._client import add_client_commands
 from chatd.cli._common import CommandError
 from chatd.cli._nats import add_nats_config
 from chatd.cli._serve import add_serve
+from chatd.cli._status import add_status
 from chatd.cli._tokens import add_secret, add_token
 from chatd.config import ConfigError
 
@@ -27,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     add_secret(commands)
     add_nats_config(commands)
     add_client_commands(commands)
+    add_status(commands)
     return parser
 
 
