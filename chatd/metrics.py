@@ -104,6 +104,7 @@ class Metrics:
         self.send_failures = 0
         self._gauges: list[tuple[str, str, Callable[[], Sequence[tuple[dict[str, str],
                                                                       float]]]]] = []
+        self._collectors: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
@@ -118,6 +119,14 @@ class Metrics:
             read: Returns (labels, value) pairs.
         """
         self._gauges.append((name, documentation, read))
+
+    def collect(self, read: Callable[[], Iterable[Metric]]) -> None:
+        """Export the metric families ``read`` builds at each scrape (a backend's figures).
+
+        Args:
+            read: Returns prometheus_client metric families.
+        """
+        self._collectors.append(read)
 
     def exposition(self) -> bytes:
         """Everything, in the Prometheus text format."""
@@ -152,6 +161,8 @@ class Metrics:
             "From a client message read to the sent answer of a message in it.")
         latency.add_metric([], self.send_latency.cumulative(), self.send_latency.total)
         yield latency
+        for collect in self._collectors:
+            yield from collect()
         for name, documentation, read in self._gauges:
             samples = read()
             family = GaugeMetricFamily(name, documentation,

@@ -108,6 +108,7 @@ class Node:
     def _export(self, listener: Listener) -> None:
         """Export the figures read at scrape time: connections, sessions, readiness."""
         metrics = self.metrics
+        self.backend.export(metrics)
         metrics.gauge("chatd_connections", "WebSocket connections served, by state.",
                       lambda: [({"state": "authenticating"}, listener.authenticating),
                                ({"state": "open"},

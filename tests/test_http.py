@@ -307,3 +307,19 @@ async def test_chatd_status_of_nothing_is_one_line_and_exit_1(engine: str) -> No
     assert err.startswith(f"chatd: error: cannot read {http}/metrics: ") and (
         "refused" in err), err
     assert len(err.splitlines()) == 1
+
+
+async def test_store_metrics_follow_the_journal(chat_node: RunningNode, engine: str) -> None:
+    if engine != "embedded":
+        pytest.skip("the durable store's journal is the embedded engine's")
+    before = await scrape(chat_node)
+    async with login(chat_node, "alice") as alice:
+        for n in range(3):
+            await alice.client.send("bob", f"stored {n}")  # one batch each: awaited in turn
+    after = await scrape(chat_node)
+    batches = delta(before, after, "chatd_store_batches_total")
+    assert batches >= 3
+    assert delta(before, after, "chatd_store_records_total") >= 3
+    assert delta(before, after, "chatd_store_fsyncs_total") == 2 * batches  # two replicas
+    assert delta(before, after, "chatd_store_commit_seconds_count") == batches
+    assert delta(before, after, "chatd_store_commit_seconds_bucket", le="+Inf") == batches

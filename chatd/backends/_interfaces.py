@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from chatd.metrics import Metrics
+
 from ._records import Accepted, BlobInfo, Entry, Message, Versioned
 
 __all__ = [
@@ -303,6 +305,10 @@ class Backend(Protocol):
     state: State
     blobs: Blobs
     bus: Bus
+
+    def export(self, metrics: Metrics) -> None:
+        """Add the engine's own figures to the node's metrics (read at each scrape)."""
+        ...
 
     def unready(self) -> tuple[str, str] | None:
         """Why the engine would not accept a write now, or None if it would.

@@ -10,11 +10,16 @@ are not durable live in memory either way. The bus is the process itself
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+
 import trio
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from chatd.actors import ActorTable
 from chatd.backends._interfaces import Blobs, Bucket, BucketSpec, Bus, Queues, State
 from chatd.config import Config
+from chatd.metrics import Metrics
 
 from ._blobs import FileBlobs, MemoryBlobs, check_blob_name
 from ._bus import LocalBus
@@ -98,6 +103,13 @@ class EmbeddedBackend:
         self.blobs: Blobs = blobs
         self.bus: Bus = LocalBus()
 
+    def export(self, metrics: Metrics) -> None:
+        """The durable store's journal: records appended, batches, fsyncs, and how long a
+        batch takes to be written and fsync'd on both replicas."""
+        store = self.store
+        if isinstance(store, DurableStore):
+            metrics.collect(functools.partial(_journal_families, store))
+
     def unready(self) -> tuple[str, str] | None:
         """The durable store refuses writes once a replica has failed (until a restart)."""
         store = self.store
@@ -114,3 +126,22 @@ class EmbeddedBackend:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
             task_status.started(self)
+
+
+def _journal_families(store: DurableStore) -> Iterator[Metric]:
+    """The journal's figures as metric families (zeros until the store has started)."""
+    stats = store.journal.stats if store.journal is not None else None
+    for name, documentation, value in (
+            ("chatd_store_records", "Records appended to the journal (both replicas).",
+             stats.records if stats else 0),
+            ("chatd_store_batches", "Journal batches: each one write and fsync per replica.",
+             stats.batches if stats else 0),
+            ("chatd_store_fsyncs", "fsyncs of replica files (one per replica per batch).",
+             stats.fsyncs if stats else 0)):
+        yield CounterMetricFamily(name, documentation, value=value)
+    commit = HistogramMetricFamily(
+        "chatd_store_commit_seconds",
+        "Time for a journal batch to be written and fsync'd on every replica.")
+    if stats is not None:
+        commit.add_metric([], stats.commit_seconds.cumulative(), stats.commit_seconds.total)
+    yield commit

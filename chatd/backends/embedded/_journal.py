@@ -33,6 +33,7 @@ import trio
 from chatd.actors import ActorTable, Mailbox
 from chatd.backends._records import StoreUnavailable
 from chatd.logs import EventLog
+from chatd.metrics import Histogram
 
 from ._segments import ReplicaFailed, SegmentLog
 
@@ -54,6 +55,8 @@ class JournalStats:
     records: int = 0
     fsyncs: int = 0
     checkpoints: int = 0
+    #: Seconds each batch took to be written and fsync'd on every replica.
+    commit_seconds: Histogram = attrs.field(factory=Histogram)
 
 
 class _Request:
@@ -156,7 +159,9 @@ class Journal:
             for record_type, fields in request.records:
                 encoded.append((record_type, cbor2.dumps([self.next_lsn, *fields])))
                 self.next_lsn += 1
+        started = trio.current_time()
         await self._everywhere(lambda log: _append_and_sync(log, encoded))
+        self.stats.commit_seconds.observe(trio.current_time() - started)
         self.stats.batches += 1
         self.stats.records += len(encoded)
         self._release(batch)

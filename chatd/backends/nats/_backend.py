@@ -12,6 +12,7 @@ from chatd.backends._interfaces import Blobs, Bus, Queues, State
 from chatd.backends._records import BackendUnavailable, StoreUnavailable
 from chatd.config import Config
 from chatd.logs import EventLog
+from chatd.metrics import Metrics
 
 from ._blobs import NatsBlobs
 from ._bridge import NatsBridge
@@ -69,6 +70,9 @@ class NatsBackend:
         self.bridge.on_reconnect = self._reconnected.set
         #: Replicas of the streams and buckets, once the backend runs.
         self.replicas = 0
+
+    def export(self, metrics: Metrics) -> None:
+        """Nothing of its own yet: NATS publish latency and errors are issue 13's to add."""
 
     def unready(self) -> tuple[str, str] | None:
         """NATS accepts writes while the connection is up (JetStream answers each one)."""
