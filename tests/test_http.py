@@ -280,7 +280,7 @@ async def test_shipped_rules_and_dashboard_use_only_metrics_the_node_exports(
 async def test_chatd_status_summarizes_a_node(make_node: MakeNode, engine: str) -> None:
     if engine != "embedded":
         pytest.skip("chatd status reads /metrics, which does not depend on the engine")
-    node = await make_node(slo_interval=0.1)
+    node = await make_node(slo_interval=0.1, store="memory")
     async with login(node, "alice") as alice, login(node, "bob") as bob:
         for n in range(3):
             await alice.client.send("bob", f"hello {n}")
@@ -293,8 +293,12 @@ async def test_chatd_status_summarizes_a_node(make_node: MakeNode, engine: str) 
     lines = out.splitlines()
     assert lines[0] == f"chatd at {http_url(node)}: ready"
     assert lines[1].split()[:2] == ["sessions", "2"]
-    assert "sent 3," in out and "SLO alarms            none" in out
-    assert re.search(r"send latency, 1 min +p99 <= [0-9.]+ ms, p99\.99 <= [0-9.]+ ms", out), out
+    assert "sent 3," in out
+    # How fast those sends were depends on the machine: the figures' form, not their values.
+    latency = r"(<= [0-9.]+ ms|over 1 s)"
+    assert re.search(rf"send latency, 1 min +p99 {latency}, p99\.99 {latency}", out), out
+    assert re.search(r"SLO alarms +(none|send_latency (page|ticket)(, send_latency ticket)?)$",
+                     out, re.MULTILINE), out
 
 
 async def test_chatd_status_of_nothing_is_one_line_and_exit_1(engine: str) -> None:
