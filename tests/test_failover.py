@@ -112,25 +112,30 @@ async def test_cli_listen_fails_over_across_a_sigkill(tmp_path: Path) -> None:
                                     "before"])
         assert status == 0, err
         with refusing_url() as dead:
-            async with trio.open_nursery() as nursery:
-                listen = await trio.lowlevel.open_process(
-                    [*CHATD, "listen", "--url", dead, "--url", url, "--token", bob,
-                     "--count", "2", "--timeout", str(DEADLINE)],
-                    stdout=-1, stderr=-1)
-                assert listen.stdout is not None
-                assert b'"body":"before"' in await first_line(listen.stdout)
-                await first.crash()
-                async with serve(tmp_path, "--port", port) as second:
-                    status, _, err = await run(["send", "--url", second.url, "--token", alice,
-                                                "--to", "bob", "after"])
-                    assert status == 0, err
-                    with trio.fail_after(DEADLINE):
-                        rest = b""
-                        async for chunk in listen.stdout:
-                            rest += chunk
-                        assert await listen.wait() == 0
-                assert b'"body":"after"' in rest and b'"body":"before"' not in rest
-                nursery.cancel_scope.cancel()
+            listen = await trio.lowlevel.open_process(
+                [*CHATD, "listen", "--url", dead, "--url", url, "--token", bob,
+                 "--count", "2", "--timeout", str(DEADLINE)],
+                stdout=-1, stderr=-1)
+            assert listen.stdout is not None
+            assert b'"body":"before"' in await first_line(listen.stdout)
+            await first.crash()
+            async with serve(tmp_path, "--port", port) as second:
+                status, _, err = await run(["send", "--url", second.url, "--token", alice,
+                                            "--to", "bob", "after"])
+                assert status == 0, err
+                rest, status = await rest_of(listen)
+                assert status == 0
+            assert b'"body":"after"' in rest and b'"body":"before"' not in rest
+
+
+async def rest_of(process: trio.Process) -> tuple[bytes, int]:
+    """Everything ``process`` still writes on stdout, and its exit status (with a deadline)."""
+    assert process.stdout is not None
+    rest = b""
+    with trio.fail_after(DEADLINE):
+        async for chunk in process.stdout:
+            rest += chunk
+        return rest, await process.wait()
 
 
 # -- a node stopped gracefully -----------------------------------------------------------------
@@ -180,11 +185,7 @@ async def test_cli_listen_fails_over_when_its_node_stops_gracefully(
             status, _, err = await run(["send", "--url", n2.url, "--token", alice,
                                         "--to", "bob", "after"])
             assert status == 0, err
-            with trio.fail_after(DEADLINE):
-                rest = b""
-                async for chunk in listen.stdout:
-                    rest += chunk
-                status = await listen.wait()
+            rest, status = await rest_of(listen)
             assert status == 0, (await listen.stderr.receive_some()).decode()
             assert b'"body":"after"' in rest and b'"body":"before"' not in rest
         finally:
