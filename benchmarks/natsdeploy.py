@@ -135,7 +135,8 @@ class ChatdNode(Server):
 
     def argv(self) -> list[str]:
         """The chatd command line of the benchmark, on NATS instead of the embedded store."""
-        argv = command("chatd_durable", self.port, self.dir / "data", self.secret)
+        argv = command("chatd_durable", self.port, self.dir / "data", self.secret,
+                       self.http_port)
         at = argv.index("--store")
         del argv[at:at + 2]
         argv += ["--node", self.name, "--config", str(self.config)]

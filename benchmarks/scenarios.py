@@ -260,6 +260,12 @@ def _traffic(server: Target, pairs: int, marks0: list[dict[str, Any]],
         "receipts_read": _stat(marks1, "receipts_read") - _stat(marks0, "receipts_read"),
         "server_cpu_s": round(cpu, 3),
         "cpu_us_per_msg": round(cpu * 1e6 / delivered, 2) if delivered else None,
+        # How many messages one write to a recipient carried, and the server's young
+        # garbage collections per message: what the metrics' cost depends on.
+        "msgs_per_write": round(delivered / acks, 2) if acks else None,
+        "gc_collections_per_msg": (round((s1.gc_young - s0.gc_young) / delivered, 4)
+                                   if delivered and s0.gc_young is not None
+                                   and s1.gc_young is not None else None),
         "server_cpu_pct": _pct(cpu, window),
         "loadgen_cpu_pct": _pct(_loadgen_cpu(marks0, marks1), window),
         **_machine(server, s0, s1, _loadgen_cpu(marks0, marks1)),

@@ -32,8 +32,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from chatd.listener import unused_port
 
@@ -77,6 +80,8 @@ class Sample:
         #: moment and not counted in ``cpu``; None for a server that stores by itself.
         self.backend = backend
         self.clock = time.monotonic()
+        #: The server's young garbage collections so far, where it says (chatd).
+        self.gc_young: int | None = None
         with open("/proc/stat") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:9]]
         # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
@@ -101,15 +106,17 @@ def write_secret(path: Path) -> None:
     path.chmod(0o600)
 
 
-def command(target: str, port: int, data_dir: Path, secret: Path) -> list[str]:
-    """The command line that runs ``target`` on ``port``."""
+def command(target: str, port: int, data_dir: Path, secret: Path,
+            http_port: int = 0) -> list[str]:
+    """The command line that runs ``target`` on ``port`` (chatd's HTTP port on
+    ``http_port``, 0 for any)."""
     if target == "peer":
         return [sys.executable, "-m", "benchmarks.peers.websockets_peer", "--host",
                 "127.0.0.1", "--port", str(port), "--secret-file", str(secret)]
     store = "durable" if target == "chatd_durable" else "memory"
     return [sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--data-dir", str(data_dir), "--secret-file", str(secret), "--store", store,
-            "--log-level", "warning", "--http-listen", "127.0.0.1:0"]
+            "--log-level", "warning", "--http-listen", f"127.0.0.1:{http_port}"]
 
 
 def prepare_child() -> None:
@@ -171,6 +178,8 @@ class Server:
         self.secret = secret
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
+        #: chatd's HTTP port (its /metrics), 0 for the peer.
+        self.http_port = 0 if target == "peer" else free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
         self.stderr = self.dir / "stderr.log"
         self.stdout = self.dir / "stdout.log"
@@ -183,7 +192,7 @@ class Server:
 
     def argv(self) -> list[str]:
         """The command line of this server."""
-        return command(self.target, self.port, self.dir / "data", self.secret)
+        return command(self.target, self.port, self.dir / "data", self.secret, self.http_port)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -239,7 +248,27 @@ class Server:
     def sample(self) -> Sample:
         self.check()
         assert self.process is not None
-        return measure(self.process.pid)
+        sample = measure(self.process.pid)
+        sample.gc_young = self.young_collections()
+        return sample
+
+    def young_collections(self) -> int | None:
+        """The server's young garbage collections so far, from chatd's /metrics (None
+        for the peer, or if the scrape fails)."""
+        if not self.http_port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
+                                        timeout=5) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "python_gc_collections_total"
+                        and sample.labels.get("generation") == "0"):
+                    return int(sample.value)
+        return None
 
     def problems(self) -> dict[str, list[str]]:
         """Warnings and errors logged since the last call, per process: a single server's

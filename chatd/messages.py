@@ -24,11 +24,13 @@ class Deliver:
 
     ``prev`` is the seq of the item before it in the queue, when the backend says (NATS
     numbers all queues from one sequence, so a queue's numbers have gaps); -1 means
-    ``entry.seq - 1``.
+    ``entry.seq - 1``. ``stored`` is when the store had it, on the node's clock (0.0:
+    unknown), where the delivery latency (hop 2) starts.
     """
 
     entry: Entry
     prev: int = -1
+    stored: float = 0.0
 
 
 @attrs.frozen(slots=True)

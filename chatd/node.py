@@ -144,16 +144,18 @@ class Node:
             self.http = HttpFront(config, self.metrics, self.backend.unready)
             children.append(ChildSpec("http", self.http.run, Restart.PERMANENT))
         children.append(ChildSpec("listener", listener.run, Restart.PERMANENT))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.supervisor.run, children)
-            task_status.started(self)
-            await self._shutdown.wait()
-            self._log.info("shutting_down", sessions=listener.live_sessions)
-            listener.stop_accepting()
-            drained = await listener.drain(config.shutdown_timeout)
-            if not drained:
-                self._log.warning("shutdown_deadline", sessions=listener.live_sessions)
-            with trio.move_on_after(FLUSH_TIMEOUT):
-                await self.presence.flush()  # last seen of the sessions just closed
-            nursery.cancel_scope.cancel()
+        self.metrics.use_current_clock()
+        with self.metrics.watch_gc():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.supervisor.run, children)
+                task_status.started(self)
+                await self._shutdown.wait()
+                self._log.info("shutting_down", sessions=listener.live_sessions)
+                listener.stop_accepting()
+                drained = await listener.drain(config.shutdown_timeout)
+                if not drained:
+                    self._log.warning("shutdown_deadline", sessions=listener.live_sessions)
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await self.presence.flush()  # last seen of the sessions just closed
+                nursery.cancel_scope.cancel()
         self._log.info("stopped")

@@ -70,33 +70,55 @@ class Router:
         self._log = EventLog(logger, actors.node, "router")
 
     async def submit_many(self, sender: str, frames: Sequence[Send],
-                          touched: list[Mailbox[Any]] | None = None) -> list[Sent | Error]:
+                          touched: list[Mailbox[Any]] | None = None,
+                          read_at: float | None = None) -> list[Sent | Error]:
         """Accept a run of messages from ``sender``, in order, written together.
+
+        The run's latency (hop 1, from ``read_at`` to the write's end) is observed once for
+        every ``sent`` answer, a ``store_unavailable`` answer is counted as a send failure,
+        and each stored message is offered with the time it was stored (where hop 2
+        starts).
 
         Args:
             sender: The authenticated user sending.
             frames: The ``send`` frames.
             touched: Where to note a session offered an item without being woken.
+            read_at: When the client message that carried the frames was read (node
+                clock); the time the write started if None.
 
         Returns:
             The answer to each frame: ``sent`` (``dup`` set if the id was seen before), or
             an ``error`` (``id_conflict``, ``store_unavailable``) with its id as ``ref``.
         """
+        metrics = self._metrics
+        if read_at is None:
+            read_at = metrics.now()
         now = now_ms()
         messages = [Message(f.id, sender, f.to, f.body, now) for f in frames]
         outcomes = await self._queues.submit_many(messages)
+        stored = metrics.now()
         answers: list[Sent | Error] = []
+        accepted = answered = failed = 0
         for frame, outcome in zip(frames, outcomes, strict=True):
             if isinstance(outcome, IdConflict):
+                metrics.errors[ErrorCode.ID_CONFLICT.value] += 1
                 answers.append(Error(ErrorCode.ID_CONFLICT.value, _CONFLICT, frame.id))
             elif isinstance(outcome, Exception):
+                failed += 1
                 answers.append(Error(ErrorCode.STORE_UNAVAILABLE.value, _UNAVAILABLE,
                                      frame.id))
             else:
                 if outcome.entry is not None:
-                    self._metrics.messages_sent += 1
-                    self._bus.offer(frame.to, outcome.entry, touched)
+                    accepted += 1
+                    self._bus.offer(frame.to, outcome.entry, touched, stored)
+                answered += 1
                 answers.append(Sent(frame.id, outcome.ts, outcome.duplicate))
+        metrics.messages_sent += accepted
+        if answered:
+            metrics.send_latency.observe_many(stored - read_at, answered)
+        if failed:
+            metrics.send_failures += failed
+            metrics.errors[ErrorCode.STORE_UNAVAILABLE.value] += failed
         return answers
 
     async def acknowledge(self, user: str, status: str, upto: int,
@@ -111,14 +133,18 @@ class Router:
             queued = await self._queues.acknowledge(user, status, upto, peer)
         except StoreUnavailable:
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, _UNAVAILABLE) from None
-        acked = self._metrics.messages_acked
+        metrics = self._metrics
         for sender, entry in queued:
-            if isinstance(entry.item, ReceiptItem):
-                acked[entry.item.status] += len(entry.item.ids)
+            item = entry.item
+            if isinstance(item, ReceiptItem):
+                if item.status == "read":
+                    metrics.messages_read += len(item.ids)
+                else:
+                    metrics.messages_delivered += len(item.ids)
             self._bus.offer(sender, entry, touched)
 
     def deliver(self, user: str, entry: Entry, prev: int = -1,
-                touched: list[Mailbox[Any]] | None = None) -> None:
+                touched: list[Mailbox[Any]] | None = None, stored: float = 0.0) -> None:
         """Offer a stored entry to ``user``'s session on this node, if there is one.
 
         The bus calls this for every entry it brings here. It never waits.
@@ -129,6 +155,7 @@ class Router:
             prev: The seq of the item before it in the queue, or -1 (see
                 :class:`chatd.messages.Deliver`).
             touched: If given, the session is not woken: its mailbox is appended here.
+            stored: When the entry was stored, on this node's clock (0: unknown).
         """
         address = self._sessions.get(user)
         if address is None:
@@ -136,6 +163,6 @@ class Router:
         mailbox = self._actors.lookup(address)
         if mailbox is None:
             return
-        if offer(mailbox, Deliver(entry, prev), self._log, wake=touched is None,
+        if offer(mailbox, Deliver(entry, prev, stored), self._log, wake=touched is None,
                  user=user) and touched is not None:
             touched.append(mailbox)

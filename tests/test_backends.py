@@ -93,7 +93,7 @@ class Recorder:
     """Handlers for :meth:`Bus.bind` that keep what arrives, and a way to wait for it."""
 
     def __init__(self) -> None:
-        self.deliveries: list[tuple[str, Entry, int, list[Any] | None]] = []
+        self.deliveries: list[tuple[str, Entry, int, list[Any] | None, float]] = []
         self.signals: list[tuple[str, Signal]] = []
         self.reports: list[tuple[str, PresenceReport]] = []
         self._changed = trio.Event()
@@ -110,7 +110,7 @@ class Recorder:
         self._changed = trio.Event()
 
     def entries(self, user: str) -> list[Entry]:
-        return [entry for who, entry, _, _ in self.deliveries if who == user]
+        return [entry for who, entry, *_ in self.deliveries if who == user]
 
     async def until(self, predicate: Callable[[], bool]) -> None:
         with trio.fail_after(DEADLINE):
@@ -577,16 +577,20 @@ async def test_bus_brings_entries_signals_and_presence_to_the_joined_backend(
         touched: list[Any] = []
         first, second = await submit(a.queues, msg("m1", "alice", "bob"),
                                      msg("m2", "alice", "bob"))
+        stored = trio.current_time()
         for entry in (first, second):
-            a.bus.offer("bob", entry, touched)  # as the router does after submitting
+            a.bus.offer("bob", entry, touched, stored)  # as the router does after submitting
         await b.got.until(lambda: len(b.got.entries("bob")) >= 2)
         expected: list[tuple[str, Entry, int, list[Any] | None]]
         if engine == "nats":  # the previous item of the queue, from another process
             expected = [("bob", first, 0, None), ("bob", second, first.seq, None)]
-        else:  # contiguous numbering: -1 stands for seq - 1
+            # When the stream stored each, from its Nats-Time-Stamp, on this clock.
+            assert all(0 < d[4] <= trio.current_time() for d in b.got.deliveries)
+        else:  # contiguous numbering: -1 stands for seq - 1; the time as offered
             expected = [("bob", first, -1, touched), ("bob", second, -1, touched)]
             assert second.seq == first.seq + 1
-        assert b.got.deliveries == expected
+            assert [d[4] for d in b.got.deliveries] == [stored, stored]
+        assert [d[:4] for d in b.got.deliveries] == expected
         assert all(d[2] < d[1].seq for d in b.got.deliveries)
         a.bus.signal("bob", Replaced("n2", 7))
         await b.got.until(lambda: bool(b.got.signals))

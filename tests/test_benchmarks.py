@@ -112,6 +112,8 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     assert results["ratio"]["cpu_us_per_msg"] > 0
     cost = results["metrics_cost"]
     assert cost["us_per_msg"] > 0 and cost["pct_of_chatd_cpu_per_msg"] > 0
+    assert cost["worst_us_per_msg"] > 0 and cost["msgs_per_write"] >= 1
+    assert cost["gc_collections_per_msg"] is not None  # scraped from chatd's /metrics
     assert "rss_kb_per_conn" in results["ratio"]
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["memory_gib"] > 0

@@ -6,6 +6,7 @@ slow, oversized and malformed requests, with the WebSocket port's sessions undis
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import re
@@ -99,10 +100,40 @@ async def test_metrics_count_exactly_the_traffic(chat_node: RunningNode) -> None
         assert delta(before, after, name, **{label: value}) == expected, (name, value)
     assert delta(before, after, "chatd_send_latency_seconds_count") == 4
     assert delta(before, after, "chatd_send_latency_seconds_bucket", le="+Inf") == 4
+    # Hop 2: each message stored while bob was online and written to him; hop 3: each
+    # covered by his first acknowledgement (the read one finds nothing left to time).
+    assert delta(before, after, "chatd_delivery_latency_seconds_count") == 3
+    assert delta(before, after, "chatd_ack_latency_seconds_count") == 3
+    assert delta(before, after, "chatd_ack_latency_seconds_bucket", le="+Inf") == 3
     assert delta(before, after, "chatd_errors_total", code="id_conflict") == 0
     assert after[("chatd_ready", ())] == 1
     assert after[("process_open_fds", ())] > 0
     assert not [key for key in after if "alice" in str(key) or "bob" in str(key)]
+
+
+async def test_a_backlog_is_timed_from_its_write_to_its_ack_only(
+        chat_node: RunningNode) -> None:
+    async with login(chat_node, "alice") as alice:
+        await alice.client.send("carol", "while you were away")
+    before = await scrape(chat_node)
+    async with login(chat_node, "carol") as carol:
+        (msg,) = await carol.msgs(1)
+        await carol.client.ack(msg.seq)
+        await carol.client.ack(msg.seq)  # again: nothing left to time
+        await carol.client.send("alice", "thanks")  # answered after the acks are handled
+    after = await scrape(chat_node)
+    assert delta(before, after, "chatd_frames_sent_total", type="msg") == 1
+    assert delta(before, after, "chatd_delivery_latency_seconds_count") == 0
+    assert delta(before, after, "chatd_ack_latency_seconds_count") == 1
+
+
+async def test_garbage_collections_are_timed(chat_node: RunningNode) -> None:
+    before = await scrape(chat_node)
+    gc.collect()  # the node runs in this process
+    after = await scrape(chat_node)
+    assert delta(before, after, "chatd_gc_pause_seconds_count", generation="2") >= 1
+    assert delta(before, after, "chatd_gc_pause_seconds_sum", generation="2") > 0
+    assert after[("python_gc_collections_total", (("generation", "2"),))] >= 1
 
 
 async def test_errors_are_counted_by_code(chat_node: RunningNode) -> None:

@@ -718,10 +718,10 @@ async def test_crashing_session_is_closed_1011_and_others_carry_on(
     router = chat_node.node.router
     submit_many = router.submit_many
 
-    async def crashing_submit(sender: str, frames: Any, touched: Any = None) -> Any:
+    async def crashing_submit(sender: str, frames: Any, *args: Any) -> Any:
         if any(frame.body == "crash" for frame in frames):
             raise RuntimeError("injected crash")
-        return await submit_many(sender, frames, touched)
+        return await submit_many(sender, frames, *args)
 
     monkeypatch.setattr(router, "submit_many", crashing_submit)
     async with login(chat_node, "bob") as bob, login(chat_node, "carol") as carol:

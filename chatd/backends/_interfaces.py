@@ -249,17 +249,19 @@ class Bus(Protocol):
     receives the user's presence reports.
     """
 
-    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None], None],
+    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None, float], None],
              signal: Callable[[str, Signal], None],
              presence: Callable[[str, PresenceReport], None],
              lost: Callable[[], None]) -> None:
         """Say what to do with what arrives (called once, before the backend runs).
 
         Args:
-            deliver: An entry stored for a joined user: ``(user, entry, prev, touched)``,
-                where ``prev`` is the seq of the item before it in the user's queue, or -1
-                when the engine numbers every queue without gaps (``entry.seq - 1``), and
-                ``touched`` is what :meth:`offer` was given (None from another process).
+            deliver: An entry stored for a joined user: ``(user, entry, prev, touched,
+                stored)``, where ``prev`` is the seq of the item before it in the user's
+                queue, or -1 when the engine numbers every queue without gaps
+                (``entry.seq - 1``), ``touched`` is what :meth:`offer` was given (None from
+                another process), and ``stored`` when the entry was stored, on this
+                process's trio clock (0.0 when unknown).
             signal: A signal for a joined user's session.
             presence: A report about a watched user.
             lost: Traffic may have been lost (the connection to the bus broke): sessions
@@ -276,11 +278,13 @@ class Bus(Protocol):
     def leave(self, user: str) -> None:
         """Stop receiving ``user``'s entries and signals (once every join has left)."""
 
-    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None) -> None:
+    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None,
+              stored: float = 0.0) -> None:
         """An entry was stored for ``user``: bring it to the process holding their session.
 
         ``touched`` is the caller's list of sessions offered items without being woken
-        (for a local delivery; see :meth:`chatd.router.Router.deliver`).
+        (for a local delivery; see :meth:`chatd.router.Router.deliver`); ``stored`` is
+        when the store had it, on this process's trio clock (0.0: unknown).
         """
 
     def signal(self, user: str, signal: Signal) -> None:

@@ -10,6 +10,7 @@ from ._connection import ClientConnection, ConnectionState, ServerConnection, ne
 from ._errors import CloseCode, ErrorCode, ProtocolError
 from ._frames import (
     CLIENT_FRAMES,
+    FRAMES,
     MAX_RECEIPT_IDS,
     PROTOCOL_VERSIONS,
     SERVER_FRAMES,
@@ -35,6 +36,7 @@ from ._frames import (
 
 __all__ = [
     "CLIENT_FRAMES",
+    "FRAMES",
     "MAX_RECEIPT_IDS",
     "PROTOCOL_VERSIONS",
     "SERVER_FRAMES",

@@ -23,6 +23,7 @@ import attrs
 
 __all__ = [
     "CLIENT_FRAMES",
+    "FRAMES",
     "MAX_RECEIPT_IDS",
     "PROTOCOL_VERSIONS",
     "SERVER_FRAMES",
@@ -107,10 +108,12 @@ class AckStatus(enum.StrEnum):
 @attrs.frozen
 class Frame:
     """Base of every frame; ``TYPE`` is the wire type tag, ``SINCE`` the protocol version
-    that introduced it."""
+    that introduced it, ``INDEX`` its position in :data:`FRAMES` (for tables indexed by
+    frame type, such as the node's frame counters)."""
 
     TYPE: ClassVar[str] = ""
     SINCE: ClassVar[int] = 1
+    INDEX: ClassVar[int] = -1
 
 
 # -- client -> server -------------------------------------------------------------------
@@ -274,3 +277,7 @@ CLIENT_FRAMES: dict[str, type[Frame]] = {
 SERVER_FRAMES: dict[str, type[Frame]] = {
     cls.TYPE: cls for cls in (Welcome, Sent, Msg, Receipt, Presence, Synced, Error)
 }
+#: Every frame type, client frames first; each class's ``INDEX`` is its position here.
+FRAMES: tuple[type[Frame], ...] = (*CLIENT_FRAMES.values(), *SERVER_FRAMES.values())
+for _index, _cls in enumerate(FRAMES):
+    _cls.INDEX = _index

@@ -44,7 +44,6 @@ from chatd.protocol import (
     LastSeenQuery,
     ProtocolError,
     Send,
-    Sent,
     ServerConnection,
     Subscribe,
     Unsubscribe,
@@ -262,7 +261,7 @@ class Session:
             except TokenError as err:
                 raise ProtocolError(ErrorCode(err.code), err.message) from None
             self._user = claims.sub
-            self._ctx.metrics.frames_in[Hello.TYPE] += 1
+            self._ctx.metrics.frames_in[Hello.INDEX] += 1
             self.last_heard = trio.current_time()
             if self._on_authenticated is not None:
                 self._on_authenticated()
@@ -355,6 +354,7 @@ class Session:
         if now - self._limited_at >= 1.0:
             self._limited_at = now
             self._log.warning("rate_limited", user=self._user)
+            self._ctx.metrics.errors[ErrorCode.RATE_LIMITED.value] += 1
             self._answer_now([Error(ErrorCode.RATE_LIMITED.value,
                                 f"more than {config.rate_limit:g} frames per second; "
                                 "reading paused")])
@@ -380,7 +380,7 @@ class Session:
         at = 0
         while at < len(frames):
             frame = frames[at]
-            counted[frame.TYPE] += 1
+            counted[frame.INDEX] += 1
             at += 1
             if flush and isinstance(frame, Send | Ack):
                 self._answer_now(replies)
@@ -390,23 +390,18 @@ class Session:
                 run = [frame]
                 while at < len(frames) and isinstance(frames[at], Send):
                     run.append(cast(Send, frames[at]))
-                    counted[Send.TYPE] += 1
+                    counted[Send.INDEX] += 1
                     at += 1
-                answers = await ctx.router.submit_many(self._user, run, self._touched)
-                latency = trio.current_time() - self.last_heard
-                observe = ctx.metrics.send_latency.observe
-                for answer in answers:
-                    if isinstance(answer, Sent):
-                        observe(latency)
-                    elif answer.code == ErrorCode.STORE_UNAVAILABLE.value:
-                        ctx.metrics.send_failures += 1
-                replies.extend(answers)
+                replies.extend(await ctx.router.submit_many(self._user, run, self._touched,
+                                                            self.last_heard))
                 continue
             try:
                 match frame:
                     case Ack(status, upto, peer):
-                        await ctx.router.acknowledge(self._user, status,
-                                                     min(upto, self._sent_seq()), peer,
+                        assert self._writer is not None
+                        upto = min(upto, self._writer.sent_seq)
+                        self._writer.acknowledged(upto, self.last_heard)
+                        await ctx.router.acknowledge(self._user, status, upto, peer,
                                                      self._touched)
                     case LastSeenQuery(user):
                         replies.append(await self._lookup(user))
@@ -419,6 +414,7 @@ class Session:
                             assert self._mailbox is not None
                             await ctx.presence.watch(self._mailbox.address, gone, add=False)
             except ProtocolError as err:
+                ctx.metrics.errors[err.code.value] += 1
                 replies.append(Error(err.code.value, err.message, err.ref))
 
     def _wake_touched(self) -> None:
@@ -433,10 +429,6 @@ class Session:
         """Hand the reader's answers to the writer (see :meth:`Writer.answer`)."""
         assert self._writer is not None
         self._writer.answer(frames)
-
-    def _sent_seq(self) -> int:
-        assert self._writer is not None
-        return self._writer.sent_seq
 
     async def _lookup(self, user: str) -> Frame:
         try:
@@ -464,7 +456,7 @@ class Session:
         if close_code >= 4000 or close_code == 1001:
             self._log.info("session_closed", user=self._user, reason=err.code.value,
                            close_code=int(close_code))
-        self._ctx.metrics.frames_out[Error.TYPE] += 1
+        self._ctx.metrics.frames_out[Error.INDEX] += 1
         self._ctx.metrics.errors[err.code.value] += 1
         self._ws.send(self._conn.send([Error(err.code.value, err.message)]))
         await self._ws.close(int(close_code), err.code.value, timeout=CLOSE_TIMEOUT)

@@ -18,6 +18,8 @@ recipient's fault alone; the mailbox contains it (:meth:`chatd.actors.Mailbox.wa
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +33,6 @@ from chatd.logs import EventLog
 from chatd.messages import Deliver, Push, Resync, offer
 from chatd.metrics import Metrics
 from chatd.protocol import (
-    Error,
     ErrorCode,
     Frame,
     Msg,
@@ -44,7 +45,7 @@ from chatd.transport import ConnectionClosed, WebSocket
 
 from ._keepalive import Keepalive, KeepaliveAction
 
-__all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "UNREADABLE", "Writer"]
+__all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "TIMED_UNACKED", "UNREADABLE", "Writer"]
 
 #: Entries read from the store per step while streaming a backlog.
 CATCH_UP_BATCH = 256
@@ -53,6 +54,9 @@ CLOSE_TIMEOUT = 2.0
 #: Why a session closes when its user's queue cannot be read (the backend is unreachable);
 #: the client connects again later.
 UNREADABLE = "this user's queue cannot be read now; connect again later"
+#: Writes of messages not yet acknowledged whose time a session keeps for the
+#: acknowledgement latency (hop 3); a client further behind has its oldest ones untimed.
+TIMED_UNACKED = 4096
 
 
 class Writer:
@@ -71,9 +75,9 @@ class Writer:
         metrics: Where frames sent are counted.
     """
 
-    __slots__ = ("_behind", "_config", "_conn", "_last_sign", "_log", "_mailbox", "_metrics",
-                 "_queues", "_scope", "_user", "_ws", "ending", "fatal", "sent_seq",
-                 "writing")
+    __slots__ = ("_behind", "_config", "_conn", "_framed", "_last_sign", "_log", "_mailbox",
+                 "_metrics", "_queues", "_scope", "_stored", "_unacked", "_user", "_ws",
+                 "ending", "fatal", "sent_seq", "writing")
 
     def __init__(self, config: Config, ws: WebSocket, conn: ServerConnection, queues: Queues,
                  user: str, mailbox: Mailbox[Any], log: EventLog,
@@ -89,6 +93,11 @@ class Writer:
         self._last_sign = last_sign
         self._scope = trio.CancelScope()
         self._behind = False
+        #: Messages framed and not yet written, and when those delivered live were stored.
+        self._framed = 0
+        self._stored: list[float] = []
+        #: (last seq, written at, messages) of each write of messages not yet acknowledged.
+        self._unacked: deque[tuple[int, float, int]] = deque(maxlen=TIMED_UNACKED)
         #: The seq of the last item sent; acknowledgements are bounded by it.
         self.sent_seq = 0
         #: Whether a message is being written and the socket has not taken it all yet.
@@ -186,12 +195,12 @@ class Writer:
     def _take(self, message: Deliver | Push | Resync, frames: list[Frame]) -> bool:
         """Add a mailbox message's frames to ``frames``; True if an entry was skipped."""
         match message:
-            case Deliver(entry, prev):
+            case Deliver(entry, prev, stored):
                 if entry.seq > self.sent_seq:
                     # Next in order when nothing can lie between the last sent and it.
                     if (prev if prev >= 0 else entry.seq - 1) > self.sent_seq:
                         return True
-                    frames.append(_frame(entry))
+                    frames.append(self._frame(entry, stored))
                     self.sent_seq = entry.seq
             case Push(pushed):
                 frames.extend(pushed)
@@ -216,7 +225,7 @@ class Writer:
             entries = await queues.pending(user, self.sent_seq, CATCH_UP_BATCH)
             if entries:
                 self.sent_seq = entries[-1].seq
-                frames.extend(_frame(entry) for entry in entries)
+                frames.extend(self._frame(entry) for entry in entries)
             self._drain(frames)
             if frames:
                 self.encode(frames)
@@ -234,10 +243,7 @@ class Writer:
         batch: list[bytes] = []
         size = 0
         for frame in frames:
-            counted[frame.TYPE] += 1
-            if type(frame) is Error:
-                errors = self._metrics.errors
-                errors[frame.code] = errors.get(frame.code, 0) + 1
+            counted[frame.INDEX] += 1
             data = cbor2.dumps(to_wire(frame))
             if batch and (size + len(data) > limits.max_frame_bytes
                           or len(batch) == limits.max_frames):
@@ -247,6 +253,43 @@ class Writer:
             size += len(data)
         if batch:
             send(b"".join(batch))
+        if self._framed:
+            self._written()
+
+    def _frame(self, entry: Entry, stored: float = 0.0) -> Msg | Receipt:
+        """The frame of a queue entry; a message's is noted for the latency histograms."""
+        item = entry.item
+        if isinstance(item, Message):
+            self._framed += 1
+            if stored:
+                self._stored.append(stored)
+            return Msg(entry.seq, item.id, item.sender, item.body, item.ts)
+        return Receipt(entry.seq, item.status, item.by, list(item.ids), item.ts)
+
+    def _written(self) -> None:
+        """Time the messages just written: hop 2 for those delivered live (their store
+        time known); hop 3 starts for all of them together, up to ``TIMED_UNACKED`` writes
+        (the histogram is updated in place, as :meth:`Histogram.observe` does, to spare a
+        call per message)."""
+        metrics = self._metrics
+        now = metrics.now()
+        if self._stored:
+            hop = metrics.delivery_latency
+            counts, bounds = hop.counts, hop.bounds
+            for stored in self._stored:
+                counts[bisect_left(bounds, now - stored)] += 1
+            hop.total += now * len(self._stored) - sum(self._stored)
+            self._stored.clear()
+        self._unacked.append((self.sent_seq, now, self._framed))
+        self._framed = 0
+
+    def acknowledged(self, upto: int, at: float) -> None:
+        """The client acknowledged every item up to ``upto`` in a message read at ``at``:
+        observe hop 3 for the messages of each write it covers whole."""
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= upto:
+            _, written, count = unacked.popleft()
+            self._metrics.ack_latency.observe_many(at - written, count)
 
     async def _flush(self) -> None:
         """Wait until the socket has taken everything sent.
@@ -268,9 +311,3 @@ class Writer:
             self._scope.cancel()
             await trio.lowlevel.checkpoint()
 
-
-def _frame(entry: Entry) -> Msg | Receipt:
-    item = entry.item
-    if isinstance(item, Message):
-        return Msg(entry.seq, item.id, item.sender, item.body, item.ts)
-    return Receipt(entry.seq, item.status, item.by, list(item.ids), item.ts)

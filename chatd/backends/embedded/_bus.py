@@ -24,11 +24,11 @@ class LocalBus:
     """The in-process bus (see :class:`chatd.backends.Bus`)."""
 
     def __init__(self) -> None:
-        self._deliver: Callable[[str, Entry, int, list[Any] | None], None] = _unbound
+        self._deliver: Callable[[str, Entry, int, list[Any] | None, float], None] = _unbound
         self._signal: Callable[[str, Signal], None] = _unbound
         self._presence: Callable[[str, PresenceReport], None] = _unbound
 
-    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None], None],
+    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None, float], None],
              signal: Callable[[str, Signal], None],
              presence: Callable[[str, PresenceReport], None],
              lost: Callable[[], None]) -> None:
@@ -43,9 +43,10 @@ class LocalBus:
     def leave(self, user: str) -> None:
         """Nothing to undo."""
 
-    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None) -> None:
+    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None,
+              stored: float = 0.0) -> None:
         """Hand the entry to the local session of ``user``, if any."""
-        self._deliver(user, entry, -1, touched)
+        self._deliver(user, entry, -1, touched, stored)
 
     def signal(self, user: str, signal: Signal) -> None:
         """Hand the signal to the local session of ``user``, if any."""

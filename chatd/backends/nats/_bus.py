@@ -1,20 +1,24 @@
 """The bus on NATS: core subjects, one per user with a session, one per watched user.
 
 A node holding a session subscribes to ``NS.d.USER``: the queue stream republishes every
-item stored for USER there (with ``Nats-Sequence`` and ``Nats-Last-Sequence``, the item
-before it in the queue), so an item reaches the node holding the session without a lookup
-of where that is. Signals for the session (a takeover) travel on the same subject, as
-plain messages. A node watching a user's presence subscribes to ``NS.p.USER``. Core NATS
-delivers at most once: the queues are the record, and after the connection comes back
-every session reads its queue again (the ``lost`` handler).
+item stored for USER there (with ``Nats-Sequence``, ``Nats-Last-Sequence``, the item
+before it in the queue, and ``Nats-Time-Stamp``, when it was stored), so an item reaches
+the node holding the session without a lookup of where that is. Signals for the session
+(a takeover) travel on the same subject, as plain messages. A node watching a user's
+presence subscribes to ``NS.p.USER``. Core NATS delivers at most once: the queues are the
+record, and after the connection comes back every session reads its queue again (the
+``lost`` handler).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import cbor2
+import trio
 
 from chatd.backends._interfaces import PresenceReport, Replaced, Signal
 from chatd.backends._records import Entry
@@ -80,13 +84,13 @@ class NatsBus:
         self._log = log
         self._joined = _Subscriptions(bridge)
         self._watched = _Subscriptions(bridge)
-        self._deliver: Callable[[str, Entry, int, list[Any] | None], None] = _unbound
+        self._deliver: Callable[[str, Entry, int, list[Any] | None, float], None] = _unbound
         self._signal: Callable[[str, Signal], None] = _unbound
         self._presence: Callable[[str, PresenceReport], None] = _unbound
         #: What to do once live traffic may have been lost (the node's handler).
         self.lost: Callable[[], None] = _unbound
 
-    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None], None],
+    def bind(self, *, deliver: Callable[[str, Entry, int, list[Any] | None, float], None],
              signal: Callable[[str, Signal], None],
              presence: Callable[[str, PresenceReport], None],
              lost: Callable[[], None]) -> None:
@@ -105,7 +109,8 @@ class NatsBus:
         """Drop the subscription once no local session of ``user`` is left."""
         self._joined.remove(user)
 
-    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None) -> None:
+    def offer(self, user: str, entry: Entry, touched: list[Any] | None = None,
+              stored: float = 0.0) -> None:
         """Nothing to do: the stream republishes every stored item to its user's subject."""
 
     def signal(self, user: str, signal: Signal) -> None:
@@ -138,7 +143,7 @@ class NatsBus:
                 entry = Entry(int(sequence), decode_item(user, reply.data))
                 prev = int(headers.get("Nats-Last-Sequence", "0"))
                 self._note(user, entry, prev)
-                self._deliver(user, entry, prev, None)
+                self._deliver(user, entry, prev, None, _stored(headers.get("Nats-Time-Stamp")))
                 return
             match cbor2.loads(reply.data):
                 case ["replaced", str(node), int(serial)]:
@@ -157,6 +162,23 @@ class NatsBus:
                     self._log.warning("bus_message_refused", user=user, shape=_shape(other))
 
         return on_presence
+
+
+def _stored(stamp: str | None) -> float:
+    """When the stream stored a republished item (its ``Nats-Time-Stamp``, wall clock), on
+    this process's trio clock; 0.0 when the header is missing or unreadable.
+
+    The two clocks are read together, so the result is off only by the difference between
+    this machine's wall clock and the NATS server's (none on one machine; what NTP keeps
+    between machines otherwise).
+    """
+    if not stamp:
+        return 0.0
+    try:
+        wall = datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
+    return trio.current_time() - (time.time() - wall)
 
 
 def _shape(value: Any) -> str:
