@@ -76,6 +76,7 @@ def summary(url: str, samples: Samples) -> str:
         samples: Every sample of ``/metrics``, by name and sorted labels.
     """
     ready = _get(samples, "chatd_ready") == 1
+    unreadable = _get(samples, "chatd_replica_unreadable")
     alarms = sorted(f"{labels[0][1]} {labels[1][1]}" for (name, labels), value in
                     samples.items() if name == "chatd_slo_alarm" and value == 1)
     errors = sorted(((labels[0][1], value) for (name, labels), value in samples.items()
@@ -96,7 +97,11 @@ def summary(url: str, samples: Samples) -> str:
         f"{'failed sends':22}{_get(samples, 'chatd_send_failures_total'):,.0f}",
         f"{'errors sent':22}"
         + (", ".join(f"{code} {count:,.0f}" for code, count in errors[:5]) or "none"),
+        f"{'queue backlog':22}{_get(samples, 'chatd_queue_backlog_items'):,.0f} items, "
+        f"{_get(samples, 'chatd_queue_backlog_bytes') / 2**20:,.1f} MiB",
         f"{'SLO alarms':22}" + (", ".join(alarms) if alarms else "none"),
+        f"{'replicas':22}" + (f"UNREADABLE ({unreadable:,.0f}; see the log's "
+                              "replica_unreadable)" if unreadable else "readable"),
         f"{'process':22}CPU {_get(samples, 'process_cpu_seconds_total'):,.1f} s, "
         f"RSS {_get(samples, 'process_resident_memory_bytes') / 2**20:,.0f} MiB, "
         f"{_get(samples, 'process_open_fds'):,.0f} open files",
