@@ -104,9 +104,9 @@ class EmbeddedBackend:
         self.bus: Bus = LocalBus()
 
     def export(self, metrics: Metrics) -> None:
-        """The queues' backlog (either store), and the durable store's journal: records
+        """The queues' backlog (either store); the durable store's journal (records
         appended, batches, fsyncs, and how long a batch takes to be written and fsync'd on
-        both replicas."""
+        both replicas) and its ``replica_unreadable`` alarm."""
         store = self.store
         # Read through the store at each scrape: a restarted durable store has a new index.
         metrics.gauge("chatd_queue_backlog_items",
@@ -119,6 +119,12 @@ class EmbeddedBackend:
                       lambda: [({}, store.index.pending_bytes)])
         if isinstance(store, DurableStore):
             metrics.collect(functools.partial(_journal_families, store))
+            # Not exported by the memory store: it has no replicas to read from.
+            metrics.gauge("chatd_replica_unreadable",
+                          "Users with queued items that cannot be read from both replicas "
+                          "(0 once repaired; a failed replica counts every such user until "
+                          "a restart).",
+                          lambda: [({}, store.unreadable)])
 
     def unready(self) -> tuple[str, str] | None:
         """The durable store refuses writes once a replica has failed (until a restart)."""

@@ -186,6 +186,19 @@ class QueueIndex:
         queue = self._queues.get(user)
         return len(queue.entries) - queue.head if queue else 0
 
+    def holds(self, user: str, seq: int) -> bool:
+        """Whether ``user``'s queue holds the item ``seq`` (queued, not acknowledged)."""
+        queue = self._queues.get(user)
+        if queue is None:
+            return False
+        entries = queue.entries
+        at = bisect.bisect_left(entries, seq, lo=queue.head, key=_SEQ)
+        return at < len(entries) and entries[at][0] == seq
+
+    def waiting(self) -> list[str]:
+        """The users whose queue holds items (one pass over every user)."""
+        return [user for user, queue in self._queues.items() if len(queue.entries) > queue.head]
+
     def plan_ack(self, user: str, status: str, upto: int, peer: str | None,
                  ts: int) -> Acked:
         """What an acknowledgement would change, without changing anything.
