@@ -104,11 +104,27 @@ class EmbeddedBackend:
         self.bus: Bus = LocalBus()
 
     def export(self, metrics: Metrics) -> None:
-        """The durable store's journal: records appended, batches, fsyncs, and how long a
-        batch takes to be written and fsync'd on both replicas."""
+        """The queues' backlog (either store); the durable store's journal (records
+        appended, batches, fsyncs, and how long a batch takes to be written and fsync'd on
+        both replicas) and its ``replica_unreadable`` alarm."""
         store = self.store
+        # Read through the store at each scrape: a restarted durable store has a new index.
+        metrics.gauge("chatd_queue_backlog_items",
+                      "Items (messages and receipts) queued and not yet acknowledged, over "
+                      "every user's queue.",
+                      lambda: [({}, store.index.pending_total)])
+        metrics.gauge("chatd_queue_backlog_bytes",
+                      "UTF-8 size of those items' content: message bodies, receipts' "
+                      "message ids.",
+                      lambda: [({}, store.index.pending_bytes)])
         if isinstance(store, DurableStore):
             metrics.collect(functools.partial(_journal_families, store))
+            # Not exported by the memory store: it has no replicas to read from.
+            metrics.gauge("chatd_replica_unreadable",
+                          "Users with queued items that cannot be read from both replicas "
+                          "(0 once repaired; a failed replica counts every such user until "
+                          "a restart).",
+                          lambda: [({}, store.unreadable)])
 
     def unready(self) -> tuple[str, str] | None:
         """The durable store refuses writes once a replica has failed (until a restart)."""

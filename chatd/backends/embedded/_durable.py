@@ -28,14 +28,20 @@ and replays the union of both replicas' later records in LSN order. Damage, a to
 any difference between the replicas is reported and repaired by writing a checkpoint of
 the merged state to both at once.
 
-The record types, how they are written and how recovery reads them stay in this one
-module (a little over 500 lines), so that a record's format is stated in one place.
+A user's queued items whose records cannot be read from both replicas raise an alarm
+(``replica_unreadable``, :attr:`DurableStore.unreadable`): at recovery, until the repair is
+written; when a replica fails at run time, until a restart.
+
+The record types, how they are written and how recovery reads them (which replica holds
+which queued item, for that alarm, included) stay in this one module (about 600 lines), so
+that a record's format is stated in one place.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import heapq
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,6 +96,13 @@ _RETIRED = frozenset((3, 4, 5, 6))
 _CHECKPOINTED = frozenset((RecordType.CK_USER, RecordType.CK_UNREAD, RecordType.CK_ENTRY,
                            RecordType.CK_IDS, RecordType.CK_KV))
 _CHUNK = 1000
+#: Most user ids a ``replica_unreadable`` record lists.
+_LISTED = 10
+
+#: One replica's decoded records, (type, fields), in log order.
+_Records = list[tuple[int, list[Any]]]
+#: A complete checkpoint: the LSN it covers, and its records between begin and end.
+_Checkpoint = tuple[int, _Records]
 
 
 @attrs.define
@@ -138,6 +151,10 @@ class DurableStore(IndexedStore):
         self._ack_locks: dict[str, trio.Lock] = {}
         self._wake = trio.Event()
         self._records_at_checkpoint = 0
+        #: Users with queued items whose records cannot be read from both replicas: found
+        #: by recovery (0 again once the repair is written to both), or every user with
+        #: queued items once a replica has failed at run time (until a restart).
+        self.unreadable = 0
 
     # -- the actor ---------------------------------------------------------------------
 
@@ -163,13 +180,17 @@ class DurableStore(IndexedStore):
         self.kv.clear()
         self.logs = [SegmentLog(d, segment_bytes=self.segment_bytes) for d in self.directories]
         replay = await trio.to_thread.run_sync(self._recover)
-        journal = self.journal = Journal(self._actors, self.logs, next_lsn=replay.last_lsn + 1)
+        journal = self.journal = Journal(self._actors, self.logs, next_lsn=replay.last_lsn + 1,
+                                         on_failure=self._replica_failed)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(journal.run)
                 if replay.repair:
                     self._log.warning("replicas_repaired", reasons=replay.repair)
                     await journal.checkpoint(self._snapshot)
+                    if self.unreadable:  # readable from both again
+                        cleared, self.unreadable = self.unreadable, 0
+                        self._log.info("replica_unreadable_cleared", queues=cleared)
                 self._records_at_checkpoint = journal.stats.records
                 self._log.info("store_recovered", records=replay.records,
                                users=len(list(self.index.users())))
@@ -211,6 +232,20 @@ class DurableStore(IndexedStore):
 
     def _segment_count(self) -> int:
         return len(self.logs[0].segments()) if self.logs else 0
+
+    def _replica_failed(self) -> None:
+        """The journal failed a replica: every queue with items now rests on one replica at
+        most, and stays so until a restart recovers and repairs both."""
+        waiting = self.index.waiting()
+        self.unreadable = len(waiting)
+        if not waiting:
+            return
+        for log in self.logs:
+            if log.failed is not None:
+                self._log.error("replica_unreadable", error="replica_unreadable",
+                                replica=str(log.directory), queues=len(waiting),
+                                items=self.index.pending_total,
+                                user_ids=heapq.nsmallest(_LISTED, waiting))
 
     # -- the Queues interface -----------------------------------------------------------
 
@@ -436,13 +471,63 @@ class DurableStore(IndexedStore):
         for lsn in sorted(changes):
             self._apply(*changes[lsn])
         replay.records = len(changes)
-        for checkpoint, lsns, log in zip(checkpoints, present, self.logs, strict=True):
+        lacking: list[tuple[SegmentLog, set[tuple[str, int]]]] = []
+        for records, checkpoint, lsns, log in zip(decoded, checkpoints, present, self.logs,
+                                                  strict=True):
             if lsns != set(changes) | retired or (
                     checkpoint[0] if checkpoint else 0) != replay.base:
                 replay.repair.append(f"{log.directory} differs from its peer")
+                lacking.append((log, self._unreadable_from(records, checkpoint, lsns, best,
+                                                           replay.base, changes)))
+        self._report_unreadable(lacking)
         if any(len(log.segments()) > 1 for log in self.logs) and not replay.repair:
             replay.repair.append("old segments")
         return replay
+
+    def _unreadable_from(self, records: _Records, checkpoint: _Checkpoint | None,
+                         lsns: set[int], best: _Checkpoint | None, base: int,
+                         changes: dict[int, tuple[int, list[Any]]]) -> set[tuple[str, int]]:
+        """The queued items that one replica could not give on its own.
+
+        Those are the items added by a change the replica lacks, and, when it lacks the
+        newest checkpoint, the items of that checkpoint which its own older checkpoint and
+        changes do not add either. Runs once the merged state is in the index.
+
+        Args:
+            records: The replica's records.
+            checkpoint: Its newest complete checkpoint.
+            lsns: The LSNs of the changes it holds above ``base``.
+            best: The newest complete checkpoint of either replica, which was loaded.
+            base: The LSN ``best`` covers (0 without one).
+            changes: Every change above ``base``, from either replica, by LSN.
+
+        Returns:
+            The items as (user, seq), among those still queued.
+        """
+        added = [key for lsn, change in changes.items() if lsn not in lsns
+                 for key in _adds(*change)]
+        snap = checkpoint[0] if checkpoint else 0
+        if snap != base:
+            assert best is not None  # base is the newest checkpoint's LSN, above 0
+            own = {key for record in (checkpoint[1] if checkpoint else ())
+                   for key in _adds(*record)}
+            own.update(key for record_type, fields in records
+                       if record_type in _CHANGES and snap < fields[0] <= base
+                       for key in _adds(record_type, fields))
+            added += [key for record in best[1] for key in _adds(*record) if key not in own]
+        return {key for key in added if self.index.holds(*key)}
+
+    def _report_unreadable(self, lacking: list[tuple[SegmentLog, set[tuple[str, int]]]]
+                           ) -> None:
+        """Set :attr:`unreadable` to the users concerned (0 when there are none), then log
+        ``replica_unreadable`` for each replica that lacks queued items."""
+        self.unreadable = len({user for _, items in lacking for user, _ in items})
+        for log, items in lacking:
+            if items:
+                users = {user for user, _ in items}
+                self._log.warning("replica_unreadable", replica=str(log.directory),
+                                  queues=len(users), items=len(items),
+                                  user_ids=heapq.nsmallest(_LISTED, users))
 
     def _load_checkpoint(self, records: list[tuple[int, list[Any]]]) -> None:
         index, now = self.index, now_ms()
@@ -487,8 +572,7 @@ class DurableStore(IndexedStore):
                 index.add(sender, Entry(seq, ReceiptItem(state, user, tuple(ids), ts)))
 
 
-def _latest_checkpoint(records: list[tuple[int, list[Any]]]
-                       ) -> tuple[int, list[tuple[int, list[Any]]]] | None:
+def _latest_checkpoint(records: _Records) -> _Checkpoint | None:
     """The newest complete checkpoint (its LSN and records) in one replica's records.
 
     Complete means its end record was written and every record it counts was read back: a
@@ -506,6 +590,16 @@ def _latest_checkpoint(records: list[tuple[int, list[Any]]]
         elif current is not None and record_type in _CHECKPOINTED:
             current.append((record_type, fields))
     return latest
+
+
+def _adds(record_type: int, fields: list[Any]) -> list[tuple[str, int]]:
+    """The queue items, as (user, seq), that a record adds: a message, an acknowledgement's
+    receipts, or a checkpointed entry."""
+    if record_type in (MSG, RecordType.CK_ENTRY):  # [lsn or snap, user, seq, ...]
+        return [(fields[1], fields[2])]
+    if record_type == ACK:  # [lsn, user, status, upto, peer, [[sender, seq, ...], ...]]
+        return [(receipt[0], receipt[1]) for receipt in fields[5]]
+    return []
 
 
 def _fields(entry: Entry) -> list[Any]:

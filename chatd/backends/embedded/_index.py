@@ -37,9 +37,18 @@ _SEQ = operator.itemgetter(0)
 Stored = tuple[int, tuple[Any, ...]]
 
 
-def _pack(entry: Entry) -> Stored:
-    item = entry.item
-    return (entry.seq, ("m", *item) if isinstance(item, Message) else ("r", *item))
+def _size(item: tuple[Any, ...]) -> int:
+    """What a stored item counts in the backlog's bytes (``chatd_queue_backlog_bytes``): the
+    UTF-8 size of a message's body, or of a receipt's message ids (ids are ASCII).
+
+    The ids, sequence numbers and timestamps around it are left out: they cost about the
+    same for every item, which the item count shows. An ASCII body (most are) is measured
+    by len() alone, without being encoded.
+    """
+    if item[0] == "m":  # ("m", id, sender, to, body, ts)
+        body = item[4]
+        return len(body) if body.isascii() else len(body.encode())
+    return sum(map(len, item[3]))  # ("r", status, by, ids, ts)
 
 
 def _unpack(stored: Stored) -> Entry:
@@ -94,7 +103,11 @@ class QueueIndex:
         self.dedup_window_ms = int(dedup_window * 1000)
         self._dedup_max = dedup_max
         self._max_unread = max_unread
+        #: Items queued and not yet acknowledged, over every user's queue.
         self.pending_total = 0
+        #: Their size, as :func:`_size` counts it (docs/operations.md,
+        #: ``chatd_queue_backlog_bytes``).
+        self.pending_bytes = 0
 
     def _queue(self, user: str) -> _Queue:
         queue = self._queues.get(user)
@@ -133,7 +146,15 @@ class QueueIndex:
     def add(self, user: str, entry: Entry) -> None:
         """Queue ``entry`` for ``user`` in its place by seq."""
         queue = self._queue(user)
-        stored = _pack(entry)
+        item = entry.item
+        if isinstance(item, Message):
+            stored: Stored = (entry.seq, ("m", *item))
+            # _size of a message, written out: this is every send's path.
+            body = item.body
+            self.pending_bytes += len(body) if body.isascii() else len(body.encode())
+        else:
+            stored = (entry.seq, ("r", *item))
+            self.pending_bytes += _size(stored[1])
         if queue.entries and queue.entries[-1][0] > entry.seq:
             bisect.insort(queue.entries, stored, lo=queue.head, key=_SEQ)
         else:
@@ -165,6 +186,19 @@ class QueueIndex:
         queue = self._queues.get(user)
         return len(queue.entries) - queue.head if queue else 0
 
+    def holds(self, user: str, seq: int) -> bool:
+        """Whether ``user``'s queue holds the item ``seq`` (queued, not acknowledged)."""
+        queue = self._queues.get(user)
+        if queue is None:
+            return False
+        entries = queue.entries
+        at = bisect.bisect_left(entries, seq, lo=queue.head, key=_SEQ)
+        return at < len(entries) and entries[at][0] == seq
+
+    def waiting(self) -> list[str]:
+        """The users whose queue holds items (one pass over every user)."""
+        return [user for user, queue in self._queues.items() if len(queue.entries) > queue.head]
+
     def plan_ack(self, user: str, status: str, upto: int, peer: str | None,
                  ts: int) -> Acked:
         """What an acknowledgement would change, without changing anything.
@@ -194,8 +228,10 @@ class QueueIndex:
             return
         entries, head = queue.entries, queue.head
         end = bisect.bisect_right(entries, upto, lo=head, key=_SEQ)
-        newly = _newly(entries[head:end])
+        removed = entries[head:end]
+        newly = _newly(removed)
         self.pending_total -= end - head
+        self.pending_bytes -= sum([_size(item) for _, item in removed])
         if end > 1024 and end * 2 > len(entries):
             del entries[:end]
             end = 0

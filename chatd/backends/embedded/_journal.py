@@ -79,16 +79,19 @@ class Journal:
         logs: One recovered :class:`SegmentLog` per replica.
         next_lsn: The LSN the next record gets (one past the highest recovered).
         capacity: Requests that may wait for the next batch before writers wait to enqueue.
+        on_failure: Called once, in the journal's task, when a replica fails (after
+            ``replica_failed`` is logged, before any writer is told).
     """
 
     def __init__(self, actors: ActorTable, logs: Sequence[SegmentLog], *, next_lsn: int = 1,
-                 capacity: int = 65536) -> None:
+                 capacity: int = 65536, on_failure: Callable[[], None] | None = None) -> None:
         self._logs = list(logs)
         self._actors = actors
         self._mailbox: Mailbox[_Request] = actors.open("journal", capacity)
         self._log = EventLog(logger, actors.node, "store")
         self._failed: str | None = None
         self._held: _Request | None = None
+        self._on_failure = on_failure
         self.next_lsn = next_lsn
         self.stats = JournalStats()
 
@@ -185,6 +188,8 @@ class Journal:
         except* ReplicaFailed as group:
             self._failed = str(group.exceptions[0])
             self._log.error("replica_failed", error="replica_failed", reason=self._failed)
+            if self._on_failure is not None:
+                self._on_failure()
         else:
             self.stats.fsyncs += len(self._logs)
 
