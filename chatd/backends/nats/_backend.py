@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -18,6 +19,7 @@ from ._blobs import NatsBlobs
 from ._bridge import NatsBridge
 from ._bus import NatsBus
 from ._jetstream import JetStream, JetStreamError
+from ._monitor import publish_families
 from ._names import Names
 from ._queues import NatsQueues
 from ._state import NatsState, bucket_stream
@@ -72,7 +74,9 @@ class NatsBackend:
         self.replicas = 0
 
     def export(self, metrics: Metrics) -> None:
-        """Nothing of its own yet: NATS publish latency and errors are issue 13's to add."""
+        """The publishes of messages: their latency, and the failed ones by reason
+        (docs/operations.md lists them)."""
+        metrics.collect(functools.partial(publish_families, self.nats_queues.publishes))
 
     def unready(self) -> tuple[str, str] | None:
         """NATS accepts writes while the connection is up (JetStream answers each one)."""
