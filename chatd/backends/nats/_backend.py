@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -18,6 +19,7 @@ from ._blobs import NatsBlobs
 from ._bridge import NatsBridge
 from ._bus import NatsBus
 from ._jetstream import JetStream, JetStreamError
+from ._monitor import MONITOR_INTERVAL, StreamWatch, publish_families
 from ._names import Names
 from ._queues import NatsQueues
 from ._state import NatsState, bucket_stream
@@ -47,11 +49,14 @@ class NatsBackend:
     Args:
         config: ``nats`` URLs and the other ``nats_*`` settings.
         actors: The node's actor table (for the node's name in logs).
+        monitor_interval: Seconds between two readings of the queue stream's info (its
+            backlog, and whether every replica can be read).
     """
 
     engine = "nats"
 
-    def __init__(self, config: Config, actors: ActorTable) -> None:
+    def __init__(self, config: Config, actors: ActorTable, *,
+                 monitor_interval: float = MONITOR_INTERVAL) -> None:
         self._config = config
         self._log = EventLog(logger, actors.node, "backend")
         self.names = Names(config.nats_namespace)
@@ -66,13 +71,27 @@ class NatsBackend:
         self.blobs: Blobs = NatsBlobs(self.bridge, self.names)
         self.nats_bus = NatsBus(self.bridge, self.names, self._log, self.nats_queues.note)
         self.bus: Bus = self.nats_bus
+        self.watch = StreamWatch(self.jetstream, self.names.stream, self._log,
+                                 interval=monitor_interval)
         self._reconnected = trio.Event()
         self.bridge.on_reconnect = self._reconnected.set
         #: Replicas of the streams and buckets, once the backend runs.
         self.replicas = 0
 
     def export(self, metrics: Metrics) -> None:
-        """Nothing of its own yet: NATS publish latency and errors are issue 13's to add."""
+        """The publishes of messages (latency, failures by reason), the queue stream's
+        backlog, and the replica alarm (docs/operations.md lists them)."""
+        watch = self.watch
+        metrics.collect(functools.partial(publish_families, self.nats_queues.publishes))
+        metrics.gauge("chatd_queue_backlog_items",
+                      "Messages in the queue stream (all nodes'), at the last reading.",
+                      lambda: [] if watch.backlog is None else [({}, watch.backlog[0])])
+        metrics.gauge("chatd_queue_backlog_bytes",
+                      "Bytes of the queue stream (all nodes'), at the last reading.",
+                      lambda: [] if watch.backlog is None else [({}, watch.backlog[1])])
+        metrics.gauge("chatd_replica_unreadable",
+                      "1 while a replica of the queue stream cannot be read, else 0.",
+                      lambda: [({}, 1.0 if watch.raised else 0.0)])
 
     def unready(self) -> tuple[str, str] | None:
         """NATS accepts writes while the connection is up (JetStream answers each one)."""
@@ -96,6 +115,7 @@ class NatsBackend:
                 raise BackendUnavailable(f"NATS JetStream is not usable: {failure}")
             nursery.start_soon(self.nats_queues.retry)
             nursery.start_soon(self._after_reconnects)
+            nursery.start_soon(self.watch.run)
             task_status.started(self)
 
     async def _after_reconnects(self) -> None:

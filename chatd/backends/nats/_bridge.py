@@ -16,16 +16,16 @@ server in the order they were made: a subscription made before a read is in forc
 the read is served.
 
 Failure: while the connection is down, every call fails at once with
-:class:`StoreUnavailable` (nats-py's reconnect buffer is off, so nothing is sent late),
-and requests in flight when it broke fail too; a request without an answer within
-``nats_timeout`` fails the same way. nats-py reconnects by itself, forever; once it has,
-the ``on_reconnect`` hook runs, so that the bus can tell sessions to read their queues
-again (live traffic sent meanwhile is lost). The first connection must succeed within
-``nats_timeout`` (or fail on bad credentials at once): otherwise
-:class:`BackendUnavailable` says why, in one line.
+:class:`NatsUnavailable`, a :class:`StoreUnavailable` that says why (nats-py's reconnect
+buffer is off, so nothing is sent late), and requests in flight when it broke fail too; a
+request without an answer within ``nats_timeout`` fails the same way. nats-py reconnects
+by itself, forever; once it has, the ``on_reconnect`` hook runs, so that the bus can tell
+sessions to read their queues again (live traffic sent meanwhile is lost). The first
+connection must succeed within ``nats_timeout`` (or fail on bad credentials at once):
+otherwise :class:`BackendUnavailable` says why, in one line.
 
-The module is a little over 500 lines on purpose: it is the one place asyncio and nats-py
-may appear, so every call that needs them (the object store's too) lives here.
+The module is over 500 lines on purpose: it is the one place asyncio and nats-py may
+appear, so every call that needs them (the object store's too) lives here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from chatd.backends._records import BackendUnavailable, BlobInfo, BlobNotFound, 
 from chatd.config import Config
 from chatd.logs import EventLog
 
-__all__ = ["NatsBridge", "Reply", "Subscribed"]
+__all__ = ["NatsBridge", "NatsUnavailable", "Reply", "Subscribed"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,24 @@ logger = logging.getLogger(__name__)
 #: taken as lost: a dead server is noticed within about 3 x this.
 PING_INTERVAL = 2
 MAX_OUTSTANDING_PINGS = 2
+#: nats-py's errors that mean the connection is closed or reconnecting.
+_CONNECTION_ERRORS = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+                      nats.errors.OutboundBufferLimitError, OSError)
+
+
+class NatsUnavailable(StoreUnavailable):
+    """NATS did not do what was asked, and why, for the publish error counts.
+
+    Args:
+        message: What happened, for logs and answers.
+        reason: ``disconnected`` (no connection, or it broke before the answer),
+            ``timeout`` (no answer within ``nats_timeout``), ``no_responders`` (nothing
+            listens on the subject: no stream, or none with a leader) or ``other``.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Reply(NamedTuple):
@@ -89,14 +107,19 @@ class Subscribed:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "done", "error", "many", "replies")
+    __slots__ = ("answered", "deadline", "done", "error", "many", "reason", "replies", "sent",
+                 "timed")
 
-    def __init__(self, many: bool, timeout: float) -> None:
-        self.deadline = trio.current_time() + timeout  # from when the request is sent
+    def __init__(self, many: bool, timeout: float, timed: bool) -> None:
+        self.sent = trio.current_time()  # when the request is sent
+        self.deadline = self.sent + timeout
         self.done = trio.Event()
         self.many = many
+        self.timed = timed  # whether to note when the answer arrived
+        self.answered = 0.0
         self.replies: list[Reply] = []
         self.error: str | None = None
+        self.reason = ""  # NatsUnavailable's, with the error
 
 
 def _reply(msg: Msg) -> Reply:
@@ -254,24 +277,26 @@ class NatsBridge:
                     ) -> list[Callable[[], Any]]:
         """Send several requests at once, in order; returns one awaitable getter each.
 
-        Each getter returns the :class:`Reply` or raises :class:`StoreUnavailable`, as
-        :meth:`request` would. Waiting on them in turn costs one round trip for all: every
-        request's deadline runs from when it was sent.
+        Each getter returns ``([reply], seconds)``, the seconds from the request being sent
+        to its reply arriving (the publish latency, at the cost of one clock read), or
+        raises :class:`NatsUnavailable` as :meth:`request` would. Waiting on them in turn
+        costs one round trip for all: every request's deadline runs from when it was sent.
         """
         self._check()
-        return [functools.partial(self._await, *self._send(subject, payload, headers, False))
+        return [functools.partial(self._await_timed,
+                                  *self._send(subject, payload, headers, False, True))
                 for subject, payload, headers in requests]
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None,
                        *, many: bool) -> list[Reply]:
         self._check()
-        return await self._await(*self._send(subject, payload, headers, many))
+        return await self._await(*self._send(subject, payload, headers, many, False))
 
     def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None,
-              many: bool) -> tuple[str, _Waiter]:
+              many: bool, timed: bool) -> tuple[str, _Waiter]:
         """Queue a request with a reply subject of its own; its token and waiter."""
         token = str(next(self._tokens))
-        waiter = self._waiters[token] = _Waiter(many, self._config.nats_timeout)
+        waiter = self._waiters[token] = _Waiter(many, self._config.nats_timeout, timed)
         self._push(("pub", subject, payload, headers, f"{self._inbox}.{token}", token))
         return token, waiter
 
@@ -282,10 +307,15 @@ class NatsBridge:
         finally:  # answered, timed out or cancelled: a late reply finds nobody waiting
             self._waiters.pop(token, None)
         if waiter.error is not None:
-            raise StoreUnavailable(waiter.error)
+            raise NatsUnavailable(waiter.error, waiter.reason)
         if not waiter.done.is_set():
-            raise StoreUnavailable(f"NATS did not answer within {self._config.nats_timeout:g} s")
+            raise NatsUnavailable(f"NATS did not answer within {self._config.nats_timeout:g} s",
+                                  "timeout")
         return waiter.replies
+
+    async def _await_timed(self, token: str, waiter: _Waiter) -> tuple[list[Reply], float]:
+        replies = await self._await(token, waiter)
+        return replies, waiter.answered - waiter.sent
 
     def subscribe(self, subject: str, handler: Callable[[Reply], None]) -> Subscribed:
         """Call ``handler`` (in trio, never awaited) with every message on ``subject``.
@@ -386,7 +416,7 @@ class NatsBridge:
 
     def _check(self) -> None:
         if not self._connected:
-            raise StoreUnavailable("no connection to NATS")
+            raise NatsUnavailable("no connection to NATS", "disconnected")
 
     def _push(self, command: tuple[Any, ...]) -> None:
         self._commands.append(command)
@@ -422,7 +452,9 @@ class NatsBridge:
                                 await subscribed.sub.unsubscribe()
                 except (nats.errors.Error, OSError) as exc:
                     if command[0] == "pub" and command[5] is not None:
-                        self._fail(command[5], f"NATS refused the request: {exc!r}")
+                        self._fail(command[5], f"NATS refused the request: {exc!r}",
+                                   "disconnected" if isinstance(exc, _CONNECTION_ERRORS)
+                                   else "other")
                     elif command[0] == "sub":
                         self._log.warning("nats_subscribe_failed", subject=command[1].subject,
                                           reason=repr(exc))
@@ -449,18 +481,21 @@ class NatsBridge:
         reply = _reply(msg)
         waiter.replies.append(reply)
         if not waiter.many or reply.status:
+            if waiter.timed:
+                waiter.answered = trio.current_time()
             del self._waiters[token]
             waiter.done.set()
 
-    def _fail(self, token: str, error: str) -> None:
+    def _fail(self, token: str, error: str, reason: str) -> None:
         waiter = self._waiters.pop(token, None)
         if waiter is not None:
             waiter.error = error
+            waiter.reason = reason
             waiter.done.set()
 
     def _fail_all(self, error: str) -> None:
         for token in list(self._waiters):
-            self._fail(token, error)
+            self._fail(token, error, "disconnected")
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc) or type(exc).__name__

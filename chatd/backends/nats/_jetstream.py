@@ -3,7 +3,9 @@
 Publishing to a stream is a request answered by a JSON acknowledgement; reads are direct
 gets (``$JS.API.DIRECT.GET``), one message or a batch ended by a status message; streams
 are managed with the JSON API (``$JS.API.STREAM.*``). Errors come back as JSON with a
-numeric ``err_code``; the ones chatd acts on are named here.
+numeric ``err_code``; the ones chatd acts on are named here. The publishes of messages
+are counted in a :class:`PublishStats`: how long each took to be acknowledged, and why
+those that failed did.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from chatd.backends._records import StoreUnavailable
+from chatd.metrics import Histogram
 
-from ._bridge import NatsBridge, Reply
+from ._bridge import NatsBridge, NatsUnavailable, Reply
 
-__all__ = ["WRONG_LAST_SEQUENCE", "JetStream", "JetStreamError", "PubAck"]
+__all__ = ["PUBLISH_ERRORS", "WRONG_LAST_SEQUENCE", "JetStream", "JetStreamError", "PubAck",
+           "PublishStats"]
 
 #: ``Nats-Expected-Last-Subject-Sequence`` did not hold.
 WRONG_LAST_SEQUENCE = 10071
@@ -25,6 +29,11 @@ WRONG_LAST_SEQUENCE = 10071
 STREAM_NOT_FOUND = 10059
 #: No message matches a get.
 NO_MESSAGE = 10037
+#: Why a publish failed (docs/operations.md, ``chatd_nats_publish_errors_total``): no
+#: connection or it broke before the answer; no answer within ``nats_timeout``; nothing
+#: listens on the subject (no stream, or no leader); JetStream answered with an error (a
+#: failed expectation, a limit); anything else.
+PUBLISH_ERRORS = ("disconnected", "timeout", "no_responders", "refused", "other")
 
 
 class JetStreamError(Exception):
@@ -44,9 +53,32 @@ class PubAck(NamedTuple):
     duplicate: bool
 
 
+class PublishStats:
+    """Publishes counted as they end: the time each acknowledged one took (from being
+    handed to the connection to JetStream's acknowledgement arriving), and the failed ones
+    by reason (one of :data:`PUBLISH_ERRORS`)."""
+
+    __slots__ = ("errors", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = Histogram()
+        self.errors = dict.fromkeys(PUBLISH_ERRORS, 0)
+
+    def failed(self, exc: Exception, count: int = 1) -> None:
+        """Count ``count`` publishes that failed with ``exc``."""
+        if isinstance(exc, JetStreamError):
+            reason = "refused"
+        elif isinstance(exc, NatsUnavailable):
+            reason = exc.reason
+        else:
+            reason = "other"
+        self.errors[reason] += count
+
+
 def _pub_ack(reply: Reply) -> PubAck:
     if reply.status:
-        raise StoreUnavailable(f"JetStream did not store the message (status {reply.status})")
+        raise NatsUnavailable(f"JetStream did not store the message (status {reply.status})",
+                              "no_responders" if reply.status == "503" else "other")
     body = json.loads(reply.data)
     error = body.get("error")
     if error is not None:
@@ -74,16 +106,38 @@ class JetStream:
         """
         return _pub_ack(await self.bridge.request(subject, payload, headers))
 
-    def publish_all(self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]]
-                    ) -> list[Callable[[], Any]]:
+    def publish_all(self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]], *,
+                    stats: PublishStats | None = None) -> list[Callable[[], Any]]:
         """Store several messages, sent at once in order; one awaitable getter each,
-        returning the :class:`PubAck` or raising as :meth:`publish` does."""
-        getters = self.bridge.request_all(messages)
+        returning the :class:`PubAck` or raising as :meth:`publish` does.
+
+        Args:
+            messages: (subject, payload, headers) of each.
+            stats: Where to count each publish once it ends (a getter never awaited, its
+                caller cancelled, counts nothing).
+
+        Raises:
+            StoreUnavailable: There is no connection to NATS: none was sent.
+        """
+        try:
+            getters = self.bridge.request_all(messages)
+        except StoreUnavailable as exc:
+            if stats is not None:
+                stats.failed(exc, len(messages))
+            raise
 
         def acked(getter: Callable[[], Any]) -> Callable[[], Any]:
             async def get() -> PubAck:
-                replies = await getter()
-                return _pub_ack(replies[0])
+                try:
+                    replies, seconds = await getter()
+                    ack = _pub_ack(replies[0])
+                except (StoreUnavailable, JetStreamError) as exc:
+                    if stats is not None:
+                        stats.failed(exc)
+                    raise
+                if stats is not None:
+                    stats.seconds.observe(seconds)
+                return ack
             return get
 
         return [acked(getter) for getter in getters]

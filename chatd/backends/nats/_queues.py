@@ -58,7 +58,7 @@ from chatd.backends._records import (
 from chatd.clock import now_ms
 from chatd.logs import EventLog
 
-from ._jetstream import WRONG_LAST_SEQUENCE, JetStream, JetStreamError, header_int
+from ._jetstream import WRONG_LAST_SEQUENCE, JetStream, JetStreamError, PublishStats, header_int
 from ._names import Names, decode_item, encode_item
 
 __all__ = ["ACK_CHUNK", "NatsQueues"]
@@ -165,6 +165,8 @@ class NatsQueues:
         self._max_unread = max_unread
         self._log = log
         self._users: dict[str, _UserQueue] = {}
+        #: The publishes of messages (the writes behind ``sent``): latency and failures.
+        self.publishes = PublishStats()
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -214,7 +216,7 @@ class NatsQueues:
         try:
             getters = self._js.publish_all([
                 (names.queue(m.to), encode_item(m), {"Nats-Msg-Id": f"{m.sender} {m.id}"})
-                for m in messages])
+                for m in messages], stats=self.publishes)
         except StoreUnavailable as exc:  # no connection to NATS: none was sent
             return [exc] * len(messages)
         results: list[Accepted | Exception] = []
