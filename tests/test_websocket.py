@@ -131,6 +131,14 @@ def refused(reader: FrameReader, data: bytes) -> int:
 # -- masking, messages and fragmentation -------------------------------------------------
 
 
+@given(st.binary(max_size=3000), st.binary(min_size=4, max_size=4))
+def test_unmasking_in_c_agrees_with_the_python_fallback(payload: bytes, mask: bytes) -> None:
+    assert ws._apply_mask is not None  # the test extras install websockets with speedups
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert ws._unmask(bytearray(payload), mask) == expected
+    assert ws._xor(bytearray(payload), mask) == expected
+
+
 def test_masked_binary_and_text_messages_are_unmasked() -> None:
     reader = FrameReader(LIMIT)
     assert reader.feed(frame(OP_BINARY, b"\x00\x01hello")) == [ws.Message(b"\x00\x01hello")]

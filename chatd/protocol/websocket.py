@@ -8,6 +8,11 @@ masked; fragmented messages are reassembled up to ``max_message`` bytes, text ch
 UTF-8 fragment by fragment; pings are answered by the caller; there are no extensions (so
 no compression) and no subprotocols.
 
+Unmasking is the one step whose cost grows with the payload: it runs in C, in the
+``websockets`` package's ``apply_mask`` (17 times faster than the big-integer XOR below on
+a 1 KB message: 0.34 against 5.9 µs), and falls back to that XOR where the package was
+installed without its compiled speedups.
+
 Like wsproto, nothing here does I/O: :func:`accept_handshake` turns request bytes into
 response bytes, :class:`FrameReader` turns received bytes into events, and
 :func:`encode_frame` turns a payload into bytes to write. Every violation raises
@@ -20,8 +25,15 @@ import base64
 import binascii
 import codecs
 import hashlib
+from collections.abc import Callable
 
 import attrs
+
+_apply_mask: Callable[[bytes | bytearray, bytes | bytearray], bytes] | None
+try:
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # websockets built without its C extension
+    _apply_mask = None
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -202,6 +214,13 @@ Event = Message | Ping | Pong | Close
 
 
 def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """XOR ``payload`` with the repeating 4-byte ``mask`` (in C where available)."""
+    if _apply_mask is not None:
+        return _apply_mask(payload, mask)
+    return _xor(payload, mask)
+
+
+def _xor(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """XOR ``payload`` with the repeating 4-byte ``mask``, as one big-integer operation."""
     size = len(payload)
     if not size:
