@@ -105,7 +105,8 @@ class Metrics:
 
     def __init__(self, node: str) -> None:
         self.node = node
-        #: Reads the node's clock (trio's); :meth:`use_current_clock` makes it cheaper.
+        #: Reads the node's clock (trio's; :meth:`use_current_clock` makes it a third as
+        #: costly): the latencies, and the sessions' readers, read it.
         self.now: Callable[[], float] = trio.current_time
         #: Client frames acted on, indexed by ``Frame.INDEX``.
         self.frames_in = [0] * len(FRAMES)

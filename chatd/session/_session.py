@@ -282,9 +282,11 @@ class Session:
     async def _reader(self, frames: list[Frame]) -> None:
         """Act on client frames until the client leaves or breaks the protocol."""
         ws = self._ws
+        clock = self._ctx.metrics.now  # trio's clock, read through its own method
         answers: list[Frame] = []
         try:
-            await self._throttle(len(frames) + 1, answers)  # the hello and what came with it
+            # the hello and what came with it
+            await self._throttle(len(frames) + 1, answers, self.last_heard)
             await self._handle(frames, answers)
             self._answer_now(answers)
             answers = []
@@ -294,7 +296,7 @@ class Session:
                     batch, self._inbox = self._inbox[::-1], []
                 else:
                     batch = await ws.receive()
-                self.last_heard = now = trio.current_time()
+                self.last_heard = now = clock()
                 if now - self._reported >= self._ctx.presence.report_interval:
                     self._reported = now
                     self._ctx.presence.active(self._user)
@@ -310,10 +312,11 @@ class Session:
                     except ProtocolError as err:
                         failed = err  # the messages before it are still acted on
                         break
-                    if pending and self._would_wait(len(frames)):
+                    if pending and self._budget.would_wait(len(frames), now):
                         await self._handle(merge_acks(pending), answers)
                         pending = []
-                    await self._throttle(len(frames), answers)
+                        now = clock()  # acting on them may have waited
+                    now = await self._throttle(len(frames), answers, now)
                     pending += frames
                 await self._handle(merge_acks(pending), answers)
                 self._answer_now(answers)
@@ -327,15 +330,12 @@ class Session:
         except ConnectionClosed:
             return
 
-    def _would_wait(self, frames: int) -> bool:
-        """Whether spending ``frames`` now would make :meth:`_throttle` wait."""
-        return self._budget.would_wait(frames, trio.current_time())
-
-    async def _throttle(self, frames: int, answers: list[Frame]) -> None:
-        """Spend ``frames`` from the connection's budget, waiting for it if need be.
+    async def _throttle(self, frames: int, answers: list[Frame], now: float) -> float:
+        """Spend ``frames`` from the connection's budget at ``now`` (when the client
+        message was read), waiting for it if need be.
 
         Answers collected so far (``answers``) are sent before any wait, and the list is
-        emptied.
+        emptied. Returns the time after: ``now``, or when the wait ended.
 
         The budget holds at most ``rate_burst`` frames and refills at ``rate_limit`` frames
         per second. A message the budget cannot cover is not dropped: the client is told
@@ -343,10 +343,9 @@ class Session:
         connection until the budget covers it, so a flood slows only its own sender.
         """
         config = self._ctx.config
-        now = trio.current_time()
         wait = self._budget.spend(frames, now)
         if not wait:
-            return
+            return now
         self._answer_now(answers)
         answers.clear()
         self._wake_touched()
@@ -365,6 +364,7 @@ class Session:
         finally:
             self._throttled = False
         self.last_heard = trio.current_time()
+        return self.last_heard
 
     async def _handle(self, frames: Iterable[Frame], replies: list[Frame]) -> None:
         """Act on client frames in order, appending their answers to ``replies``.
