@@ -185,17 +185,28 @@ class Codec:
         if kind is str:
             if len(value) * 4 > limits.max_string_bytes and (
                     len(value.encode()) > limits.max_string_bytes):
-                raise ProtocolError(ErrorCode.STRING_TOO_LONG,
-                                    f"string longer than {limits.max_string_bytes} bytes")
+                raise _too_long(limits.max_string_bytes)
         elif kind is dict:
             if len(value) > limits.max_items:
                 raise ProtocolError(ErrorCode.TOO_MANY_ITEMS,
                                     f"map of more than {limits.max_items} keys")
+            # Keys, and the text and integers that are most values, are checked here rather
+            # than in a call each (a frame is a map of a few of them): the same checks, in
+            # the same order, as the calls would make.
+            too_deep = depth + 1 > limits.max_depth
+            longest = limits.max_string_bytes
             for key, item in value.items():
                 if type(key) is not str:
                     raise ProtocolError(ErrorCode.BAD_FIELD, "map keys must be text strings")
-                self._walk(key, depth + 1)
-                self._walk(item, depth + 1)
+                if too_deep:
+                    self._walk(key, depth + 1)
+                if len(key) * 4 > longest and len(key.encode()) > longest:
+                    raise _too_long(longest)
+                if type(item) is str:
+                    if len(item) * 4 > longest and len(item.encode()) > longest:
+                        raise _too_long(longest)
+                elif type(item) is not int:
+                    self._walk(item, depth + 1)
         elif kind is list:
             if len(value) > limits.max_items:
                 raise ProtocolError(ErrorCode.TOO_MANY_ITEMS,
@@ -235,6 +246,10 @@ class Codec:
                                     f"{tag}.{spec.wire} must be {spec.kind.value}")
             kwargs[spec.attr] = value
         return cls(**kwargs)
+
+
+def _too_long(longest: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.STRING_TOO_LONG, f"string longer than {longest} bytes")
 
 
 def _too_deep(data: bytes | bytearray, start: int, failed_at: int, max_depth: int) -> bool:
