@@ -13,6 +13,11 @@ data directory, and checks from the recipients' side that:
 Recipients read after a restart until a message sent after that restart arrives: queues
 are FIFO by sequence number, so every older item was delivered before it.
 
+One test kills the daemon on the other side of the queue instead: while a backlog of
+100,000 messages is being streamed to its recipient, who acknowledges as he goes. It checks
+that acknowledgements the server answered for survive, that nothing unacknowledged is
+dropped, and that what is sent again after the restart is exactly the unacknowledged tail.
+
 Order is judged by sequence number (the order the server queued and sent); the tests at
 the end check separately that the client library hands a backlog to the application in
 that order, which it once did not for backlogs longer than one WebSocket message.
@@ -31,10 +36,21 @@ import attrs
 import pytest
 import trio
 from daemons import DEADLINE, Daemon, run, serve
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from chatd.client import Client, connect
-from chatd.protocol import Error, Msg, Receipt, Sent
+from chatd.protocol import (
+    Ack,
+    ClientConnection,
+    Error,
+    LastSeenQuery,
+    Msg,
+    Presence,
+    Receipt,
+    Sent,
+    Synced,
+    Welcome,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -580,6 +596,252 @@ async def test_sigkill_while_checkpoints_run_loses_nothing(tmp_path: Path) -> No
     assert not missing, f"SENT, never confirmed delivered, not redelivered: {sorted(missing)}"
     assert redelivered <= {message_id("alice", i) for i in range(ledger.next)}
     assert not redelivered & ledger.confirmed, "an acknowledged message came back"
+
+
+# -- 6. a backlog of 100,000 streamed across a SIGKILL -------------------------------------
+
+#: Messages queued for bob while he is offline, shared among BACKLOG_SENDERS.
+BACKLOG = 100_000
+BACKLOG_SENDERS = [f"b{i}" for i in range(4)]
+#: Characters (ASCII) in each body.
+BODY_CHARS = 100
+#: bob acknowledges, cumulatively, every this many messages he receives (and at the end).
+BACKLOG_ACK_EVERY = 1_000
+#: The daemon is SIGKILLed once bob has received this many messages and the server has
+#: answered for one of his acknowledgements (answers lag behind the messages by whatever
+#: the sockets buffer: tens of thousands of messages on loopback).
+KILL_AFTER = 40_000
+#: Flood limits that let each sender pipeline its whole share at once.
+UNTHROTTLED = "rate_limit = 1000000.0\nrate_burst = 1000000\n"
+#: Seconds allowed to queue, or to stream, the whole backlog.
+BACKLOG_DEADLINE = 60
+
+
+def backlog_body(msg_id: str) -> str:
+    return f"{msg_id} for bob ".ljust(BODY_CHARS, ".")
+
+
+async def flood(server: Daemon, name: str, count: int, stamps: dict[str, int]) -> None:
+    """Pipeline ``count`` messages from ``name`` to bob and wait until every one is SENT;
+    note each one's ``ts`` in ``stamps``."""
+    ids = [message_id(name, i) for i in range(count)]
+    async with (connect(server.url, server.token(name)) as client,
+                trio.open_nursery() as nursery):
+        nursery.start_soon(client.submit, [(msg_id, "bob", backlog_body(msg_id))
+                                           for msg_id in ids])
+        waiting = count
+        async for event in client.events():
+            assert isinstance(event, Sent) and not event.dup, event
+            stamps[event.id] = event.ts
+            waiting -= 1
+            if not waiting:
+                return
+    raise AssertionError(f"{name}: connection closed with {waiting} messages not SENT")
+
+
+@attrs.define
+class Stream:
+    """What one of bob's connections received and acknowledged, in order."""
+
+    msgs: list[Msg] = attrs.field(factory=list)
+    #: ``upto`` of each acknowledgement written, in order.
+    acked: list[int] = attrs.field(factory=list)
+    #: How many of them the server answered for: the protocol answers a connection's frames
+    #: in order, and each ack travels with a ``lastseen``, whose answer comes once the ack
+    #: is stored (fsync'd on both replicas).
+    stored: int = 0
+    #: The ``synced`` frame's seq: the end of the backlog.
+    synced: int | None = None
+    #: Set once KILL_AFTER messages have arrived and an acknowledgement is stored.
+    kill_point: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def last_stored(self) -> int:
+        """The highest acknowledgement the server said it had stored (0: none)."""
+        return self.acked[self.stored - 1] if self.stored else 0
+
+    @property
+    def seqs(self) -> list[int]:
+        return [m.seq for m in self.msgs]
+
+
+async def stream_backlog(server: Daemon, resume: int, stream: Stream) -> None:
+    """Log bob in on a raw connection (protocol version 2) with ``resume``, and read
+    his backlog as a client does: acknowledge up to the last message every
+    BACKLOG_ACK_EVERY messages and at ``synced``, the end of the backlog. Returns once
+    every acknowledgement is stored after ``synced``, or when the connection is lost.
+
+    Raw, not the client library, to see every frame the server sends: the library would
+    drop a message repeated on one connection.
+    """
+    conn = ClientConnection()
+    done = False
+    try:
+        async with open_websocket_url(server.url,
+                                      max_message_size=conn.codec.limits.max_frame_bytes,
+                                      ) as ws:
+
+            async def ack(upto: int) -> None:
+                await ws.send_message(conn.send([Ack("delivered", upto), LastSeenQuery("bob")]))
+                stream.acked.append(upto)
+
+            await ws.send_message(conn.hello(server.token("bob"), resume))
+            while not done:
+                for frame in conn.receive(await ws.get_message()):
+                    match frame:
+                        case Welcome(user="bob"):
+                            pass
+                        case Msg():
+                            stream.msgs.append(frame)
+                            if len(stream.msgs) % BACKLOG_ACK_EVERY == 0:
+                                await ack(frame.seq)
+                        case Presence(user="bob", watch=False):
+                            stream.stored += 1
+                            done = (stream.synced is not None
+                                    and stream.stored == len(stream.acked))
+                        case Synced(seq):
+                            assert stream.synced is None, "synced twice"
+                            stream.synced = seq
+                            if stream.msgs and stream.acked[-1:] != [stream.msgs[-1].seq]:
+                                await ack(stream.msgs[-1].seq)
+                            done = stream.stored == len(stream.acked)
+                        case _:
+                            raise AssertionError(f"unexpected frame {frame}")
+                if stream.stored and len(stream.msgs) >= KILL_AFTER:
+                    stream.kill_point.set()
+    except CONNECTION_LOST:
+        pass  # the daemon was killed under us
+
+
+async def first_item(server: Daemon) -> Msg | Synced:
+    """Log bob in without ``resume`` (protocol version 2) and return the first message,
+    or the ``synced`` that ends an empty backlog; then close (1000), acknowledging
+    nothing."""
+    conn = ClientConnection()
+    async with open_websocket_url(server.url,
+                                  max_message_size=conn.codec.limits.max_frame_bytes) as ws:
+        await ws.send_message(conn.hello(server.token("bob")))
+        with trio.fail_after(DEADLINE):
+            while True:
+                for frame in conn.receive(await ws.get_message()):
+                    if isinstance(frame, Msg | Synced):
+                        return frame
+                    assert isinstance(frame, Welcome), frame
+
+
+async def test_sigkill_while_a_backlog_of_100000_streams_delivers_every_message_once(
+        tmp_path: Path) -> None:
+    """bob, offline, gets 100,000 messages; he reads them, acknowledging every 1,000, and
+    the daemon is SIGKILLed under him once he has 40,000 and one of his acknowledgements
+    is known to be stored.
+
+    After the restart, with the at-least-once promise (docs/protocol.md 4.3, 4.4) as the
+    yardstick, and each stored acknowledgement known by a round trip:
+
+    - a connection without ``resume`` starts after bob's last stored acknowledgement and no
+      later than his first unacknowledged message: stored acknowledgements survived the
+      kill, and nothing unacknowledged was dropped;
+    - the connection that resumes from bob's last acknowledgement, as the client library
+      does, starts right after it and brings the rest, in order, up to ``synced``; what it
+      repeats (received but unacknowledged before the kill) is identical;
+    - together the two streams bring every one of the 100,000 ids, each with its body,
+      sender and ``ts`` as SENT, each sender's in the order sent, under seqs 1..100,000;
+    - once bob has acknowledged everything, another SIGKILL and restart leave him nothing:
+      a connection without ``resume`` gets ``synced`` at once.
+    """
+    data = tmp_path / "data"
+    config = tmp_path / "chatd.toml"
+    config.write_text(UNTHROTTLED)
+    args = ("--config", str(config))
+    share = BACKLOG // len(BACKLOG_SENDERS)
+    stamps: dict[str, int] = {}
+    first = Stream()
+
+    began = trio.current_time()
+    async with serve(data, *args) as server:
+        started = trio.current_time()
+        with trio.fail_after(BACKLOG_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for name in BACKLOG_SENDERS:
+                    nursery.start_soon(flood, server, name, share, stamps)
+        filled = trio.current_time()
+        assert len(stamps) == BACKLOG
+        with trio.fail_after(BACKLOG_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream_backlog, server, 0, first)
+                await first.kill_point.wait()
+                await server.crash()
+        killed = trio.current_time()
+        assert not server.errors(), server.errors()
+
+    received = len(first.msgs)
+    assert first.synced is None and received < BACKLOG, "the backlog ended before the kill"
+    assert first.seqs == list(range(1, received + 1)), "the first connection skipped seqs"
+    stored, last_acked = first.last_stored, first.acked[-1]
+    assert BACKLOG_ACK_EVERY <= stored <= last_acked <= received
+    assert received >= KILL_AFTER
+
+    restarted = trio.current_time()
+    async with serve(data, *args) as server:
+        recovered = trio.current_time()
+        assert not server.errors(), server.errors()
+        (recovery,) = server.events("store_recovered")
+
+        # Without resume: the server's own record of bob's acknowledgements.
+        peek = await first_item(server)
+        assert isinstance(peek, Msg), peek
+        assert peek.seq > stored, (
+            f"bob's ack up to {stored} was answered before the kill, yet the queue "
+            f"starts at {peek.seq}")
+        assert peek.seq <= last_acked + 1, (
+            f"bob acknowledged up to {last_acked}, yet the queue starts at {peek.seq}")
+
+        # Resuming from the last acknowledgement, as the client library does.
+        second = Stream()
+        with trio.fail_after(BACKLOG_DEADLINE):
+            await stream_backlog(server, last_acked, second)
+        streamed = trio.current_time()
+        assert second.synced == BACKLOG, second.synced
+        assert second.seqs == list(range(last_acked + 1, BACKLOG + 1)), (
+            f"resumed from {last_acked}: seqs {second.seqs[:3]}...{second.seqs[-3:]}")
+        assert second.msgs[:received - last_acked] == first.msgs[last_acked:], (
+            "a repeated message differs from the first delivery")
+        assert second.last_stored == BACKLOG
+        assert not server.errors(), server.errors()
+        await server.crash()
+
+    # Every id once, intact, under one seq; each sender's messages in the order sent.
+    delivered = {m.seq: m for m in [*first.msgs, *second.msgs]}
+    assert sorted(delivered) == list(range(1, BACKLOG + 1))
+    assert sorted(m.id for m in delivered.values()) == sorted(stamps), "ids lost or added"
+    assert peek == delivered[peek.seq], "the message after a restart differs"
+    last_index = dict.fromkeys(BACKLOG_SENDERS, -1)
+    for seq in range(1, BACKLOG + 1):
+        msg = delivered[seq]
+        name, index = parse_id(msg.id)
+        assert (msg.sender, msg.body, msg.ts) == (
+            name, backlog_body(msg.id), stamps[msg.id]), msg
+        assert index > last_index[name], f"seq {seq}: {msg.id} after index {last_index[name]}"
+        last_index[name] = index
+
+    # Everything is acknowledged, durably: after another kill, nothing is left for bob.
+    restarted_again = trio.current_time()
+    async with serve(data, *args) as server:
+        recovered_again = trio.current_time()
+        assert not server.errors(), server.errors()
+        (last_recovery,) = server.events("store_recovered")
+        assert await first_item(server) == Synced(BACKLOG)
+
+    print(f"queued {BACKLOG} in {filled - started:.1f} s; the first connection got "
+          f"{received} before the kill ({killed - filled:.1f} s), acks answered up to "
+          f"{stored}, sent up to {last_acked}, stored up to {peek.seq - 1}; "
+          f"{received - last_acked} sent again. Listening again after "
+          f"{recovered - restarted:.2f} s with {recovery['chatd.records']} records to "
+          f"replay (an empty store: {started - began:.2f} s); the other "
+          f"{BACKLOG - last_acked} streamed in {streamed - recovered:.1f} s. All "
+          f"acknowledged, killed, listening again after "
+          f"{recovered_again - restarted_again:.2f} s with "
+          f"{last_recovery['chatd.records']} records to replay")
 
 
 # -- the client library's backlog order --------------------------------------------------
