@@ -165,6 +165,9 @@ class Worker:
         self.closing = False
         self.done = 0
         self.started = 0  # sessions ever started: numbers the source addresses
+        #: Frames that came in the same WebSocket message as a session's welcome (a
+        #: backlog may start there), for its reader.
+        self.early: dict[ClientConnection, list[dict[str, Any]]] = {}
         self.hist = Histogram()
         self.stats: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -183,12 +186,14 @@ class Worker:
                            user_agent_header=None, local_addr=(self.source(i), 0))
         try:
             await ws.send(cbor2.dumps({"t": "hello", "versions": [1], "token": token}))
-            first = decode(await asyncio.wait_for(ws.recv(), timeout))[0]
+            first, *rest = decode(await asyncio.wait_for(ws.recv(), timeout))
             if first.get("t") != "welcome":
                 raise Refused(first.get("code", first.get("t")))
         except BaseException:
             ws.transport.abort()
             raise
+        if rest:
+            self.early[ws] = rest
         return ws
 
     async def open_many(self, logins: list[tuple[str, str]], concurrency: int,
@@ -267,26 +272,35 @@ class Worker:
             self.closed[close_info(ws)] += 1
 
     async def read_recipient(self, pair: Pair) -> None:
-        ws, stats, hist = pair.recipient, self.stats, self.hist
+        ws = pair.recipient
         try:
+            if early := self.early.pop(ws, None):  # a backlog may begin with the welcome
+                await self.received(ws, early, time.perf_counter_ns())
             async for data in ws:
-                now = time.perf_counter_ns()
-                count = top = 0
-                for frame in decode(data):
-                    kind = frame["t"]
-                    if kind == "msg":
-                        count += 1
-                        top = max(top, frame["seq"])
-                        hist.record((now - int(frame["body"][:20])) // 1000)
-                    elif kind == "error":
-                        self.frame_error(frame)
-                if count:
-                    stats["delivered"] += count
-                    stats["ack_messages"] += 1
-                    await ws.send(acks(top))
+                now = time.perf_counter_ns()  # as the message is taken, before decoding it
+                await self.received(ws, decode(data), now)
         except ConnectionClosed:
             pass
         self.lost(ws)
+
+    async def received(self, ws: ClientConnection, frames: list[dict[str, Any]],
+                       now: int) -> None:
+        """A recipient's WebSocket message, decoded at ``now``: record each ``msg``'s
+        latency, then acknowledge them all in one message."""
+        count = top = 0
+        hist = self.hist
+        for frame in frames:
+            kind = frame["t"]
+            if kind == "msg":
+                count += 1
+                top = max(top, frame["seq"])
+                hist.record((now - int(frame["body"][:20])) // 1000)
+            elif kind == "error":
+                self.frame_error(frame)
+        if count:
+            self.stats["delivered"] += count
+            self.stats["ack_messages"] += 1
+            await ws.send(acks(top))
 
     async def read_sender(self, pair: Pair) -> None:
         ws, stats = pair.sender, self.stats
