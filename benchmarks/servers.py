@@ -8,6 +8,9 @@ Targets:
 - ``peer``: ``python -m benchmarks.peers.websockets_peer``, a router on websockets and
   uvloop speaking the same protocol.
 
+A chatd server may be given settings (``Server(..., settings={"rate_limit": ...})``): they
+go into a TOML file in its directory, passed with ``--config`` (the peer has no settings).
+
 Every server gets a fresh data directory, the harness's token secret file, its
 ``RLIMIT_NOFILE`` soft limit raised to the hard limit, and stdout and stderr in files (shown
 when it fails). CPU time and resident memory are read from ``/proc`` for the server process
@@ -173,9 +176,11 @@ class Server:
     """One server process of a target, as an async context manager."""
 
     def __init__(self, target: str, secret: Path, workdir: Path,
-                 port: int | None = None) -> None:
+                 port: int | None = None, settings: dict[str, int | float] | None = None) -> None:
         self.target = target
         self.secret = secret
+        #: chatd settings written to a ``--config`` file (ignored by the peer).
+        self.settings = dict(settings or {})
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         #: chatd's HTTP port (its /metrics), 0 for the peer.
@@ -191,8 +196,14 @@ class Server:
         return [self.url]
 
     def argv(self) -> list[str]:
-        """The command line of this server."""
-        return command(self.target, self.port, self.dir / "data", self.secret, self.http_port)
+        """The command line of this server (with ``--config`` for its settings)."""
+        argv = command(self.target, self.port, self.dir / "data", self.secret, self.http_port)
+        if self.settings and self.target != "peer":
+            config = self.dir / "settings.toml"
+            config.write_text("".join(f"{key} = {value!r}\n"
+                                      for key, value in self.settings.items()))
+            argv += ["--config", str(config)]
+        return argv
 
     async def __aenter__(self) -> Server:
         await self.start()
