@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from benchmarks.hdr import Histogram
 from benchmarks.natsdeploy import deployment_name
@@ -135,8 +136,11 @@ def flood(results: dict[str, Any], path: Path) -> bool:
 
 def sla(results: dict[str, Any], path: Path) -> bool:
     """The SLA search's chart; False (nothing drawn) without its figures."""
-    searched = {t: ((results.get(t) or {}).get("scenarios") or {}).get("sla") for t in TARGETS}
-    searched = {t: s for t, s in searched.items() if s}
+    searched: dict[str, dict[str, Any]] = {}
+    for target in TARGETS:
+        search = ((results.get(target) or {}).get("scenarios") or {}).get("sla")
+        if search:
+            searched[target] = search
     if not searched:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -153,6 +157,9 @@ def sla(results: dict[str, Any], path: Path) -> bool:
     right.axhline(bound, color="black", linewidth=1)
     right.set_xscale("log")
     right.set_yscale("log")
+    for axis in (right.xaxis, right.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.4g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:,.4g}"))
     right.set_xlabel("paced rate, messages/s")
     right.set_ylabel("p99.99, ms")
     right.set_title("p99.99 at each rate tried", fontsize=10)

@@ -83,8 +83,11 @@ class Sample:
         #: moment and not counted in ``cpu``; None for a server that stores by itself.
         self.backend = backend
         self.clock = time.monotonic()
-        #: The server's young garbage collections so far, where it says (chatd).
+        #: The server's young garbage collections so far, where it says (chatd), and the
+        #: moment they were read (the scrape is not at ``clock``: see
+        #: :meth:`Server.young_collections`).
         self.gc_young: int | None = None
+        self.gc_clock: float | None = None
         with open("/proc/stat") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:9]]
         # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
@@ -257,17 +260,19 @@ class Server:
             raise self.failure("exited during the benchmark")
 
     def sample(self) -> Sample:
+        """CPU and RSS now, from ``/proc`` only (quick: no request to the server)."""
         self.check()
         assert self.process is not None
-        sample = measure(self.process.pid)
-        sample.gc_young = self.young_collections()
-        return sample
+        return measure(self.process.pid)
 
-    def young_collections(self) -> int | None:
-        """The server's young garbage collections so far, from chatd's /metrics (None
-        for the peer, or if the scrape fails)."""
+    def young_collections(self) -> tuple[int, float] | None:
+        """The server's young garbage collections so far, from chatd's /metrics, and the
+        middle of the scrape on the monotonic clock (None for the peer, or if the scrape
+        fails). A busy chatd can take a second to answer, so the harness scrapes outside
+        its measured windows, never between a worker's mark and a server sample."""
         if not self.http_port:
             return None
+        start = time.monotonic()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
                                         timeout=5) as answer:
@@ -278,7 +283,7 @@ class Server:
             for sample in family.samples:
                 if (sample.name == "python_gc_collections_total"
                         and sample.labels.get("generation") == "0"):
-                    return int(sample.value)
+                    return int(sample.value), (start + time.monotonic()) / 2
         return None
 
     def problems(self) -> dict[str, list[str]]:
