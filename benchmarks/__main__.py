@@ -5,13 +5,16 @@ Usage: ``python -m benchmarks [--quick] [--json FILE] [--targets chatd,chatd_dur
 For each target, in one invocation and each on a fresh server process: the connections
 scenario (N idle authenticated sessions: connect rate, RSS per connection, idle CPU), the
 throughput scenario (P pairs with delivered and read receipts: messages/s, server CPU per
-routed message) and the latency scenario (half the measured maximum: p50 to p99.99). Then
-nats_throughput: the throughput scenario on chatd on NATS JetStream, one chatd node on one
-nats-server and two chatd nodes on three, each started fresh by the harness, beside the
-embedded durable store (messages/s, and CPU per message for chatd and for the
-nats-servers). The load generator runs in separate worker processes and reports its own
-CPU. A table goes to stdout at the end; ``--json`` also writes the results. See
-benchmarks/README.md.
+routed message), the latency scenario (half the measured maximum: p50 to p99.99 of
+send-to-deliver and of send-to-sent), the flood scenario (one sender, 256 sends outstanding,
+1 KB bodies, to an offline recipient: messages/s, CPU and RSS per queued message, then the
+backlog's streaming rate) and the SLA capacity search (the highest paced rate with both
+p99.99s within 5 ms). Then nats_throughput: the throughput scenario on chatd on NATS
+JetStream, one chatd node on one nats-server and two chatd nodes on three, each started
+fresh by the harness, beside the embedded durable store (messages/s, and CPU per message
+for chatd and for the nats-servers). The load generator runs in separate worker processes
+and reports its own CPU. A table goes to stdout at the end; ``--json`` also writes the
+results. See benchmarks/README.md.
 
 Exit status: 0 when every scenario ran; 1 with a one-line ``benchmarks: error: ...`` when a
 server or a worker failed; 130 when interrupted.
@@ -46,11 +49,13 @@ from chatd.backends.nats.server import server_binary
 
 FULL = Params()
 QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
-               latency_seconds=8.0)
+               latency_seconds=8.0, flood_seconds=5.0, flood_drain=30.0, sla_seconds=2.0,
+               sla_warmup=0.5, sla_budget=15.0)
 TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
-              latency_seconds=1.0, concurrency=20, drain=5.0)
+              latency_seconds=1.0, concurrency=20, drain=5.0, flood_seconds=0.5,
+              flood_drain=10.0, sla_seconds=0.3, sla_warmup=0.2, sla_budget=1.0)
 #: The scenarios run for each target, then the one run on chatd on NATS.
-TARGET_SCENARIOS = ("connections", "throughput", "latency")
+TARGET_SCENARIOS = ("connections", "throughput", "latency", "flood", "sla")
 NATS_SCENARIOS = ("nats_throughput",)
 SCENARIOS = TARGET_SCENARIOS + NATS_SCENARIOS
 _LIBRARIES = ("trio", "trio-websocket", "cbor2", "attrs", "websockets", "uvloop", "nats-py",
@@ -80,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-rate", type=float, metavar="MSGS_PER_S",
                         help="offered load of the latency scenario, the same for every target "
                              "(default: half of each target's measured msgs_per_s)")
+    parser.add_argument("--flood-seconds", type=float,
+                        help="flood window (full 10, quick 5)")
+    parser.add_argument("--flood-window", type=int,
+                        help="flood: sends awaiting 'sent' (256)")
+    parser.add_argument("--sla-seconds", type=float,
+                        help="SLA search: measured seconds per rate tried (full 4, quick 2)")
+    parser.add_argument("--sla-budget", type=float,
+                        help="SLA search: seconds of search per target (full 40, quick 15)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
     parser.add_argument("--drain", type=float,
@@ -108,11 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = TINY if args.tiny else QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
-        "concurrency", "drain", "batch", "workers") if getattr(args, name) is not None}
+        "concurrency", "drain", "batch", "workers", "flood_seconds", "flood_window",
+        "sla_seconds", "sla_budget") if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
     if min(args.params.connections, args.params.pairs, args.params.window,
-           args.params.workers) < 1:
-        parser.error("--connections, --pairs, --window and --workers must be at least 1")
+           args.params.workers, args.params.flood_window) < 1:
+        parser.error("--connections, --pairs, --window, --flood-window and --workers must be "
+                     "at least 1")
     return args
 
 
@@ -169,19 +184,24 @@ def machine(data_dir: Path) -> dict[str, Any]:
 
 
 def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
-              lat: dict[str, Any] | None) -> dict[str, Any]:
+              lat: dict[str, Any] | None, fld: dict[str, Any] | None = None,
+              sla: dict[str, Any] | None = None) -> dict[str, Any]:
     """One target's headline figures, with each scenario's details under ``scenarios``.
 
     A figure of a scenario that was not run is ``None``.
     """
-    conn, thr, lat = conn or {}, thr or {}, lat or {}
+    conn, thr, lat, fld, sla = conn or {}, thr or {}, lat or {}, fld or {}, sla or {}
     errors: dict[str, int] = {}
-    for part in (thr, lat):
+    for part in (thr, lat, fld):
         for code, count in part.get("errors", {}).items():
             errors[code] = errors.get(code, 0) + count
     measured = lat.get("latency_ms", {})
+    to_sent = lat.get("sent_latency_ms", {})
+    backlog = fld.get("backlog") or {}
     details = {"connections": conn or None, "throughput": thr or None,
-               "latency": {k: v for k, v in lat.items() if k != "histogram"} or None}
+               "latency": {k: v for k, v in lat.items()
+                           if k not in ("histogram", "sent_histogram")} or None,
+               "flood": fld or None, "sla": sla or None}
     return {
         "cpu_us_per_msg": thr.get("cpu_us_per_msg"), "msgs_per_s": thr.get("msgs_per_s"),
         "rss_kb_per_conn": conn.get("rss_kb_per_conn"), "connections": conn.get("connections"),
@@ -194,6 +214,18 @@ def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
         "latency_server_cpu_pct": lat.get("server_cpu_pct"),
         "latency_loadgen_cpu_pct": lat.get("loadgen_cpu_pct"),
         "latency_max_ms": measured.get("max"), "samples": lat.get("samples"),
+        "sent_latency_ms": {k: to_sent.get(k) for k in ("p50", "p99", "p99_9", "p99_99")},
+        "sent_latency_max_ms": to_sent.get("max"),
+        "flood_msgs_per_s": fld.get("msgs_per_s"),
+        "flood_cpu_us_per_msg": fld.get("cpu_us_per_msg"),
+        "flood_rss_kb_per_msg": fld.get("rss_kb_per_msg"),
+        "flood_server_cpu_pct": fld.get("server_cpu_pct"),
+        "flood_loadgen_cpu_pct": fld.get("loadgen_cpu_pct"),
+        "flood_backlog_msgs_per_s": backlog.get("msgs_per_s"),
+        "sla_capacity_per_s": sla.get("capacity_per_s"),
+        "sla_sent_p99_99_ms": sla.get("sent_p99_99_ms"),
+        "sla_deliver_p99_99_ms": sla.get("deliver_p99_99_ms"),
+        "sla_server_cpu_pct": sla.get("server_cpu_pct"),
         "errors": errors, "scenarios": details,
     }
 
@@ -222,7 +254,7 @@ def _ratio(results: dict[str, Any], target: str) -> dict[str, float | None] | No
     if target not in results or "peer" not in results:
         return None
     ratio: dict[str, float | None] = {}
-    for key in ("cpu_us_per_msg", "rss_kb_per_conn"):
+    for key in ("cpu_us_per_msg", "rss_kb_per_conn", "flood_cpu_us_per_msg"):
         ours, theirs = results[target][key], results["peer"][key]
         ratio[key] = round(ours / theirs, 2) if ours and theirs and theirs > 0 else None
     return ratio
@@ -245,6 +277,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     clock = time.monotonic()
     out: dict[str, Any] = {}
     histograms: dict[str, Any] = {}
+    sent_histograms: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="chatd-bench-", dir=args.data_dir) as tmp:
         work = Path(tmp)
         secret_path = work / "secret"
@@ -253,7 +286,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         per_target = [s for s in args.scenarios if s in TARGET_SCENARIOS]
         for target in args.targets if per_target else ():
             print(f"== {target}", file=sys.stderr, flush=True)
-            conn = thr = lat = None
+            conn = thr = lat = fld = sla = None
             if "connections" in args.scenarios:
                 async with Server(target, secret_path, work) as server:
                     conn = await scenarios.connections(server, params, tokens, work)
@@ -268,7 +301,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async with Server(target, secret_path, work) as server:
                     lat = await scenarios.latency(server, params, tokens, work, rate)
                 histograms[target] = lat["histogram"]
-            out[target] = summarize(conn, thr, lat)
+                sent_histograms[target] = lat["sent_histogram"]
+            if "flood" in args.scenarios:
+                async with Server(target, secret_path, work,
+                                  settings=scenarios.FLOOD_SETTINGS) as server:
+                    fld = await scenarios.flood(server, params, tokens, work)
+            if "sla" in args.scenarios:
+                async with Server(target, secret_path, work) as server:
+                    sla = await scenarios.sla(server, params, tokens, work)
+            out[target] = summarize(conn, thr, lat, fld, sla)
         if "nats_throughput" in args.scenarios:
             measured = (out.get("chatd_durable") or {}).get("scenarios") or {}
             out["nats"] = await scenarios.nats_throughput(params, tokens, secret_path, work,
@@ -284,6 +325,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   "duration_s": round(time.monotonic() - clock, 1),
                   "parameters": _fields(params), "warnings": scenarios.WARNINGS}
     out["histograms"] = histograms
+    out["sent_histograms"] = sent_histograms
     return out
 
 
@@ -306,6 +348,21 @@ _ROWS = [
     ("latency p99.99 ms", ("latency_ms", "p99_99"), "{:.2f}"),
     ("latency max ms", "latency_max_ms", "{:.2f}"),
     ("latency samples", "samples", "{:,.0f}"),
+    ("sent p50 ms", ("sent_latency_ms", "p50"), "{:.2f}"),
+    ("sent p99 ms", ("sent_latency_ms", "p99"), "{:.2f}"),
+    ("sent p99.9 ms", ("sent_latency_ms", "p99_9"), "{:.2f}"),
+    ("sent p99.99 ms", ("sent_latency_ms", "p99_99"), "{:.2f}"),
+    ("sent max ms", "sent_latency_max_ms", "{:.2f}"),
+    ("flood msg/s *", "flood_msgs_per_s", "{:,.0f}"),
+    ("  CPU us/msg", "flood_cpu_us_per_msg", "{:.1f}"),
+    ("  RSS KiB/msg", "flood_rss_kb_per_msg", "{:.2f}"),
+    ("  server CPU %", "flood_server_cpu_pct", "{:.0f}"),
+    ("  load gen CPU %", "flood_loadgen_cpu_pct", "{:.0f}"),
+    ("  backlog msg/s", "flood_backlog_msgs_per_s", "{:,.0f}"),
+    ("SLA capacity msg/s", "sla_capacity_per_s", "{:,.0f}"),
+    ("  sent p99.99 ms", "sla_sent_p99_99_ms", "{:.2f}"),
+    ("  deliver p99.99 ms", "sla_deliver_p99_99_ms", "{:.2f}"),
+    ("  server CPU %", "sla_server_cpu_pct", "{:.0f}"),
 ]
 
 
@@ -342,6 +399,38 @@ def nats_table(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _notes(results: dict[str, Any], targets: list[str]) -> list[str]:
+    """The footnotes of the targets' table: what its latency, flood and SLA rows mean, and
+    the issue's goals for them."""
+    params = results["run"]["parameters"]
+    scenarios_run = results["run"]["scenarios"]
+    notes = []
+    if targets and "latency" in scenarios_run:
+        notes.append("latency: send to deliver (in the recipient); sent: send to the 'sent' "
+                     "answer (in the sender)")
+    if targets and "flood" in scenarios_run:
+        settings = scenarios.FLOOD_SETTINGS
+        notes.append(f"* flood: one sender, {params['flood_window']} sends outstanding, "
+                     f"{params['flood_body']} B bodies, to an offline recipient, "
+                     f"{params['flood_seconds']:g} s; messages/s answered 'sent', CPU and RSS "
+                     f"growth per queued message; chatd started with rate_limit = "
+                     f"{settings['rate_limit']:,.0f}, rate_burst = {settings['rate_burst']:,} "
+                     "(default 500/s, 2000: the flood limit would cap it at ~500/s); backlog: "
+                     "the recipient then logs in and takes it")
+        durable = (results.get("chatd_durable") or {}).get("flood_msgs_per_s")
+        if durable is not None:
+            notes.append(f"  goal: chatd_durable flood >= 10,000 msg/s: {durable:,.0f} "
+                         f"({'met' if durable >= 10_000 else 'not met'})")
+    if targets and "sla" in scenarios_run:
+        notes.append(f"SLA capacity: highest paced rate ({params['pairs']} pairs) with p99.99 of "
+                     f"send-to-sent and send-to-deliver <= {params['sla_bound_ms']:g} ms; "
+                     f"doubling from {params['sla_start']:,.0f} msg/s, then bisecting, "
+                     f"{params['sla_seconds']:g} s per rate, {params['sla_budget']:g} s per "
+                     "target; p99.99s at that rate (at the lowest rate tried if none met it; "
+                     "under 10,000 samples p99.99 is about the maximum)")
+    return notes
+
+
 def table(results: dict[str, Any]) -> str:
     """The results as a plain-text table, one column per target and the chatd/peer ratio,
     then the NATS scenario's figures."""
@@ -373,6 +462,7 @@ def table(results: dict[str, Any]) -> str:
                         if share is not None else "")
                      + f"; {cost['worst_us_per_msg']:.2f} us at one per write"
                      + (f" ({worst:.1f}%)" if worst is not None else ""))
+    lines.extend(_notes(results, targets))
     lines.extend(f"!!! {message}" for message in results["run"].get("warnings", ()))
     run_info = results["run"]
     lines.append(f"({'quick' if run_info['quick'] else 'tiny' if run_info['tiny'] else 'full'} "

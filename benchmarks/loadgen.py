@@ -12,22 +12,32 @@ Commands:
   keep them; the server keeps them alive with pings, which the client answers by itself.
 - ``pairs``: open a sender and a recipient session per pair (``[sender, s_token, recipient,
   r_token]``, optionally followed by the sender's and the recipient's URLs when they are
-  on different chatd nodes) and start reading both. A
+  on different chatd nodes) and start reading both (with ``offline``, only the sender: the
+  recipient stays offline until ``backlog``). A
   recipient answers every WebSocket message holding ``msg`` frames with one message of two
   frames: ``ack delivered`` and ``ack read`` up to the highest ``seq`` (cumulative).
 - ``throughput``: each sender keeps ``window`` sends awaiting their ``sent`` and sends one
   more for each ``sent`` that arrives, one ``send`` per WebSocket message (with ``batch``,
-  all the refills for one incoming message go out in one message).
+  all the refills for one incoming message go out in one message); bodies of ``body``
+  characters (100 by default); ``track`` also records send-to-``sent`` latency (the flood
+  scenario: one sender with 256 outstanding, 1 KB bodies, to an offline recipient).
 - ``latency``: each sender sends on an absolute schedule at ``rate`` messages/s (shared by
-  the worker's pairs), sending at once when late, never skipping.
+  the worker's pairs), sending at once when late, never skipping. May be given again after
+  ``stop`` and ``drain``, at another rate (the SLA capacity search).
+- ``backlog``: after a flood to offline recipients, open their sessions and wait until every
+  message answered ``sent`` has been delivered (the server streams the backlog).
 - ``mark``: the counters, this process's CPU time and the clock, optionally resetting or
-  taking the latency histogram; ``stop`` ends sending; ``drain`` then waits until every
-  message sent was answered, delivered and receipted; ``close`` closes every session.
+  taking the latency histograms; ``stop`` ends sending; ``drain`` then waits until every
+  message sent was answered, delivered and receipted (or only what ``keys`` names);
+  ``close`` closes every session.
 
-Every ``send`` body is 100 characters: the sender's ``time.perf_counter_ns()`` as 20 digits,
-then padding. Senders and recipients of a pair live in the same worker, so the recipient
+Every ``send`` body starts with the sender's ``time.perf_counter_ns()`` as 20 digits, then
+padding. Senders and recipients of a pair live in the same worker, so the recipient
 computes send-to-deliver latency on the same clock; it is recorded in microseconds into an
-HDR-style histogram (:mod:`benchmarks.hdr`).
+HDR-style histogram (:mod:`benchmarks.hdr`). When tracking (``latency``, and ``throughput``
+with ``track``), the sender also keeps the stamp of each send awaiting its ``sent`` by id,
+and records send-to-``sent`` latency, taken when it decodes the answer, into a second
+histogram.
 
 This is asyncio with uvloop and the ``websockets`` client, chosen to make the load
 generator cheap per message; its CPU use is reported so a reader can check that it was not
@@ -46,6 +56,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from typing import Any
 
 import cbor2
@@ -56,7 +67,8 @@ from websockets.protocol import State
 
 from benchmarks.hdr import Histogram
 
-PAD = "x" * 80  # a body is a 20-digit perf_counter_ns stamp plus this: 100 characters
+#: Characters of a ``send`` body by default: a 20-digit perf_counter_ns stamp, then padding.
+BODY = 100
 #: Most sessions the harness gives one worker (each is a file descriptor; a process may
 #: have at most 20,000 open files on the machines this runs on).
 MAX_SESSIONS = 9_500
@@ -129,24 +141,35 @@ def acks(upto: int) -> bytes:
 
 
 class Pair:
-    """A sender session and a recipient session; the sender sends to the recipient."""
+    """A sender session and a recipient session; the sender sends to the recipient.
 
-    def __init__(self, sender: ClientConnection, recipient: ClientConnection,
-                 recipient_name: str) -> None:
+    The recipient's session is None while the recipient is offline (``pairs`` with
+    ``offline``); ``login`` is then what opens it later: its URL and token.
+    """
+
+    def __init__(self, sender: ClientConnection, recipient: ClientConnection | None,
+                 recipient_name: str, login: tuple[str, str] | None = None) -> None:
         self.sender = sender
         self.recipient = recipient
         self.to = recipient_name
+        self.login = login
         self.counter = 0
         self.inflight = 0
+        #: Send stamps (perf_counter_ns) of the sends awaiting ``sent``, by id, when tracking.
+        self.stamps: dict[str, int] = {}
 
-    def sends(self, count: int) -> bytes:
-        """``count`` send frames, stamped now, as one WebSocket message."""
+    def sends(self, count: int, pad: str, track: bool = False) -> bytes:
+        """``count`` send frames, stamped now, as one WebSocket message; ``track`` keeps
+        each one's stamp until its ``sent`` arrives."""
         stamp = time.perf_counter_ns()
         parts = []
         for _ in range(count):
             self.counter += 1
-            parts.append(cbor2.dumps({"t": "send", "id": f"m{self.counter}", "to": self.to,
-                                      "body": f"{stamp:020d}{PAD}"}))
+            ident = f"m{self.counter}"
+            if track:
+                self.stamps[ident] = stamp
+            parts.append(cbor2.dumps({"t": "send", "id": ident, "to": self.to,
+                                      "body": f"{stamp:020d}{pad}"}))
         return b"".join(parts)
 
 
@@ -162,10 +185,16 @@ class Worker:
         self.mode = ""
         self.window = 0
         self.batch = False
+        self.pad = "x" * (BODY - 20)
+        self.track = False  # record send-to-sent latency
         self.closing = False
         self.done = 0
         self.started = 0  # sessions ever started: numbers the source addresses
-        self.hist = Histogram()
+        #: Frames that came in the same WebSocket message as a session's welcome (a
+        #: backlog may start there), for its reader.
+        self.early: dict[ClientConnection, list[dict[str, Any]]] = {}
+        self.hist = Histogram()  # send to deliver, in the recipient
+        self.sent_hist = Histogram()  # send to sent, in the sender
         self.stats: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.closed: Counter[str] = Counter()
@@ -183,12 +212,14 @@ class Worker:
                            user_agent_header=None, local_addr=(self.source(i), 0))
         try:
             await ws.send(cbor2.dumps({"t": "hello", "versions": [1], "token": token}))
-            first = decode(await asyncio.wait_for(ws.recv(), timeout))[0]
+            first, *rest = decode(await asyncio.wait_for(ws.recv(), timeout))
             if first.get("t") != "welcome":
                 raise Refused(first.get("code", first.get("t")))
         except BaseException:
             ws.transport.abort()
             raise
+        if rest:
+            self.early[ws] = rest
         return ws
 
     async def open_many(self, logins: list[tuple[str, str]], concurrency: int,
@@ -235,27 +266,55 @@ class Worker:
                 "elapsed": time.monotonic() - start, "cpu": time.process_time() - cpu}
 
     async def cmd_pairs(self, url: str, pairs: list[list[str]], concurrency: int = 100,
-                        open_timeout: float = 30.0) -> dict[str, Any]:
+                        open_timeout: float = 30.0, offline: bool = False) -> dict[str, Any]:
         """Open ``[sender, s_token, recipient, r_token(, s_url, r_url)]`` pairs and start
-        reading them."""
-        logins = ([(p[5] if len(p) > 5 else url, p[3]) for p in pairs]
-                  + [(p[4] if len(p) > 4 else url, p[1]) for p in pairs])
+        reading them; with ``offline``, only the senders (see :meth:`cmd_backlog`)."""
+        recipients = [(p[5] if len(p) > 5 else url, p[3]) for p in pairs]
+        logins = ([] if offline else recipients) + [(p[4] if len(p) > 4 else url, p[1])
+                                                    for p in pairs]
         opened, failed = await self.open_many(logins, concurrency, open_timeout)
         if failed:
             for ws in opened:
                 if ws is not None:
                     ws.transport.abort()
             raise RuntimeError(f"could not open every pair session: {dict(failed)}")
+        senders = opened[len(logins) - len(pairs):]
         for k, pair_spec in enumerate(pairs):
-            recipient_ws, sender_ws = opened[k], opened[len(pairs) + k]
-            assert recipient_ws is not None and sender_ws is not None
-            pair = Pair(sender_ws, recipient_ws, pair_spec[2])
+            recipient_ws, sender_ws = None if offline else opened[k], senders[k]
+            assert sender_ws is not None and (offline or recipient_ws is not None)
+            pair = Pair(sender_ws, recipient_ws, pair_spec[2], recipients[k])
             self.pairs.append(pair)
-            for reader in (self.read_sender(pair), self.read_recipient(pair)):
-                task = asyncio.create_task(reader)
-                self.readers.add(task)
-                task.add_done_callback(self.readers.discard)
-        return {"connected": 2 * len(pairs)}
+            self.start_reader(self.read_sender(pair))
+            if recipient_ws is not None:
+                self.start_reader(self.read_recipient(pair))
+        return {"connected": len(logins)}
+
+    def start_reader(self, reader: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(reader)
+        self.readers.add(task)
+        task.add_done_callback(self.readers.discard)
+
+    async def cmd_backlog(self, limit: float = 30.0, concurrency: int = 100,
+                          open_timeout: float = 30.0) -> dict[str, Any]:
+        """Open the sessions of the recipients still offline and wait (at most ``limit``
+        seconds) until every message answered ``sent`` has been delivered: the backlog the
+        server streams on login. Sending must have stopped and been answered first."""
+        waiting = [p for p in self.pairs if p.recipient is None and p.login is not None]
+        start, cpu = time.monotonic(), time.process_time()
+        before = self.stats["delivered"]
+        opened, failed = await self.open_many([p.login for p in waiting if p.login],
+                                              concurrency, open_timeout)
+        if failed:
+            raise RuntimeError(f"could not open every recipient session: {dict(failed)}")
+        for pair, ws in zip(waiting, opened, strict=True):
+            pair.recipient = ws
+            self.start_reader(self.read_recipient(pair))
+        while (time.monotonic() - start < limit
+               and self.stats["delivered"] < self.stats["sent"]):
+            await asyncio.sleep(0.01)
+        return {"elapsed": time.monotonic() - start, "cpu": time.process_time() - cpu,
+                "delivered": self.stats["delivered"] - before,
+                "missing": max(self.stats["sent"] - self.stats["delivered"], 0)}
 
     # -- readers ----------------------------------------------------------------------
 
@@ -267,36 +326,49 @@ class Worker:
             self.closed[close_info(ws)] += 1
 
     async def read_recipient(self, pair: Pair) -> None:
-        ws, stats, hist = pair.recipient, self.stats, self.hist
+        ws = pair.recipient
+        assert ws is not None
         try:
+            if early := self.early.pop(ws, None):  # a backlog may begin with the welcome
+                await self.received(ws, early, time.perf_counter_ns())
             async for data in ws:
-                now = time.perf_counter_ns()
-                count = top = 0
-                for frame in decode(data):
-                    kind = frame["t"]
-                    if kind == "msg":
-                        count += 1
-                        top = max(top, frame["seq"])
-                        hist.record((now - int(frame["body"][:20])) // 1000)
-                    elif kind == "error":
-                        self.frame_error(frame)
-                if count:
-                    stats["delivered"] += count
-                    stats["ack_messages"] += 1
-                    await ws.send(acks(top))
+                now = time.perf_counter_ns()  # as the message is taken, before decoding it
+                await self.received(ws, decode(data), now)
         except ConnectionClosed:
             pass
         self.lost(ws)
 
+    async def received(self, ws: ClientConnection, frames: list[dict[str, Any]],
+                       now: int) -> None:
+        """A recipient's WebSocket message, decoded at ``now``: record each ``msg``'s
+        latency, then acknowledge them all in one message."""
+        count = top = 0
+        hist = self.hist
+        for frame in frames:
+            kind = frame["t"]
+            if kind == "msg":
+                count += 1
+                top = max(top, frame["seq"])
+                hist.record((now - int(frame["body"][:20])) // 1000)
+            elif kind == "error":
+                self.frame_error(frame)
+        if count:
+            self.stats["delivered"] += count
+            self.stats["ack_messages"] += 1
+            await ws.send(acks(top))
+
     async def read_sender(self, pair: Pair) -> None:
-        ws, stats = pair.sender, self.stats
+        ws, stats, stamps, hist = pair.sender, self.stats, pair.stamps, self.sent_hist
         try:
             async for data in ws:
+                now = time.perf_counter_ns()
                 sent = 0
                 for frame in decode(data):
                     kind = frame["t"]
                     if kind == "sent":
                         sent += 1
+                        if stamps and (stamp := stamps.pop(frame["id"], None)) is not None:
+                            hist.record((now - stamp) // 1000)
                     elif kind == "receipt":
                         stats["receipt_frames"] += 1
                         stats[f"receipts_{frame['status']}"] += len(frame["ids"])
@@ -320,14 +392,20 @@ class Worker:
         pair.inflight += more
         self.stats["sends"] += more
         if self.batch:
-            await pair.sender.send(pair.sends(more))
+            await pair.sender.send(pair.sends(more, self.pad, self.track))
         else:
             for _ in range(more):
-                await pair.sender.send(pair.sends(1))
+                await pair.sender.send(pair.sends(1, self.pad, self.track))
 
-    async def cmd_throughput(self, window: int = 8, batch: bool = False) -> dict[str, Any]:
+    async def cmd_throughput(self, window: int = 8, batch: bool = False, body: int = BODY,
+                             track: bool = False) -> dict[str, Any]:
+        """Keep ``window`` sends awaiting ``sent`` per sender; bodies of ``body``
+        characters; ``track`` records send-to-sent latency."""
+        if body < 20:
+            raise ValueError("a body holds at least its 20-digit stamp")
         pause_collector()
         self.mode, self.window, self.batch = "throughput", window, batch
+        self.pad, self.track = "x" * (body - 20), track
         for pair in self.pairs:
             await self.refill(pair)
         return {"started": len(self.pairs)}
@@ -337,7 +415,7 @@ class Worker:
         if not self.pairs or rate <= 0:
             return {"started": 0}
         pause_collector()
-        self.mode = "latency"
+        self.mode, self.pad, self.track = "latency", "x" * (BODY - 20), True
         interval = int(1e9 * len(self.pairs) / rate)
         start = time.perf_counter_ns() + 10_000_000
         for k, pair in enumerate(self.pairs):
@@ -357,11 +435,12 @@ class Worker:
                 else:
                     self.max_lag_ns = max(self.max_lag_ns, -delay)
                 stats["sends"] += 1
-                await pair.sender.send(pair.sends(1))
+                await pair.sender.send(pair.sends(1, self.pad, True))
                 due += interval
 
     async def cmd_mark(self, hist: str = "") -> dict[str, Any]:
-        """Counters so far; ``hist`` "reset" clears the histogram, "take" returns and clears."""
+        """Counters so far; ``hist`` "reset" clears the histograms (send to deliver, send
+        to sent), "take" returns (``hist``, ``sent_hist``) and clears them."""
         closed = self.closed + Counter(close_info(ws) for ws in self.idle
                                        if ws.state is not State.OPEN)
         reply: dict[str, Any] = {
@@ -371,25 +450,32 @@ class Worker:
             "max_lag_ms": self.max_lag_ns / 1e6}
         if hist == "take":
             reply["hist"] = self.hist.to_json()
+            reply["sent_hist"] = self.sent_hist.to_json()
         if hist:
-            self.hist.clear()  # in place: the readers hold a reference to it
+            self.hist.clear()  # in place: the readers hold a reference to them
+            self.sent_hist.clear()
             self.max_lag_ns = 0
         return reply
 
     async def cmd_stop(self) -> dict[str, Any]:
         resume_collector()
-        self.mode = ""
+        self.mode, self.track = "", False
         for task in tuple(self.pacers):
             task.cancel()
         await asyncio.gather(*self.pacers, return_exceptions=True)
         return {"stopped": True}
 
-    async def cmd_drain(self, limit: float = 10.0) -> dict[str, Any]:
-        """After ``stop``: wait until every send is answered, delivered and receipted."""
+    async def cmd_drain(self, limit: float = 10.0,
+                        keys: list[str] | None = None) -> dict[str, Any]:
+        """After ``stop``: wait until every send is answered, delivered and receipted (only
+        the parts of :meth:`outstanding` that ``keys`` names, when given)."""
+        def missing() -> dict[str, int]:
+            return {k: v for k, v in self.outstanding().items() if keys is None or k in keys}
+
         start = time.monotonic()
-        while time.monotonic() - start < limit and self.outstanding():
+        while time.monotonic() - start < limit and missing():
             await asyncio.sleep(0.05)
-        return {"elapsed": time.monotonic() - start, "outstanding": self.outstanding()}
+        return {"elapsed": time.monotonic() - start, "outstanding": missing()}
 
     def outstanding(self) -> dict[str, int]:
         """Sends not yet answered (``sent``), delivered, or receipted as delivered and read."""
@@ -404,7 +490,8 @@ class Worker:
         """Close every session (a proper close handshake, aborting any that stalls)."""
         await self.cmd_stop()
         self.closing = True
-        sessions = self.idle + [ws for p in self.pairs for ws in (p.sender, p.recipient)]
+        sessions = self.idle + [ws for p in self.pairs for ws in (p.sender, p.recipient)
+                                if ws is not None]
         gate = asyncio.Semaphore(500)
 
         async def close(ws: ClientConnection) -> None:
@@ -423,7 +510,8 @@ class Worker:
         return {"closed": len(sessions), "elapsed": time.monotonic() - start}
 
     async def cmd_quit(self) -> dict[str, Any]:
-        for ws in self.idle + [ws for p in self.pairs for ws in (p.sender, p.recipient)]:
+        for ws in self.idle + [ws for p in self.pairs for ws in (p.sender, p.recipient)
+                               if ws is not None]:
             ws.transport.abort()
         return {"bye": True}
 

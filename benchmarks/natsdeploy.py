@@ -224,6 +224,10 @@ class NatsDeployment:
         servers = Sample.total([server.sample() for server in self.servers])
         return Sample.total(nodes, backend=servers)
 
+    def young_collections(self) -> tuple[int, float] | None:
+        """Not read on NATS (None): a deployment's collections are not summed."""
+        return None
+
     def problems(self) -> dict[str, list[str]]:
         """Warnings and errors logged since the last call, per process (``n1``,
         ``nats-2`` ...): every line a chatd node writes (they log at ``warning``), and

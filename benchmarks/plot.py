@@ -6,6 +6,12 @@ Usage: ``python -m benchmarks.plot RESULTS.json OUTDIR``. Writes:
 - ``connections.png``: server RSS per idle connection and connect rate;
 - ``latency.png``: send-to-deliver latency by percentile (HDR-style percentile chart,
   both axes logarithmic), one line per target, at that target's offered load;
+- ``flood.png`` (when the results hold the flood scenario): messages per second answered
+  ``sent`` with one sender flooding an offline recipient, and server CPU microseconds per
+  queued message;
+- ``sla.png`` (when the results hold the SLA search): each target's capacity (the highest
+  paced rate with both p99.99s within 5 ms), and the p99.99 of send-to-sent and of
+  send-to-deliver at every rate the search tried;
 - ``nats.png`` (when the results hold the NATS scenario): messages per second, and CPU
   microseconds per message (chatd's, summed over its nodes, with the nats-servers' stacked
   on top), for the embedded durable store, one chatd on one nats-server, and two chatd
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from benchmarks.hdr import Histogram
 from benchmarks.natsdeploy import deployment_name
@@ -107,6 +114,65 @@ def latency(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def flood(results: dict[str, Any], path: Path) -> bool:
+    """The flood scenario's chart; False (nothing drawn) without its figures."""
+    if not any((results.get(t) or {}).get("flood_msgs_per_s") for t in TARGETS):
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    _bars(left, results, "flood_msgs_per_s",
+          "flood: messages/s answered 'sent' (goal, durable: 10,000)", "{:,.0f}")
+    left.axhline(10_000, color="#9467bd", linestyle="--", linewidth=1)
+    _bars(right, results, "flood_cpu_us_per_msg", "flood: server CPU µs per queued message",
+          "{:.1f}")
+    for ax in (left, right):
+        ax.title.set_fontsize(10)
+    fig.suptitle(_subtitle(results) + "; chatd with rate_limit and rate_burst raised",
+                 fontsize=8, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def sla(results: dict[str, Any], path: Path) -> bool:
+    """The SLA search's chart; False (nothing drawn) without its figures."""
+    searched: dict[str, dict[str, Any]] = {}
+    for target in TARGETS:
+        search = ((results.get(target) or {}).get("scenarios") or {}).get("sla")
+        if search:
+            searched[target] = search
+    if not searched:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _bars(left, results, "sla_capacity_per_s",
+          "SLA capacity: msg/s with both p99.99 <= 5 ms", "{:,.0f}")
+    for target, search in searched.items():
+        steps = sorted(search["steps"], key=lambda step: step["rate"])
+        rates = [step["rate"] for step in steps]
+        right.plot(rates, [step["sent_latency_ms"]["p99_99"] for step in steps], marker="o",
+                   linestyle="--", color=COLORS[target], label=f"{target}: to sent")
+        right.plot(rates, [step["latency_ms"]["p99_99"] for step in steps], marker="s",
+                   color=COLORS[target], label=f"{target}: to deliver")
+    bound = next(iter(searched.values()))["bound_ms"]
+    right.axhline(bound, color="black", linewidth=1)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    for axis in (right.xaxis, right.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.4g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:,.4g}"))
+    right.set_xlabel("paced rate, messages/s")
+    right.set_ylabel("p99.99, ms")
+    right.set_title("p99.99 at each rate tried", fontsize=10)
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=7)
+    left.title.set_fontsize(10)
+    fig.suptitle(_subtitle(results), fontsize=8, y=0.02, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def nats(results: dict[str, Any], path: Path) -> bool:
     """The NATS scenario's chart; False (nothing drawn) without its figures."""
     figures = results.get("nats") or {}
@@ -160,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(t in results for t in TARGETS):
             draw(results, args.outdir / f"{name}.png")
             print(args.outdir / f"{name}.png")
-    if nats(results, args.outdir / "nats.png"):
-        print(args.outdir / "nats.png")
+    for name, chart in (("flood", flood), ("sla", sla), ("nats", nats)):
+        if chart(results, args.outdir / f"{name}.png"):
+            print(args.outdir / f"{name}.png")
     return 0
 
 

@@ -5,9 +5,15 @@ nodes on fresh nats-servers).
    server RSS per connection and idle CPU.
 2. :func:`throughput`: P sender/recipient pairs as fast as the server allows, with
    delivered and read receipts: messages per second and server CPU per routed message.
-3. :func:`latency`: the same pairs at a fixed offered load: send-to-deliver latency
-   percentiles from an HDR-style histogram merged over the workers.
-4. :func:`nats_throughput`: the throughput scenario on chatd with its embedded durable
+3. :func:`latency`: the same pairs at a fixed offered load: send-to-deliver and
+   send-to-``sent`` latency percentiles from HDR-style histograms merged over the workers.
+4. :func:`flood`: one sender with 256 sends outstanding, 1 KB bodies, to a recipient who is
+   offline: messages answered ``sent`` per second, server CPU and RSS growth per queued
+   message; then the recipient logs in and the backlog's streaming rate is measured.
+5. :func:`sla`: the latency scenario's pairs at paced rates searched by doubling, then
+   bisecting: the highest rate at which p99.99 of send-to-``sent`` and of send-to-deliver
+   both stay within 5 ms (issue 14's goal 5).
+6. :func:`nats_throughput`: the throughput scenario on chatd with its embedded durable
    store, on one chatd node on one nats-server, and on two chatd nodes on three
    nats-servers (every pair crossing nodes, see :func:`place`): messages per second, and
    CPU per message for chatd and for the nats-servers apart.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,8 +41,9 @@ from benchmarks.natsdeploy import NatsDeployment
 from benchmarks.servers import BenchError, Sample, Server
 from benchmarks.workers import Pool, Progress
 
-__all__ = ["NATS_SETUPS", "WARNINGS", "Params", "Tokens", "connections", "latency",
-           "nats_throughput", "place", "throughput", "warn"]
+__all__ = ["FLOOD_SETTINGS", "NATS_SETUPS", "WARNINGS", "Params", "Tokens", "connections",
+           "flood", "latency", "nats_throughput", "next_rate", "place", "sla", "throughput",
+           "warn"]
 
 #: What the scenarios run against: one server, or chatd nodes on nats-servers (one URL
 #: per node).
@@ -45,10 +53,20 @@ NATS_SETUPS = ((1, 1), (2, 3))
 
 #: Everything :func:`warn` said during the run, repeated under the final table.
 WARNINGS: list[str] = []
+#: The chatd settings of the flood scenario's servers: flood control (default 500 frames/s
+#: per connection, burst 2000) out of the way, so that the store and the routing are what
+#: is measured, not the budget (a deployment that takes bulk imports raises it the same way).
+FLOOD_SETTINGS: dict[str, int | float] = {"rate_limit": 1_000_000.0, "rate_burst": 1_000_000}
+#: The SLA search stops bisecting when the lowest failing rate is within this factor of
+#: the highest passing one.
+SLA_PRECISION = 1.1
 
 
 def warn(message: str) -> None:
-    """Say something the reader must not miss: on stderr now, and again after the table."""
+    """Say something the reader must not miss: on stderr now, and again after the table
+    (once: a message already said is not repeated)."""
+    if message in WARNINGS:
+        return
     WARNINGS.append(message)
     print(f"  !!! {message}", file=sys.stderr, flush=True)
 
@@ -72,6 +90,21 @@ class Params:
     concurrency: int = 200
     workers: int = 2
     drain: float = 10.0  # longest wait for the last messages and receipts after the load
+    # The flood scenario: one sender, ``flood_window`` sends outstanding, bodies of
+    # ``flood_body`` characters, to an offline recipient; ``flood_seconds`` measured, then
+    # at most ``flood_drain`` for the recipient to receive the backlog.
+    flood_window: int = 256
+    flood_body: int = 1024
+    flood_seconds: float = 10.0
+    flood_drain: float = 60.0
+    # The SLA capacity search: steps of ``sla_warmup`` + ``sla_seconds`` at paced rates from
+    # ``sla_start`` msg/s, within ``sla_budget`` seconds per target; the bound on both
+    # p99.99s is ``sla_bound_ms``.
+    sla_start: float = 250.0
+    sla_seconds: float = 4.0
+    sla_warmup: float = 1.0
+    sla_budget: float = 40.0
+    sla_bound_ms: float = 5.0
 
 
 class Tokens:
@@ -263,9 +296,8 @@ def _traffic(server: Target, pairs: int, marks0: list[dict[str, Any]],
         # How many messages one write to a recipient carried, and the server's young
         # garbage collections per message: what the metrics' cost depends on.
         "msgs_per_write": round(delivered / acks, 2) if acks else None,
-        "gc_collections_per_msg": (round((s1.gc_young - s0.gc_young) / delivered, 4)
-                                   if delivered and s0.gc_young is not None
-                                   and s1.gc_young is not None else None),
+        "gc_collections_per_msg": _collections_per_msg(s0, s1, delivered / window
+                                                       if window > 0 else 0.0),
         "server_cpu_pct": _pct(cpu, window),
         "loadgen_cpu_pct": _pct(_loadgen_cpu(marks0, marks1), window),
         **_machine(server, s0, s1, _loadgen_cpu(marks0, marks1)),
@@ -298,10 +330,12 @@ def _nats_figures(s0: Sample, s1: Sample, chatd_cpu: float, delivered: int) -> d
                                                     strict=True))]}
 
 
-async def _drain(server: Target, pool: Pool, timeout: float) -> dict[str, Any]:
-    """Stop sending and wait until every message is answered, delivered and receipted."""
+async def _drain(server: Target, pool: Pool, timeout: float,
+                 keys: list[str] | None = None) -> dict[str, Any]:
+    """Stop sending and wait until every message is answered, delivered and receipted (only
+    the parts ``keys`` names, when given: see the load generator's ``outstanding``)."""
     await pool.all("stop")
-    replies = await pool.all("drain", timeout=timeout + 30.0, limit=timeout)
+    replies = await pool.all("drain", timeout=timeout + 30.0, limit=timeout, keys=keys)
     outstanding = _merge(replies, "outstanding")
     if outstanding:
         warn(f"{server.target}: {timeout:.0f} s after the load stopped, still missing: "
@@ -322,21 +356,38 @@ class Window:
 
 
 async def _measure(server: Target, pool: Pool, params: Params, scenario: str, label: str,
-                   seconds: float, hist: str = "") -> Window:
-    """Warm up, then measure ``seconds`` of the load already started on ``pool``.
+                   seconds: float, hist: str = "", warmup: float | None = None) -> Window:
+    """Warm up (``params.warmup`` unless ``warmup`` is given), then measure ``seconds`` of
+    the load already started on ``pool``.
 
     A non-empty ``hist`` also clears the workers' histograms at the start and collects
     them at the end (the end marks then carry them).
     """
-    warm = Progress(f"{server.target}: {scenario} warm-up", params.warmup, "s")
-    await warm.sleep(params.warmup, server.check)
+    warmup = params.warmup if warmup is None else warmup
+    warm = Progress(f"{server.target}: {scenario} warm-up", warmup, "s")
+    await warm.sleep(warmup, server.check)
+    # The garbage collections are scraped from the server outside the window: a busy chatd
+    # may take a second to answer, which must not come between a mark and a sample.
+    gc0 = server.young_collections()
     marks0 = await pool.all("mark", hist="reset" if hist else "")
     s0 = server.sample()
     bar = Progress(f"{server.target}: {label}", seconds, "s")
     await bar.sleep(seconds, server.check)
     s1 = server.sample()
     marks1 = await pool.all("mark", hist="take" if hist else "")
+    gc1 = server.young_collections()
+    if gc0 is not None and gc1 is not None:
+        (s0.gc_young, s0.gc_clock), (s1.gc_young, s1.gc_clock) = gc0, gc1
     return Window(marks0, marks1, s0, s1, bar)
+
+
+def _collections_per_msg(s0: Sample, s1: Sample, msgs_per_s: float) -> float | None:
+    """The server's young collections per message: their rate between the two scrapes
+    (just outside the window) over the window's messages per second."""
+    if (s0.gc_young is None or s1.gc_young is None or s0.gc_clock is None
+            or s1.gc_clock is None or s1.gc_clock <= s0.gc_clock or not msgs_per_s):
+        return None
+    return round((s1.gc_young - s0.gc_young) / (s1.gc_clock - s0.gc_clock) / msgs_per_s, 4)
 
 
 async def throughput(server: Target, params: Params, tokens: Tokens,
@@ -366,16 +417,18 @@ async def latency(server: Target, params: Params, tokens: Tokens, logdir: Path,
                                 f"latency at {rate:,.0f} msg/s", params.latency_seconds,
                                 hist="take")
         marks1, bar = window.marks1, window.bar
-        histogram = Histogram()
-        for mark in marks1:
-            histogram.merge(Histogram.from_json(mark["hist"]))
+        histogram, sent_histogram = _histograms(marks1)
         result = _traffic(server, params.pairs, window.marks0, marks1, window.s0, window.s1)
         result.update(await _drain(server, pool, params.drain))
         result.update(offered_per_s=round(rate, 1), samples=histogram.total,
                       max_send_lag_ms=round(max(m["max_lag_ms"] for m in marks1), 3),
-                      latency_ms=percentiles(histogram), histogram=histogram.to_json())
+                      latency_ms=percentiles(histogram), histogram=histogram.to_json(),
+                      sent_samples=sent_histogram.total,
+                      sent_latency_ms=percentiles(sent_histogram),
+                      sent_histogram=sent_histogram.to_json())
         bar.finish(f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} "
-                   f"ms, {histogram.total:,} samples")
+                   f"ms (to sent: {result['sent_latency_ms']['p50']}, "
+                   f"{result['sent_latency_ms']['p99']}), {histogram.total:,} samples")
         # Messages sent but not yet delivered when the window ended: at a load the server
         # sustains, about rate x latency; a backlog of 100 ms of load or more is queueing.
         backlog = _stat(marks1, "sends") - _stat(marks1, "delivered")
@@ -389,6 +442,194 @@ async def latency(server: Target, params: Params, tokens: Tokens, logdir: Path,
             result["note"] = (f"only {histogram.total} samples: p99.99 is close to the maximum")
         await pool.all("close")
     return result
+
+
+def _histograms(marks: list[dict[str, Any]]) -> tuple[Histogram, Histogram]:
+    """The workers' send-to-deliver and send-to-sent histograms, each merged."""
+    deliver, sent = Histogram(), Histogram()
+    for mark in marks:
+        deliver.merge(Histogram.from_json(mark["hist"]))
+        sent.merge(Histogram.from_json(mark["sent_hist"]))
+    return deliver, sent
+
+
+async def flood(server: Server, params: Params, tokens: Tokens, logdir: Path) -> dict[str, Any]:
+    """One sender keeping ``flood_window`` sends of ``flood_body``-character bodies awaiting
+    ``sent``, to a recipient who is offline; then the recipient logs in and takes the backlog.
+
+    Measured over ``flood_seconds`` after the warm-up: ``msgs_per_s`` (answered ``sent``),
+    ``cpu_us_per_msg`` (server CPU per answered send), ``rss_kb_per_msg`` (server RSS
+    growth per message queued in the window) and ``sent_latency_ms``. Then ``backlog``: the
+    recipient's session opened, every queued message streamed to it (it acknowledges as it
+    reads): ``msgs_per_s`` and the server's ``cpu_us_per_msg`` over the streaming.
+    chatd's servers are started by the caller with :data:`FLOOD_SETTINGS`.
+    """
+    async with Pool(1, logdir) as pool:
+        await pool[0].request("pairs", url=server.url, offline=True, timeout=60.0, pairs=[
+            ["flood-s", tokens("flood-s"), "flood-r", tokens("flood-r")]])
+        await pool.all("throughput", window=params.flood_window, batch=params.batch,
+                       body=params.flood_body, track=True)
+        window = await _measure(
+            server, pool, params, "flood",
+            f"flood, {params.flood_window} outstanding, {params.flood_body} B bodies",
+            params.flood_seconds, hist="take")
+        s0, s1 = window.s0, window.s1
+        result = _traffic(server, 1, window.marks0, window.marks1, s0, s1)
+        sent, cpu = result["sent"], s1.cpu - s0.cpu
+        _, sent_histogram = _histograms(window.marks1)
+        result.update(
+            msgs_per_s=round(sent / result["window_s"], 1) if result["window_s"] else 0.0,
+            cpu_us_per_msg=round(cpu * 1e6 / sent, 2) if sent else None,
+            rss_kb_before=s0.rss_kb, rss_kb_after=s1.rss_kb,
+            rss_kb_per_msg=round((s1.rss_kb - s0.rss_kb) / sent, 3) if sent else None,
+            gc_collections_per_msg=_collections_per_msg(s0, s1, sent / result["window_s"]
+                                                        if result["window_s"] else 0.0),
+            sent_latency_ms=percentiles(sent_histogram), sent_samples=sent_histogram.total,
+            window=params.flood_window, body_bytes=params.flood_body,
+            settings=server.settings if server.target != "peer" else {})
+        for key in ("delivered", "receipts_delivered", "receipts_read", "msgs_per_write"):
+            result.pop(key, None)  # nobody is online to receive them in the window
+        window.bar.finish(f"{result['msgs_per_s']:,.0f} msg/s, {result['cpu_us_per_msg']} "
+                          f"us/msg, {result['rss_kb_per_msg']} KiB/msg")
+        await pool.all("stop")
+        answered = await pool[0].request("drain", limit=params.drain, keys=["sent"],
+                                         timeout=params.drain + 30.0)
+        if answered["outstanding"]:
+            warn(f"{server.target}: flood: {params.drain:.0f} s after the load stopped, "
+                 f"sends still unanswered: {answered['outstanding']}")
+        result["backlog"] = await _backlog(server, pool, params.flood_drain)
+        # Not the read receipts: the recipient's acknowledgements of a backlog arrive in
+        # bursts that the server merges, and an "ack read" covering more than max_unread
+        # (10,000) messages just delivered forgets the oldest of them first (protocol.md
+        # 4.6), so they never get a read receipt, on chatd as on the peer.
+        result.update(await _drain(server, pool, params.drain,
+                                   keys=["sent", "delivered", "receipts_delivered"]))
+        final = await pool.all("mark")
+        result["receipts_read_missing"] = _stat(final, "delivered") - _stat(final,
+                                                                            "receipts_read")
+        await pool.all("close")
+    return result
+
+
+async def _backlog(server: Server, pool: Pool, limit: float) -> dict[str, Any]:
+    """The offline recipient logs in: how fast the server streams what was queued."""
+    bar = Progress(f"{server.target}: flood backlog to the recipient", limit, "s")
+    s0 = server.sample()
+    reply = await pool[0].request("backlog", limit=limit, timeout=limit + 60.0)
+    s1 = server.sample()
+    delivered, elapsed = reply["delivered"], reply["elapsed"]
+    figures = {"messages": delivered, "elapsed_s": round(elapsed, 2),
+               "msgs_per_s": round(delivered / elapsed, 1) if elapsed > 0 else 0.0,
+               "cpu_us_per_msg": (round((s1.cpu - s0.cpu) * 1e6 / delivered, 2) if delivered
+                                  else None),
+               "server_cpu_pct": _server_pct(s0, s1),
+               "loadgen_cpu_pct": _pct(reply["cpu"], elapsed), "missing": reply["missing"]}
+    if reply["missing"]:
+        warn(f"{server.target}: flood: the recipient received {delivered:,} messages of the "
+             f"backlog in {limit:.0f} s, {reply['missing']:,} still missing")
+    bar.finish(f"{delivered:,} messages at {figures['msgs_per_s']:,.0f} msg/s")
+    return figures
+
+
+def next_rate(passed: float | None, failed: float | None, floor: float) -> float | None:
+    """The SLA search's next rate: double the highest passing rate until one fails, halve
+    the lowest failing rate until one passes (None below ``floor``), then bisect until the
+    two are within :data:`SLA_PRECISION` of each other (None: done)."""
+    if passed is None and failed is None:
+        raise ValueError("no step measured yet")
+    if failed is None:
+        assert passed is not None
+        return 2 * passed
+    if passed is None:
+        return failed / 2 if failed / 2 >= floor else None
+    if failed <= passed * SLA_PRECISION:
+        return None
+    return (passed + failed) / 2
+
+
+async def sla(server: Server, params: Params, tokens: Tokens, logdir: Path) -> dict[str, Any]:
+    """The highest paced rate (messages/s, all pairs) at which p99.99 of send-to-sent and
+    of send-to-deliver both stay within ``params.sla_bound_ms``.
+
+    The latency scenario's pairs, opened once; steps of ``sla_warmup`` + ``sla_seconds`` at
+    one rate each, the load stopped and drained between steps. From ``sla_start``, the rate
+    doubles until a step fails, then bisects (:func:`next_rate`); the search stops when it
+    has converged, when even ``sla_start / 8`` fails, when a step cannot be drained, or
+    when the next step would not end within ``sla_budget`` seconds. A step fails when a
+    p99.99 exceeds the bound or the server does not keep up (as the latency scenario
+    judges it). Returns ``capacity_per_s`` (0 if no step passed), the p99.99s at that rate
+    (at the lowest rate tried when none passed), and every step under ``steps``.
+    """
+    bound = params.sla_bound_ms
+    async with Pool(params.workers, logdir) as pool:
+        shares = await _open_pairs(server, pool, params, tokens)
+        start = time.monotonic()
+        deadline = start + params.sla_budget
+        steps: list[dict[str, Any]] = []
+        passed: float | None = None
+        failed: float | None = None
+        rate: float | None = params.sla_start
+        stopped = "converged"
+        while rate is not None:
+            began = time.monotonic()
+            step = await _sla_step(server, pool, params, shares, rate)
+            steps.append(step)
+            if step["met"]:
+                passed = max(passed or 0.0, rate)
+            else:
+                failed = min(failed or math.inf, rate)
+            if step["outstanding"]:
+                stopped = "a step's messages could not be drained"
+                break
+            rate = next_rate(passed, failed, params.sla_start / 8)
+            if rate is None and passed is None:
+                stopped = f"no rate down to {params.sla_start / 8:,.0f} msg/s met the bound"
+            if rate is not None and time.monotonic() + (time.monotonic() - began) > deadline:
+                stopped = "time budget used up"
+                break
+        await pool.all("close")
+    best = max((s for s in steps if s["met"]), key=lambda s: s["rate"], default=None)
+    shown = best or min(steps, key=lambda s: s["rate"])
+    return {"capacity_per_s": best["rate"] if best is not None else 0.0,
+            "met": best is not None, "bound_ms": bound,
+            "lowest_failed_per_s": round(failed, 1) if failed is not None else None,
+            "sent_p99_99_ms": shown["sent_latency_ms"]["p99_99"],
+            "deliver_p99_99_ms": shown["latency_ms"]["p99_99"],
+            "figures_at_per_s": shown["rate"], "samples": shown["samples"],
+            "server_cpu_pct": shown["server_cpu_pct"], "stopped": stopped,
+            "search_s": round(time.monotonic() - start, 1), "steps": steps,
+            "pairs": params.pairs, "step_seconds": params.sla_seconds}
+
+
+async def _sla_step(server: Server, pool: Pool, params: Params, shares: list[int],
+                    rate: float) -> dict[str, Any]:
+    """One step of :func:`sla`: ``rate`` msg/s, measured, then stopped and drained."""
+    await pool.all("latency", [{"rate": rate * k / params.pairs} for k in shares])
+    window = await _measure(server, pool, params, "SLA", f"SLA step at {rate:,.0f} msg/s",
+                            params.sla_seconds, hist="take", warmup=params.sla_warmup)
+    histogram, sent_histogram = _histograms(window.marks1)
+    traffic = _traffic(server, params.pairs, window.marks0, window.marks1, window.s0,
+                       window.s1)
+    await pool.all("stop")
+    limit = max(5.0, 2 * params.sla_seconds)
+    drained = await pool.all("drain", limit=limit, timeout=limit + 30.0)
+    backlog = _stat(window.marks1, "sends") - _stat(window.marks1, "delivered")
+    deliver, sent = percentiles(histogram), percentiles(sent_histogram)
+    overloaded = traffic["msgs_per_s"] < 0.95 * rate or backlog > 0.1 * rate
+    met = (not overloaded and histogram.total > 0 and sent_histogram.total > 0
+           and max(deliver["p99_99"], sent["p99_99"]) <= params.sla_bound_ms)
+    window.bar.finish(f"p99.99 to sent {sent['p99_99']} ms, to deliver {deliver['p99_99']} ms"
+                      + (", overloaded" if overloaded else "") + (": met" if met else
+                                                                    ": not met"))
+    return {"rate": round(rate, 1), "met": met, "overloaded": overloaded,
+            "latency_ms": deliver, "sent_latency_ms": sent, "samples": histogram.total,
+            "sent_samples": sent_histogram.total, "delivered_per_s": traffic["msgs_per_s"],
+            "backlog_at_end": backlog, "server_cpu_pct": traffic["server_cpu_pct"],
+            "loadgen_cpu_pct": traffic["loadgen_cpu_pct"],
+            "machine_cpu_pct": traffic["machine_cpu_pct"],
+            "other_cpu_pct": traffic["other_cpu_pct"],
+            "max_send_lag_ms": round(max(m["max_lag_ms"] for m in window.marks1), 3),
+            "outstanding": _merge(drained, "outstanding")}
 
 
 def percentiles(histogram: Histogram) -> dict[str, float]:

@@ -8,6 +8,9 @@ Targets:
 - ``peer``: ``python -m benchmarks.peers.websockets_peer``, a router on websockets and
   uvloop speaking the same protocol.
 
+A chatd server may be given settings (``Server(..., settings={"rate_limit": ...})``): they
+go into a TOML file in its directory, passed with ``--config`` (the peer has no settings).
+
 Every server gets a fresh data directory, the harness's token secret file, its
 ``RLIMIT_NOFILE`` soft limit raised to the hard limit, and stdout and stderr in files (shown
 when it fails). CPU time and resident memory are read from ``/proc`` for the server process
@@ -80,8 +83,11 @@ class Sample:
         #: moment and not counted in ``cpu``; None for a server that stores by itself.
         self.backend = backend
         self.clock = time.monotonic()
-        #: The server's young garbage collections so far, where it says (chatd).
+        #: The server's young garbage collections so far, where it says (chatd), and the
+        #: moment they were read (the scrape is not at ``clock``: see
+        #: :meth:`Server.young_collections`).
         self.gc_young: int | None = None
+        self.gc_clock: float | None = None
         with open("/proc/stat") as stat:
             ticks = [int(v) for v in stat.readline().split()[1:9]]
         # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
@@ -173,9 +179,11 @@ class Server:
     """One server process of a target, as an async context manager."""
 
     def __init__(self, target: str, secret: Path, workdir: Path,
-                 port: int | None = None) -> None:
+                 port: int | None = None, settings: dict[str, int | float] | None = None) -> None:
         self.target = target
         self.secret = secret
+        #: chatd settings written to a ``--config`` file (ignored by the peer).
+        self.settings = dict(settings or {})
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         #: chatd's HTTP port (its /metrics), 0 for the peer.
@@ -191,8 +199,14 @@ class Server:
         return [self.url]
 
     def argv(self) -> list[str]:
-        """The command line of this server."""
-        return command(self.target, self.port, self.dir / "data", self.secret, self.http_port)
+        """The command line of this server (with ``--config`` for its settings)."""
+        argv = command(self.target, self.port, self.dir / "data", self.secret, self.http_port)
+        if self.settings and self.target != "peer":
+            config = self.dir / "settings.toml"
+            config.write_text("".join(f"{key} = {value!r}\n"
+                                      for key, value in self.settings.items()))
+            argv += ["--config", str(config)]
+        return argv
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -246,17 +260,19 @@ class Server:
             raise self.failure("exited during the benchmark")
 
     def sample(self) -> Sample:
+        """CPU and RSS now, from ``/proc`` only (quick: no request to the server)."""
         self.check()
         assert self.process is not None
-        sample = measure(self.process.pid)
-        sample.gc_young = self.young_collections()
-        return sample
+        return measure(self.process.pid)
 
-    def young_collections(self) -> int | None:
-        """The server's young garbage collections so far, from chatd's /metrics (None
-        for the peer, or if the scrape fails)."""
+    def young_collections(self) -> tuple[int, float] | None:
+        """The server's young garbage collections so far, from chatd's /metrics, and the
+        middle of the scrape on the monotonic clock (None for the peer, or if the scrape
+        fails). A busy chatd can take a second to answer, so the harness scrapes outside
+        its measured windows, never between a worker's mark and a server sample."""
         if not self.http_port:
             return None
+        start = time.monotonic()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
                                         timeout=5) as answer:
@@ -267,7 +283,7 @@ class Server:
             for sample in family.samples:
                 if (sample.name == "python_gc_collections_total"
                         and sample.labels.get("generation") == "0"):
-                    return int(sample.value)
+                    return int(sample.value), (start + time.monotonic()) / 2
         return None
 
     def problems(self) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.hdr import Histogram, bucket_bounds, bucket_index
-from benchmarks.scenarios import place
+from benchmarks.scenarios import SLA_PRECISION, next_rate, place
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("chatd", "chatd_durable", "peer")
@@ -85,6 +85,16 @@ def test_pairs_cross_nodes_evenly() -> None:
     assert {place(i, 1) for i in range(8)} == {(0, 0)}
 
 
+def test_sla_search_doubles_halves_then_bisects() -> None:
+    assert next_rate(250.0, None, 31.25) == 500.0  # every rate so far met the bound
+    assert next_rate(None, 250.0, 31.25) == 125.0  # none has yet
+    assert next_rate(None, 50.0, 31.25) is None  # below the floor: give up
+    assert next_rate(500.0, 1000.0, 31.25) == 750.0
+    assert next_rate(500.0, 500.0 * SLA_PRECISION, 31.25) is None  # converged
+    with pytest.raises(ValueError):
+        next_rate(None, None, 31.25)
+
+
 @pytest.mark.slow
 def test_harness_smoke_run(tmp_path: Path) -> None:
     """A tiny run against every target and on chatd on NATS writes every figure the issues
@@ -109,7 +119,11 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         assert figures["samples"] > 0
         assert figures["errors"] == {} or set(figures["errors"]) <= {"rate_limited"}
         assert results["histograms"][target]["total"] == figures["samples"]
+        check_sent_latency(figures, results["sent_histograms"][target])
+        check_flood(target, figures)
+        check_sla(figures)
     assert results["ratio"]["cpu_us_per_msg"] > 0
+    assert results["ratio"]["flood_cpu_us_per_msg"] > 0
     cost = results["metrics_cost"]
     assert cost["us_per_msg"] > 0 and cost["pct_of_chatd_cpu_per_msg"] > 0
     assert cost["worst_us_per_msg"] > 0 and cost["msgs_per_write"] >= 1
@@ -122,10 +136,57 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         assert machine[library], library
     assert results["run"]["duration_s"] > 0 and results["run"]["parameters"]["pairs"] == 8
     assert "messages/s" in run.stdout  # the table
+    for row in ("sent p99.99 ms", "flood msg/s", "backlog msg/s", "SLA capacity msg/s",
+                "rate_limit = 1,000,000"):
+        assert row in run.stdout, row
     check_nats(results["nats"], results["chatd_durable"])
     assert "throughput, chatd on NATS" in run.stdout
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert not leftover.stdout.strip(), f"processes left running: {leftover.stdout}"
+
+
+def number(value: Any) -> bool:
+    """A figure of the JSON: an int or a float, not a bool and not None."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_sent_latency(figures: dict[str, Any], histogram: dict[str, Any]) -> None:
+    """Send-to-sent latency, recorded in the senders beside send-to-deliver."""
+    sent = figures["sent_latency_ms"]
+    assert set(sent) == {"p50", "p99", "p99_9", "p99_99"}
+    assert all(number(v) for v in sent.values()), sent
+    assert 0 <= sent["p50"] <= sent["p99"] <= sent["p99_9"] <= sent["p99_99"]
+    assert number(figures["sent_latency_max_ms"])
+    assert histogram["total"] == figures["scenarios"]["latency"]["sent_samples"] > 0
+
+
+def check_flood(target: str, figures: dict[str, Any]) -> None:
+    """The flood scenario: messages/s answered sent, CPU and RSS growth per message, and the
+    backlog streamed whole to the recipient once it logs in."""
+    for key in ("flood_msgs_per_s", "flood_cpu_us_per_msg", "flood_backlog_msgs_per_s"):
+        assert number(figures[key]) and figures[key] > 0, (target, key)
+    assert number(figures["flood_rss_kb_per_msg"])  # may be 0 or below when RSS is chunky
+    flood = figures["scenarios"]["flood"]
+    assert flood["window"] == 256 and flood["body_bytes"] == 1024
+    assert flood["sent"] > 0 and flood["errors"] == {}, flood["errors"]
+    assert flood["settings"] == ({} if target == "peer" else
+                                 {"rate_limit": 1_000_000.0, "rate_burst": 1_000_000})
+    backlog = flood["backlog"]
+    assert backlog["missing"] == 0 and backlog["messages"] >= flood["sent"], backlog
+    assert number(flood["receipts_read_missing"])
+
+
+def check_sla(figures: dict[str, Any]) -> None:
+    """The SLA capacity search: a rate (0 when none met the bound) and the p99.99s there."""
+    for key in ("sla_capacity_per_s", "sla_sent_p99_99_ms", "sla_deliver_p99_99_ms"):
+        assert number(figures[key]) and figures[key] >= 0, key
+    sla = figures["scenarios"]["sla"]
+    assert sla["steps"] and sla["bound_ms"] == 5.0
+    met = [step["rate"] for step in sla["steps"] if step["met"]]
+    assert figures["sla_capacity_per_s"] == (max(met) if met else 0.0)
+    shown = next(s for s in sla["steps"] if s["rate"] == sla["figures_at_per_s"])
+    assert figures["sla_sent_p99_99_ms"] == shown["sent_latency_ms"]["p99_99"]
+    assert figures["sla_deliver_p99_99_ms"] == shown["latency_ms"]["p99_99"]
 
 
 def check_nats(nats: dict[str, Any], durable: dict[str, Any]) -> None:
