@@ -23,6 +23,9 @@ that runs to the end of the *last* segment is a torn tail, the trace of a write 
 did not finish: it is cut off (the file is truncated) and reported in
 :attr:`SegmentLog.truncated`. After recovery the log appends after the last valid record.
 
+A record can also be read back where it was written (:class:`SegmentReader`, from any
+thread): the durable store keeps only that position of a queued item in memory.
+
 Any OS error while writing, syncing, rolling or deleting makes the log *failed*: every
 later call raises :class:`ReplicaFailed`. Nothing is retried, because after a failed fsync
 the kernel may have dropped the dirty pages, and a later successful fsync would prove
@@ -41,8 +44,8 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "ReplicaFailed",
-           "SegmentLog", "encode_record"]
+__all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "RecordUnreadable",
+           "ReplicaFailed", "SegmentLog", "SegmentReader", "encode_record"]
 
 MAGIC = b"CHATDSG1"
 _HEADER = struct.Struct(">IB")
@@ -53,6 +56,10 @@ _SUFFIX = ".seg"
 
 class ReplicaFailed(Exception):
     """The replica hit an I/O error; it accepts nothing more until it is reopened."""
+
+
+class RecordUnreadable(Exception):
+    """No valid record could be read at a position (I/O error, missing file, bad CRC)."""
 
 
 @attrs.frozen(slots=True)
@@ -111,6 +118,8 @@ class SegmentLog:
         self.max_record = max_record
         self.damage: list[Damage] = []
         self.truncated = 0
+        #: Each segment's size once recovered (after a torn tail was cut off).
+        self.sizes: dict[int, int] = {}
         self.failed: OSError | None = None
         self._fd: int | None = None
         self._serial = 0
@@ -146,12 +155,14 @@ class SegmentLog:
                 last = index == len(serials) - 1
                 data = (self.directory / _segment_name(serial)).read_bytes()
                 end = yield from self._scan(serial, data, last)
+                self.sizes[serial] = len(data)
                 if not last:
                     continue
                 if end is None:
                     self._serial = serial  # unreadable start: the next append rolls
                 else:
                     self._open_existing(serial, end, len(data))
+                    self.sizes[serial] = self._size
         except OSError as exc:
             raise self._fail(exc) from exc
         self._recovered = True
@@ -259,15 +270,22 @@ class SegmentLog:
         except OSError as exc:
             raise self._fail(exc) from exc
 
-    def start_segment(self) -> None:
+    def start_segment(self, serial: int | None = None) -> None:
         """Finish the current segment (fsync'd) and append from now on to a new one.
+
+        Args:
+            serial: The new segment's serial (by default, the next one); above every
+                segment's. Giving two replicas the same one keeps their positions equal.
 
         Raises:
             ReplicaFailed: The log has failed, or the roll failed (it now has).
+            ValueError: ``serial`` is not above the current segment's.
         """
         self._guard()
+        if serial is not None and serial <= self._serial:
+            raise ValueError(f"segment {serial} is not after segment {self._serial}")
         try:
-            self._roll()
+            self._roll(serial)
         except OSError as exc:
             raise self._fail(exc) from exc
 
@@ -314,12 +332,12 @@ class SegmentLog:
         os.lseek(fd, end, os.SEEK_SET)
         self._fd, self._serial, self._size = fd, serial, end
 
-    def _roll(self) -> None:
+    def _roll(self, serial: int | None = None) -> None:
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-        serial = self._serial + 1
+        serial = serial if serial is not None else self._serial + 1
         fd = os.open(self.directory / _segment_name(serial),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fd, self._serial = fd, serial
@@ -335,6 +353,63 @@ class SegmentLog:
         self.failed = exc
         self.close()
         return ReplicaFailed(f"replica {self.directory} failed: {exc}")
+
+
+class SegmentReader:
+    """Reads records back at their positions in one replica directory.
+
+    Safe in a worker thread while the log appends in another: it opens the segment files
+    for reading on its own (each once, until :meth:`close`).
+
+    Args:
+        directory: The replica's directory.
+        max_record: Largest payload believed.
+    """
+
+    #: Bytes read at once: the header and a small record's payload in one call.
+    _FIRST_READ = 4096
+
+    def __init__(self, directory: Path, *, max_record: int = 1024 * 1024) -> None:
+        self.directory = directory
+        self.max_record = max_record
+        self._fds: dict[int, int] = {}
+
+    def read(self, position: Position) -> tuple[int, bytes]:
+        """The record (type, payload) that starts at ``position``.
+
+        Raises:
+            RecordUnreadable: The file is missing or unreadable, or no valid record starts
+                there.
+        """
+        try:
+            fd = self._fds.get(position.segment)
+            if fd is None:
+                fd = os.open(self.directory / _segment_name(position.segment), os.O_RDONLY)
+                self._fds[position.segment] = fd
+            data = os.pread(fd, self._FIRST_READ, position.offset)
+            if len(data) < HEADER_BYTES:
+                raise RecordUnreadable(f"no record at {position}: the file ends")
+            length, record_type = _HEADER.unpack_from(data)
+            if record_type == 0 or length > self.max_record:
+                raise RecordUnreadable(f"no record at {position}: bad header")
+            end = HEADER_BYTES + length
+            if len(data) < end:
+                data += os.pread(fd, end - len(data), position.offset + len(data))
+        except OSError as exc:
+            raise RecordUnreadable(f"{self.directory}: {exc}") from exc
+        if len(data) < end:
+            raise RecordUnreadable(f"no record at {position}: the file ends")
+        (crc,) = _CRC.unpack_from(data, _HEADER.size)
+        payload = data[HEADER_BYTES:end]
+        if zlib.crc32(payload, zlib.crc32(data[:_HEADER.size])) != crc:
+            raise RecordUnreadable(f"no record at {position}: bad CRC")
+        return record_type, payload
+
+    def close(self) -> None:
+        """Close every file opened."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
