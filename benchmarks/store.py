@@ -12,12 +12,14 @@ Three measurements in one run, on the same disk:
    and waiting for ``sent``; the time from writing a ``send`` frame to reading its ``sent``.
 
 4. ``backlog`` (with ``--backlog``, instead of the three above): a store holding a large
-   backlog — N queued messages over U users — and what it costs: the process's RSS per
-   queued message (in a fresh process, with the store's message-id memory and, in a second
-   process, without it: ``dedup_max_ids`` 1); the time to recover that store in a new
-   process (with only the log, then again after a checkpoint) and the checkpoint's time;
-   and how fast every user's backlog streams back through ``pending()`` (256 at a time,
-   as a session's catch-up reads it), after the restart.
+   backlog — N queued messages over U users — and what it costs, each phase in a fresh
+   process: the RSS per queued message once filled, and once recovered, with the store's
+   message-id memory and without it (a second store with ``dedup_max_ids`` 1); the time to
+   recover the store from its log alone (no checkpoint: the worst case), and again after
+   a checkpoint of the index (what the store writes in the background); how long that
+   checkpoint and a full one (every item rewritten, as a repair does) take; and how fast
+   every user's backlog streams back through ``pending()`` after a restart (256 at a
+   time, as a session's catch-up reads it).
 
 Usage: ``python -m benchmarks.store [--writers 64] [--messages 4000] [--json FILE]``, or
 ``python -m benchmarks.store --backlog [--queued 1000000] [--users 10000] [--body 100]``.
@@ -181,8 +183,8 @@ def backlog_store(directory: Path, dedup_max: int) -> DurableStore:
 
 async def fill_backlog(directory: Path, queued: int, users: int, body: int,
                        dedup_max: int) -> dict[str, Any]:
-    """Phase ``fill`` (a fresh process): queue ``queued`` messages of ``body`` bytes for
-    ``users`` users, 256 per ``submit_many`` from 16 concurrent writers; RSS per message."""
+    """Phase ``fill``: queue ``queued`` messages of ``body`` bytes for ``users`` users, 256
+    per ``submit_many`` from 16 concurrent writers; RSS per message."""
     store = backlog_store(directory, dedup_max)
     text = "x" * body
     per_writer = queued // 16
@@ -212,12 +214,13 @@ async def fill_backlog(directory: Path, queued: int, users: int, body: int,
             "disk_bytes_per_replica": disk_bytes(directory / "r0")}
 
 
-async def recover_backlog(directory: Path, stream: bool, checkpoint: bool
-                          ) -> dict[str, Any]:
-    """Phase ``recover`` (a fresh process): recover the store, time it; then stream every
-    user's backlog through ``pending()`` if ``stream``, and checkpoint if ``checkpoint``."""
+async def recover_backlog(directory: Path, dedup_max: int, stream: bool,
+                          checkpoint: str) -> dict[str, Any]:
+    """Phase ``recover``: recover the store and time it; then stream every user's backlog
+    through ``pending()`` if ``stream``; then write a checkpoint (``index``, ``full``) if
+    asked."""
     before = rss_bytes()
-    store = backlog_store(directory, 1_000_000)
+    store = backlog_store(directory, dedup_max)
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         started = time.perf_counter()
@@ -225,6 +228,7 @@ async def recover_backlog(directory: Path, stream: bool, checkpoint: bool
         results["recovery_s"] = round(time.perf_counter() - started, 2)
         results["rss_per_message"] = round(
             (rss_bytes() - before) / max(1, store.index.pending_total), 1)
+        results["ids"] = len(store.index.ids)
         if stream:
             users = sorted(store.index.waiting())
             streamed = 0
@@ -242,10 +246,10 @@ async def recover_backlog(directory: Path, stream: bool, checkpoint: bool
             results["streamed"] = streamed
             results["stream_per_s"] = round(streamed / elapsed)
             results["rss_after_stream_mib"] = round(rss_bytes() / 2**20, 1)
-        if checkpoint:
+        if checkpoint != "-":
             started = time.perf_counter()
-            await store.checkpoint()
-            results["checkpoint_s"] = round(time.perf_counter() - started, 2)
+            await store.checkpoint(rewrite=checkpoint == "full")
+            results[f"{checkpoint}_checkpoint_s"] = round(time.perf_counter() - started, 2)
             results["disk_bytes_after_checkpoint"] = disk_bytes(directory / "r0")
         nursery.cancel_scope.cancel()
     return results
@@ -262,34 +266,38 @@ def phase(args: list[str]) -> dict[str, Any]:
 
 
 def bench_backlog(base: Path, queued: int, users: int, body: int) -> dict[str, Any]:
-    """The backlog measurement: fill (with and without the id memory), recover, stream,
-    checkpoint, recover again."""
+    """The backlog measurement, phase by phase (see the module's docstring)."""
     shape = [str(queued), str(users), str(body)]
     results: dict[str, Any] = {"queued": queued, "users": users, "body_bytes": body}
     print(f"backlog: {queued} messages of {body} bytes for {users} users ...", flush=True)
-    results["fill_without_ids"] = phase(["fill", str(base / "noids"), *shape, "1"])
-    shutil.rmtree(base / "noids")
-    print(f"  without the id memory: {results['fill_without_ids']}", flush=True)
-    results["fill"] = phase(["fill", str(base / "backlog"), *shape, "1000000"])
-    print(f"  with the id memory: {results['fill']}", flush=True)
-    results["recover_log"] = phase(["recover", str(base / "backlog"), "stream", "checkpoint"])
-    print(f"  recovered from the log: {results['recover_log']}", flush=True)
-    results["recover_checkpoint"] = phase(["recover", str(base / "backlog"), "-", "-"])
-    print(f"  recovered from the checkpoint: {results['recover_checkpoint']}", flush=True)
+    steps = [
+        ("fill_without_ids", ["fill", "noids", *shape, "1"]),
+        ("recover_without_ids", ["recover", "noids", "1", "-", "-"]),
+        ("fill", ["fill", "backlog", *shape, "1000000"]),
+        ("recover_log", ["recover", "backlog", "1000000", "stream", "index"]),
+        ("recover_checkpoint", ["recover", "backlog", "1000000", "-", "full"]),
+        ("recover_full_checkpoint", ["recover", "backlog", "1000000", "-", "-"]),
+    ]
+    for name, args in steps:
+        args[1] = str(base / args[1])
+        results[name] = phase(args)
+        print(f"  {name}: {results[name]}", flush=True)
+        if name == "recover_without_ids":
+            shutil.rmtree(base / "noids")
     return results
 
 
 def run_phase(argv: list[str]) -> None:
-    """``--phase fill DIR QUEUED USERS BODY DEDUP_MAX`` or ``--phase recover DIR STREAM
-    CHECKPOINT``: print the phase's figures as one JSON line."""
+    """``--phase fill DIR QUEUED USERS BODY DEDUP_MAX`` or ``--phase recover DIR DEDUP_MAX
+    STREAM|- index|full|-``: print the phase's figures as one JSON line."""
     if argv[0] == "fill":
         directory, queued, users, body, dedup_max = argv[1:]
         figures = trio.run(fill_backlog, Path(directory), int(queued), int(users), int(body),
                            int(dedup_max))
     else:
-        directory, stream, checkpoint = argv[1:]
-        figures = trio.run(recover_backlog, Path(directory), stream == "stream",
-                           checkpoint == "checkpoint")
+        directory, dedup_max, stream, checkpoint = argv[1:]
+        figures = trio.run(recover_backlog, Path(directory), int(dedup_max),
+                           stream == "stream", checkpoint)
     print(json.dumps(figures))
 
 

@@ -8,11 +8,17 @@ worker thread), runs each request's ``apply`` hook in order, and only then relea
 writers. Requests that arrive while an fsync runs wait for the next batch, so under load one
 fsync covers many writers, and no writer is released before an fsync that started after its
 records were written. The same record has the same LSN on every replica, which is how
-recovery merges replicas.
+recovery merges replicas; and the same position (segment serial and offset): the replicas
+are written identically, so that the store can keep one position per queued item and read
+it from either replica. A replica whose records would land elsewhere than on the first is
+failed.
 
 A *checkpoint* request is committed alone, between batches: the journal asks the store for
-a snapshot of its live state at that moment, writes it to a fresh segment of every replica,
-fsyncs, and deletes every older segment. That is how disk space is given back.
+a snapshot of its state at that moment (:class:`Checkpoint`), writes it to every replica
+(if asked, into a fresh segment with the same serial on each, after which every older
+segment is deleted), fsyncs, and tells the store where its records landed. A *delete*
+request removes segments the store no longer needs, also between batches. That is how disk
+space is given back.
 
 Two replicas are both required. If either one fails (an I/O error), the journal stops
 acknowledging: the batch in flight and every later request fail with
@@ -35,16 +41,36 @@ from chatd.backends._records import StoreUnavailable
 from chatd.logs import EventLog
 from chatd.metrics import Histogram
 
-from ._segments import ReplicaFailed, SegmentLog
+from ._segments import Position, ReplicaFailed, SegmentLog
 
-__all__ = ["Journal", "JournalStats", "StoreUnavailable"]
+__all__ = ["Checkpoint", "Journal", "JournalStats", "StoreUnavailable"]
 
 logger = logging.getLogger(__name__)
 
 #: A record to write: its type and the CBOR-able fields that follow its LSN.
 Body = tuple[int, list[Any]]
-#: Builds a checkpoint: given the last LSN it covers, the records that restore the state.
-Snapshot = Callable[[int], list[Body]]
+#: Applies a write once it is durable, given where each of its records landed.
+Apply = Callable[[list[Position]], None]
+
+
+@attrs.frozen
+class Checkpoint:
+    """A snapshot of the store's state, as the journal writes it.
+
+    Attributes:
+        records: The records (type, complete CBOR-able fields) that restore the state.
+        fresh: Write them into a new segment (the same serial on every replica), and
+            delete every older segment once they are durable; else append them.
+        placed: Called once they are durable, with where each record landed.
+    """
+
+    records: list[Body]
+    fresh: bool
+    placed: Apply | None = None
+
+
+#: Builds a checkpoint: given the last LSN it covers, what to write.
+Snapshot = Callable[[int], Checkpoint]
 
 
 @attrs.define
@@ -60,15 +86,21 @@ class JournalStats:
 
 
 class _Request:
-    __slots__ = ("apply", "done", "error", "records", "snapshot")
+    __slots__ = ("apply", "delete", "done", "error", "records", "snapshot")
 
-    def __init__(self, records: Sequence[Body], apply: Callable[[], None] | None,
-                 snapshot: Snapshot | None = None) -> None:
+    def __init__(self, records: Sequence[Body], apply: Apply | None,
+                 snapshot: Snapshot | None = None, delete: Sequence[int] = ()) -> None:
         self.records = records
         self.apply = apply
         self.snapshot = snapshot
+        self.delete = delete
         self.done = trio.Event()
         self.error: StoreUnavailable | None = None
+
+    @property
+    def alone(self) -> bool:
+        """Whether the request is committed on its own (a checkpoint or a deletion)."""
+        return self.snapshot is not None or bool(self.delete)
 
 
 class Journal:
@@ -104,14 +136,13 @@ class Journal:
         """Why the journal stopped acknowledging, or None while it is healthy."""
         return self._failed
 
-    async def write(self, records: Sequence[Body], apply: Callable[[], None] | None = None
-                    ) -> None:
+    async def write(self, records: Sequence[Body], apply: Apply | None = None) -> None:
         """Append ``records`` and return once they are fsync'd on every replica.
 
         Args:
             records: (type, fields) pairs; each is stored as the CBOR array [lsn, *fields].
             apply: Run after the fsync, before any later request is applied (so the
-                store's state changes in log order).
+                store's state changes in log order), with each record's position.
 
         Raises:
             StoreUnavailable: A replica has failed; the records are not acknowledged.
@@ -119,12 +150,23 @@ class Journal:
         await self._submit(_Request(records, apply))
 
     async def checkpoint(self, snapshot: Snapshot) -> None:
-        """Write a snapshot of the live state to fresh segments, then drop older segments.
+        """Write a snapshot of the state, taken between two batches (see
+        :class:`Checkpoint`).
 
         Raises:
             StoreUnavailable: A replica has failed.
         """
         await self._submit(_Request((), None, snapshot))
+
+    async def delete(self, serials: Sequence[int]) -> None:
+        """Delete segments (none of them the current one) from every replica, between two
+        batches.
+
+        Raises:
+            StoreUnavailable: A replica has failed.
+        """
+        if serials:
+            await self._submit(_Request((), None, delete=serials))
 
     async def _submit(self, request: _Request) -> None:
         if self._failed is not None:
@@ -141,8 +183,8 @@ class Journal:
         while True:
             first = self._held or await self._mailbox.receive()
             self._held = None
-            if first.snapshot is not None:
-                await self._commit_checkpoint(first)
+            if first.alone:
+                await self._commit_alone(first)
                 continue
             batch = [first]
             while True:
@@ -150,7 +192,7 @@ class Journal:
                     request = self._mailbox.receive_nowait()
                 except trio.WouldBlock:
                     break
-                if request.snapshot is not None:
+                if request.alone:
                     self._held = request
                     break
                 batch.append(request)
@@ -163,28 +205,55 @@ class Journal:
                 encoded.append((record_type, cbor2.dumps([self.next_lsn, *fields])))
                 self.next_lsn += 1
         started = trio.current_time()
-        await self._everywhere(lambda log: _append_and_sync(log, encoded))
+        positions = await self._everywhere(lambda log: _append_and_sync(log, encoded))
         self.stats.commit_seconds.observe(trio.current_time() - started)
         self.stats.batches += 1
         self.stats.records += len(encoded)
-        self._release(batch)
+        at = 0
+        for request in batch:
+            self._release(request, positions[at:at + len(request.records)])
+            at += len(request.records)
 
-    async def _commit_checkpoint(self, request: _Request) -> None:
-        assert request.snapshot is not None
-        records = [(record_type, cbor2.dumps(fields))
-                   for record_type, fields in request.snapshot(self.next_lsn - 1)]
-        await self._everywhere(lambda log: _rewrite(log, records))
-        self.stats.checkpoints += 1
-        self._release([request])
-
-    async def _everywhere(self, work: Callable[[SegmentLog], None]) -> None:
-        """Run ``work`` on every replica in parallel worker threads, unless failed."""
-        if self._failed is not None:
+    async def _commit_alone(self, request: _Request) -> None:
+        if request.snapshot is None:
+            serials = request.delete
+            await self._everywhere(lambda log: _delete(log, serials))
+            self._release(request, [])
             return
+        checkpoint = request.snapshot(self.next_lsn - 1)
+        records = [(record_type, cbor2.dumps(fields))
+                   for record_type, fields in checkpoint.records]
+        serial = None
+        if checkpoint.fresh:  # the same serial on every replica, above all of theirs
+            serial = max(log.current_segment for log in self._logs) + 1
+        positions = await self._everywhere(lambda log: _write_checkpoint(log, records, serial))
+        self.stats.checkpoints += 1
+        request.apply = checkpoint.placed
+        self._release(request, positions)
+
+    async def _everywhere(self, work: Callable[[SegmentLog], list[Position]]
+                          ) -> list[Position]:
+        """Run ``work`` on every replica in parallel worker threads, unless failed.
+
+        Returns:
+            The positions ``work`` returned on the first replica (the same on every one;
+            a replica where they differ is failed).
+        """
+        if self._failed is not None:
+            return []
+        results: list[list[Position]] = [[] for _ in self._logs]
+
+        async def run(at: int, log: SegmentLog) -> None:
+            results[at] = await trio.to_thread.run_sync(work, log)
+
         try:
             async with trio.open_nursery() as nursery:
-                for log in self._logs:
-                    nursery.start_soon(trio.to_thread.run_sync, work, log)
+                for at, log in enumerate(self._logs):
+                    nursery.start_soon(run, at, log)
+            for log, positions in zip(self._logs[1:], results[1:], strict=True):
+                if positions != results[0]:
+                    raise ReplicaFailed(f"replica {log.directory} failed: its records "
+                                        f"landed elsewhere than on {self._logs[0].directory}")
         except* ReplicaFailed as group:
             self._failed = str(group.exceptions[0])
             self._log.error("replica_failed", error="replica_failed", reason=self._failed)
@@ -192,27 +261,39 @@ class Journal:
                 self._on_failure()
         else:
             self.stats.fsyncs += len(self._logs)
+        return results[0] if self._failed is None else []
 
-    def _release(self, batch: list[_Request]) -> None:
-        for request in batch:
-            if self._failed is not None:
-                request.error = StoreUnavailable(self._failed)
-            elif request.apply is not None:
-                request.apply()
-            request.done.set()
-
-
-def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
-    if records:
-        log.append(records)
-        log.sync()
+    def _release(self, request: _Request, positions: list[Position]) -> None:
+        if self._failed is not None:
+            request.error = StoreUnavailable(self._failed)
+        elif request.apply is not None:
+            request.apply(positions)
+        request.done.set()
 
 
-def _rewrite(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
-    """Write a checkpoint into a fresh segment, then delete every older segment."""
-    log.start_segment()
-    older = [serial for serial in log.segments() if serial < log.current_segment]
-    log.append(records)
+def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> list[Position]:
+    if not records:
+        return []
+    positions = log.append(records)
     log.sync()
-    for serial in older:
+    return positions
+
+
+def _write_checkpoint(log: SegmentLog, records: list[tuple[int, bytes]], serial: int | None
+                      ) -> list[Position]:
+    """Write a checkpoint: into a fresh segment ``serial``, then deleting every older one;
+    or, without ``serial``, as any batch."""
+    obsolete = []
+    if serial is not None:
+        log.start_segment(serial)
+        obsolete = [older for older in log.segments() if older < serial]
+    positions = log.append(records)
+    log.sync()
+    _delete(log, obsolete)
+    return positions
+
+
+def _delete(log: SegmentLog, serials: Sequence[int]) -> list[Position]:
+    for serial in serials:
         log.delete(serial)
+    return []

@@ -39,8 +39,9 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import attrs
 
@@ -50,6 +51,7 @@ __all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "RecordUnrea
 MAGIC = b"CHATDSG1"
 _HEADER = struct.Struct(">IB")
 _CRC = struct.Struct(">I")
+_HEADER_CRC = struct.Struct(">IBI")
 HEADER_BYTES = _HEADER.size + _CRC.size
 _SUFFIX = ".seg"
 
@@ -62,16 +64,14 @@ class RecordUnreadable(Exception):
     """No valid record could be read at a position (I/O error, missing file, bad CRC)."""
 
 
-@attrs.frozen(slots=True)
-class Position:
+class Position(NamedTuple):
     """Where a record starts: segment serial and byte offset in that file."""
 
     segment: int
     offset: int
 
 
-@attrs.frozen(slots=True)
-class Record:
+class Record(NamedTuple):
     """One valid record read back from the log."""
 
     position: Position
@@ -138,11 +138,18 @@ class SegmentLog:
                 serials.append(int(stem))
         return sorted(serials)
 
-    def recover(self) -> Iterator[Record]:
+    def recover(self, on_segment: Callable[[int, bytes, bool], bool] | None = None
+                ) -> Iterator[Record]:
         """Yield every valid record in order, then leave the log ready to append.
 
         Damage before the end is recorded in :attr:`damage`; a torn tail is truncated and
         its size added to :attr:`truncated`. Must be exhausted before :meth:`append`.
+
+        Args:
+            on_segment: Called with each segment's serial, its bytes, and whether it is
+                the last, before its records are read; if it returns True, the segment is
+                known to hold only valid records (another replica has the same bytes and
+                they were read there) and its records are neither checked nor yielded.
 
         Raises:
             ReplicaFailed: The directory or a segment cannot be read or repaired.
@@ -154,7 +161,10 @@ class SegmentLog:
             for index, serial in enumerate(serials):
                 last = index == len(serials) - 1
                 data = (self.directory / _segment_name(serial)).read_bytes()
-                end = yield from self._scan(serial, data, last)
+                if on_segment is not None and on_segment(serial, data, last):
+                    end: int | None = len(data)
+                else:
+                    end = yield from self._scan(serial, data, last)
                 self.sizes[serial] = len(data)
                 if not last:
                     continue
@@ -200,11 +210,10 @@ class SegmentLog:
     def _parse(self, serial: int, data: bytes, pos: int) -> Record | None:
         if len(data) - pos < HEADER_BYTES:
             return None
-        length, record_type = _HEADER.unpack_from(data, pos)
+        length, record_type, crc = _HEADER_CRC.unpack_from(data, pos)
         end = pos + HEADER_BYTES + length
         if record_type == 0 or length > self.max_record or end > len(data):
             return None
-        (crc,) = _CRC.unpack_from(data, pos + _HEADER.size)
         payload = data[pos + HEADER_BYTES:end]
         if zlib.crc32(payload, zlib.crc32(data[pos:pos + _HEADER.size])) != crc:
             return None
