@@ -378,6 +378,46 @@ async def test_checkpoint_of_the_index_keeps_the_items_where_they_are(
         assert await snapshot(store, ["alice", "bob"]) == before
 
 
+async def test_changes_written_while_a_checkpoint_is_encoded_survive_a_restart(
+        dirs: list[Path]) -> None:
+    """The background checkpoint is copied at once and encoded while the store goes on:
+    the sends and acknowledgements written meanwhile come after the LSN it covers, and a
+    restart replays them, even once the segments before the checkpoint were deleted."""
+    async with running_store(dirs, segment_bytes=2048, checkpoint_interval=3600.0) as store:
+        users = [f"u{n:03d}" for n in range(120)]  # a record or more each to encode
+        await submit_all(store, [msg(n, user) for n, user in enumerate(users)])
+        await store.acknowledge("u000", "delivered", 1)
+        assert store.journal is not None
+        written_before = store.journal.applied
+        checkpoint_done = trio.Event()
+        during: list[int] = []
+
+        async def checkpoint() -> None:
+            await store.checkpoint(rewrite=False)
+            checkpoint_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoint)
+            for n in range(5):  # while it encodes: each is a batch of its own
+                await submit_all(store, [msg(1000 + n, "late", body="z" * 600)])
+                if not checkpoint_done.is_set():
+                    during.append(n)
+            await store.acknowledge("u001", "read", 1)
+        assert during, "no write was made while the checkpoint was being encoded"
+        # The checkpoint covers what was applied when it was copied, not the later writes.
+        ends = [fields for t, fields in recover_clean(dirs[0]) if t == CK_BEGIN]
+        assert ends[-1][0] == written_before
+        # Its boundary is no later than the segment of the first write it does not cover.
+        first_late = store.index.ref("late", 1)
+        assert first_late is not None and store.segments.checkpoint <= first_late[1]
+        await store.compact()  # deletes what the boundary allows
+        before = await snapshot(store, [*users[:3], "late", "alice"])
+    async with running_store(dirs, segment_bytes=2048) as store:
+        assert await snapshot(store, [*users[:3], "late", "alice"]) == before
+        assert [e.item.id for e in await store.pending("late", 0, ALL)  # type: ignore[union-attr]
+                ] == [f"m{1000 + n}" for n in range(5)]
+
+
 async def test_compaction_copies_queued_items_forward_and_deletes_dead_segments(
         dirs: list[Path]) -> None:
     # One message in four stays queued (bob's); the rest are acknowledged, so that every

@@ -14,7 +14,7 @@ import trio
 from chatd.actors import ActorTable
 from chatd.backends import StoreUnavailable
 from chatd.backends.embedded._journal import Checkpoint, Journal
-from chatd.backends.embedded._segments import Position, SegmentLog, SegmentReader
+from chatd.backends.embedded._segments import MAGIC, Position, SegmentLog, SegmentReader
 
 Event = tuple[str, int, tuple[str, ...]]
 
@@ -173,15 +173,59 @@ async def test_a_fresh_checkpoint_starts_one_serial_on_both_and_deletes_the_olde
         logs[0].start_segment()
     journal = Journal(ActorTable("n1"), logs)
     placed: list[Position] = []
+    boundaries: list[int] = []
+
+    def checkpointed(positions: list[Position], boundary: int) -> None:
+        placed.extend(positions)
+        boundaries.append(boundary)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(journal.run)
         with trio.fail_after(10):
             await journal.checkpoint(lambda snap: Checkpoint(
-                [(10, [snap, "begin"]), (15, [snap, 0])], True, placed.extend))
+                snap, 1, [(15, cbor2.dumps([snap, 0]))], True, checkpointed))
             await journal.write([(1, ["after"])], placed.extend)
         nursery.cancel_scope.cancel()
-    assert [position.segment for position in placed] == [4, 4, 4]
+    # Nothing was written after its snap: the fresh segment is the boundary.
+    assert [position.segment for position in placed] == [4, 4]
+    assert boundaries == [4]
     assert [log.segments() for log in logs] == [[4], [4]]
+    reader = SegmentReader(tmp_path / "r0")
+    try:
+        assert cbor2.loads(reader.read(Position(4, len(MAGIC)))[1]) == [0, 4]
+    finally:
+        reader.close()
+
+
+async def test_a_checkpoint_built_beforehand_keeps_the_changes_written_after_it(
+        tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = [TracedLog(tmp_path / f"r{i}", i, events, segment_bytes=40) for i in range(2)]
+    for log in logs:
+        assert list(log.recover()) == []
+    journal = Journal(ActorTable("n1"), logs)
+    boundaries: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            await journal.write([(1, ["x" * 30, 1])])
+            await journal.write([(1, ["x" * 30, 2])])
+            snap, boundary = journal.applied, logs[0].current_segment
+            assert (snap, boundary) == (2, 2)
+            # Written while the checkpoint is being built: not covered by it.
+            await journal.write([(1, ["x" * 30, 3])])
+            await journal.checkpoint(Checkpoint(
+                snap, boundary, [(15, cbor2.dumps([snap, 0]))], True,
+                lambda positions, kept: boundaries.append(kept)))
+        nursery.cancel_scope.cancel()
+    assert boundaries == [2]
+    # Segment 1 held only changes up to snap; 2 and 3 hold the one after it.
+    assert [log.segments() for log in logs] == [[2, 3, 4]] * 2
+    reader = SegmentReader(tmp_path / "r0")
+    try:
+        assert cbor2.loads(reader.read(Position(4, len(MAGIC)))[1]) == [2, 2]
+    finally:
+        reader.close()
 
 
 async def test_segments_are_deleted_from_both_replicas(tmp_path: Path) -> None:

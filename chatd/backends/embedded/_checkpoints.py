@@ -1,51 +1,90 @@
 """The durable store's checkpoints: the records that restore its whole state at one LSN.
 
-A checkpoint is built in the journal's task between two batches (``Journal.checkpoint``),
-from the index exactly as it is at that LSN, and written as one run of records between a
-``CK_BEGIN`` and a ``CK_END`` (docs/storage.md, "Checkpoints"). Two kinds:
+A checkpoint holds the index exactly as it is at one LSN, and is written as one run of
+records between the journal's ``CK_BEGIN`` and a ``CK_END`` (docs/storage.md,
+"Checkpoints"). Two kinds:
 
-- :func:`index_records`: each user's counters and unread messages, where each queued item
-  is (``CK_REFS``: packed arrays, 24 bytes an item), the message-id memory and the durable
-  buckets. No item is copied: the records that hold them stay where they are. This is what
-  the store writes in the background.
+- Of the index, which the store writes in the background: each user's counters and unread
+  messages, where each queued item is (``CK_REFS``: packed arrays, 24 bytes an item), the
+  message-id memory and the durable buckets. No item is copied: the records that hold them
+  stay where they are. Taking it must not stop the node: :func:`copy_index` copies the
+  state at once (lists and arrays copied in C, no encoding), then :func:`encode_index`
+  encodes the copy a record at a time, letting every other task run in between, while the
+  journal goes on writing.
 - :func:`full_records`: the same, but with every queued item copied into the checkpoint
-  (``CK_ENTRY``), written into a fresh segment, after which every older segment is deleted.
-  This is how a repair makes both replicas identical; it reads every queued item first
-  (:func:`read_queues`).
+  (``CK_ENTRY``), built in the journal's task between two batches and written into a fresh
+  segment, after which every older segment is deleted. This is how a repair makes both
+  replicas identical; it reads every queued item first (:func:`read_queues`).
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
+import cbor2
+import trio
 
 from chatd.backends._records import Entry
 
-from ._format import CK_BEGIN, CK_END, REFS_CHUNK, RecordType, entry_fields, pack_refs
+from ._format import CK_END, REFS_CHUNK, RecordType, entry_fields, pack_refs
+from ._index import SentId
 from ._journal import Body
 from ._kv import KVTable
 from ._refs import Arrays, Ref, RefIndex
 from ._segments import Position
 
-__all__ = ["FullCheckpoint", "full_records", "index_records", "read_queues"]
+__all__ = ["FullCheckpoint", "IndexCopy", "copy_index", "encode_index", "full_records",
+           "read_queues"]
 
 #: Most ids, unread messages or state records in one checkpoint record.
 _CHUNK = 1000
 
 
-def index_records(index: RefIndex, kv: KVTable, snap: int) -> list[Body]:
-    """A checkpoint of ``index`` and ``kv`` covering LSN ``snap``, queued items by
-    reference."""
-    records: list[Body] = [(CK_BEGIN, [snap])]
-    for user, last_seq, unread, acked, arrays in index.queues():
-        records += _user_records(snap, user, last_seq, unread, acked)
+@attrs.frozen
+class IndexCopy:
+    """The index and the durable buckets as they were at one moment: each user's (user,
+    last_seq, unread, acked, queued items' arrays), the remembered ids, and each bucket's
+    (name, revision, records)."""
+
+    queues: list[tuple[str, int, list[tuple[int, str, str]], int, Arrays]]
+    ids: list[tuple[tuple[str, str], SentId]]
+    buckets: list[tuple[str, int, list[list[Any]]]]
+
+
+def copy_index(index: RefIndex, kv: KVTable) -> IndexCopy:
+    """A copy of ``index`` and ``kv`` as they are now, to encode later."""
+    return IndexCopy(list(index.queues()), list(index.ids.items()),
+                     [(bucket, *kv.dump(bucket)) for bucket in kv.buckets()])
+
+
+async def encode_index(copy: IndexCopy, snap: int) -> list[tuple[int, bytes]]:
+    """The records of a checkpoint of ``copy`` covering LSN ``snap`` (queued items by
+    reference), encoded one at a time with a checkpoint of trio between them."""
+    encoded = []
+    for record_type, fields in _index_records(copy, snap):
+        encoded.append((record_type, cbor2.dumps(fields)))
+        await trio.lowlevel.checkpoint()
+    return encoded
+
+
+def _index_records(copy: IndexCopy, snap: int) -> Iterator[Body]:
+    count = 0
+    for user, last_seq, unread, acked, arrays in copy.queues:
+        for record in _user_records(snap, user, last_seq, unread, acked):
+            count += 1
+            yield record
         for start in range(0, len(arrays[0]), REFS_CHUNK):
             chunk = [values[start:start + REFS_CHUNK] for values in arrays]
-            records.append((RecordType.CK_REFS, [snap, user, *pack_refs(*chunk)]))
-    return _end(records, snap, index, kv)
+            count += 1
+            yield RecordType.CK_REFS, [snap, user, *pack_refs(*chunk)]
+    for record in _shared(snap, copy.ids, copy.buckets):
+        count += 1
+        yield record
+    # The count lets recovery tell a complete checkpoint from one with a damaged record.
+    yield CK_END, [snap, count]
 
 
 @attrs.frozen
@@ -82,7 +121,7 @@ def full_records(index: RefIndex, kv: KVTable, snap: int, read: dict[tuple[str, 
         cached: The cache's item of a user, if any (for items queued since).
         read_now: Reads items of a user from disk (the rest of those queued since).
     """
-    records: list[Body] = [(CK_BEGIN, [snap])]
+    records: list[Body] = []
     kept: list[tuple[str, int, list[int], list[int]]] = []
     lost = 0
     for user, last_seq, unread, acked, (seqs, serials, offsets, sizes) in index.queues():
@@ -104,7 +143,10 @@ def full_records(index: RefIndex, kv: KVTable, snap: int, read: dict[tuple[str, 
             written.append(entry.seq)
             flags.append(flagged)
         kept.append((user, first, written, flags))
-    return FullCheckpoint(_end(records, snap, index, kv), kept, lost)
+    records += _shared(snap, list(index.ids.items()),
+                       [(bucket, *kv.dump(bucket)) for bucket in kv.buckets()])
+    records.append((CK_END, [snap, len(records)]))
+    return FullCheckpoint(records, kept, lost)
 
 
 def read_queues(queues: list[tuple[str, Arrays]],
@@ -130,17 +172,12 @@ def _user_records(snap: int, user: str, last_seq: int, unread: list[tuple[int, s
     return records
 
 
-def _end(records: list[Body], snap: int, index: RefIndex, kv: KVTable) -> list[Body]:
-    """``records`` followed by the message-id memory, the durable buckets and the end."""
-    ids: list[list[Any]] = [[sender, msg_id, to, ts]
-                            for (sender, msg_id), (to, ts, _) in index.ids.items()]
+def _shared(snap: int, ids: list[tuple[tuple[str, str], SentId]],
+            buckets: list[tuple[str, int, list[list[Any]]]]) -> Iterator[Body]:
+    """The records of the message-id memory and of the durable buckets."""
     for start in range(0, len(ids), _CHUNK):
-        records.append((RecordType.CK_IDS, [snap, ids[start:start + _CHUNK]]))
-    for bucket in kv.buckets():
-        revision, state = kv.dump(bucket)
+        yield RecordType.CK_IDS, [snap, [[sender, msg_id, to, ts] for (sender, msg_id), (
+            to, ts, _) in ids[start:start + _CHUNK]]]
+    for bucket, revision, state in buckets:
         for start in range(0, max(1, len(state)), _CHUNK):
-            records.append((RecordType.CK_KV, [snap, bucket, revision,
-                                               state[start:start + _CHUNK]]))
-    # The count lets recovery tell a complete checkpoint from one with a damaged record.
-    records.append((CK_END, [snap, len(records) - 1]))
-    return records
+            yield RecordType.CK_KV, [snap, bucket, revision, state[start:start + _CHUNK]]

@@ -44,10 +44,14 @@ class Segments:
     serials: set[int] = attrs.field(factory=set)
     checkpoint: int = 0
 
-    def checkpointed(self, serial: int) -> None:
-        """A checkpoint was written, starting in segment ``serial``."""
-        self.serials.add(serial)
-        self.checkpoint = serial
+    def checkpointed(self, positions: list[Position], boundary: int, *, fresh: bool) -> None:
+        """A checkpoint was written at ``positions``; recovery needs no segment before
+        ``boundary`` any more. If it started a ``fresh`` segment, those were deleted."""
+        if fresh:
+            self.serials = {serial for serial in self.serials if serial >= boundary}
+        if positions:
+            self.serials.add(positions[0].segment)
+        self.checkpoint = boundary
 
     def since_checkpoint(self) -> int:
         """How many segments were started since the newest checkpoint (its own included)."""

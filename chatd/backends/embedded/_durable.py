@@ -50,11 +50,11 @@ from chatd.clock import now_ms
 from chatd.logs import EventLog
 
 from ._bodies import CACHE_BYTES, CACHE_ITEMS, Bodies, BodyCache
-from ._checkpoints import full_records, index_records, read_queues
+from ._checkpoints import copy_index, encode_index, full_records, read_queues
 from ._compaction import Compactor, Maintenance, Segments
 from ._format import ACK, KV, MSG, item_size, receipt_fields
 from ._index import IndexedStore
-from ._journal import Checkpoint, Journal
+from ._journal import Checkpoint, Journal, encode
 from ._kv import KVTable
 from ._lock import DirectoryLock
 from ._recovery import recover
@@ -472,7 +472,7 @@ class DurableStore(IndexedStore):
         if rewrite:
             await self._rewrite()
         else:
-            await self.journal.checkpoint(self._index_snapshot)
+            await self.journal.checkpoint(await self._index_checkpoint())
             await self._compactor.delete_obsolete()
         self._records_at_checkpoint = records
         self.maintenance.checkpoints += 1
@@ -488,19 +488,22 @@ class DurableStore(IndexedStore):
         assert self._compactor is not None
         await self._compactor.compact()
 
-    def _index_snapshot(self, snap: int) -> Checkpoint:
-        """A checkpoint of the index as it is now (all of it up to LSN ``snap``): every
-        queued item by reference. Into a fresh segment when nothing is queued, so that
-        every older one goes."""
+    async def _index_checkpoint(self) -> Checkpoint:
+        """A checkpoint of the index as it is now (every change up to the journal's last
+        applied LSN): every queued item by reference, copied at once, then encoded while
+        the node and the journal go on (:func:`encode_index`). Into a fresh segment when
+        nothing is queued, so that the older ones go."""
+        assert self.journal is not None
+        snap = self.journal.applied
+        # Every record in a segment before the one being written now was applied: a batch
+        # is only written once the one before it was applied.
+        boundary = self.logs[0].current_segment
         fresh = self.index.pending_total == 0
+        copy = copy_index(self.index, self.kv)
+        records = await encode_index(copy, snap)
         segments = self.segments
-
-        def placed(positions: list[Position]) -> None:
-            if fresh:
-                segments.serials.clear()
-            segments.checkpointed(positions[0].segment)
-
-        return Checkpoint(index_records(self.index, self.kv, snap), fresh, placed)
+        return Checkpoint(snap, boundary, records, fresh, lambda positions, kept: (
+            segments.checkpointed(positions, kept, fresh=fresh)))
 
     async def _rewrite(self) -> None:
         """Rewrite every queued item, and the rest of the state, into a fresh segment on
@@ -521,16 +524,15 @@ class DurableStore(IndexedStore):
         segment."""
         full = full_records(self.index, self.kv, snap, read, self.bodies.cache.get,
                             self._read_entries)
-        segments = self.segments
 
-        def placed(positions: list[Position]) -> None:
+        def placed(positions: list[Position], boundary: int) -> None:
             full.place(self.index, positions)
-            segments.serials.clear()
-            segments.checkpointed(positions[0].segment)
+            self.segments.checkpointed(positions, boundary, fresh=True)
             if full.lost:
                 self._log.error("records_lost", error="records_lost", count=full.lost)
 
-        return Checkpoint(full.records, True, placed)
+        return Checkpoint(snap, self.logs[0].current_segment, encode(full.records), True,
+                          placed)
 
     async def _maintain(self) -> None:
         """Every ``checkpoint_interval`` (and as soon as the queues empty): a checkpoint of

@@ -150,21 +150,24 @@ class BaseIndex(Generic[Q]):
         Raises:
             IdConflict: The id was used for another recipient.
         """
-        ids = self.ids
-        while ids and (len(ids) > self._dedup_max or next(iter(ids.values()))[2] < now):
-            ids.popitem(last=False)
-        seen = ids.get((message.sender, message.id))
+        self.forget_ids(now)
+        seen = self.ids.get((message.sender, message.id))
         if seen is not None and seen[0] != message.to:
             raise IdConflict(message.id)
         return seen
 
     def remember(self, sender: str, msg_id: str, to: str, ts: int) -> None:
-        """Remember a message id until ``ts`` plus the dedup window."""
-        self.ids[(sender, msg_id)] = (to, ts, ts + self.dedup_window_ms)
+        """Remember a message id until ``ts`` plus the dedup window, forgetting the oldest
+        if more than ``dedup_max`` are then remembered (so that a recovery replaying many
+        messages never holds more)."""
+        ids = self.ids
+        ids[(sender, msg_id)] = (to, ts, ts + self.dedup_window_ms)
+        if len(ids) > self._dedup_max:
+            ids.popitem(last=False)
 
     def forget_ids(self, now: int) -> None:
-        """Forget the expired ids and the oldest past ``dedup_max``, as :meth:`seen` does
-        before it looks (after a recovery remembered every id it replayed)."""
+        """Forget the expired ids and the oldest past ``dedup_max`` (:meth:`seen` does
+        before it looks; recovery once it replayed every change)."""
         ids = self.ids
         while ids and (len(ids) > self._dedup_max or next(iter(ids.values()))[2] < now):
             ids.popitem(last=False)

@@ -13,10 +13,13 @@ are written identically, so that the store can keep one position per queued item
 it from either replica. A replica whose records would land elsewhere than on the first is
 failed.
 
-A *checkpoint* request is committed alone, between batches: the journal asks the store for
-a snapshot of its state at that moment (:class:`Checkpoint`), writes it to every replica
-(if asked, into a fresh segment with the same serial on each, after which every older
-segment is deleted), fsyncs, and tells the store where its records landed. A *delete*
+A *checkpoint* request is committed alone, between batches (:class:`Checkpoint`): either
+built by the store beforehand, covering the changes applied when it was taken (while the
+journal went on writing), or built by a callback at that moment. The journal writes it to
+every replica after a ``CK_BEGIN`` [snap, boundary] record (if asked, into a fresh segment
+with the same serial on each, after which the segments before the boundary are deleted),
+fsyncs, and tells the store where its records landed and which boundary holds. The
+*boundary* is the first segment that may hold a change the checkpoint does not cover. A *delete*
 request removes segments the store no longer needs, also between batches. That is how disk
 space is given back.
 
@@ -41,9 +44,10 @@ from chatd.backends._records import StoreUnavailable
 from chatd.logs import EventLog
 from chatd.metrics import Histogram
 
+from ._format import CK_BEGIN
 from ._segments import Position, ReplicaFailed, SegmentLog
 
-__all__ = ["Checkpoint", "Journal", "JournalStats", "StoreUnavailable"]
+__all__ = ["Checkpoint", "Journal", "JournalStats", "StoreUnavailable", "encode"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +57,42 @@ Body = tuple[int, list[Any]]
 Apply = Callable[[list[Position]], None]
 
 
+#: Told where a checkpoint's records landed (its ``CK_BEGIN`` left out), and the boundary
+#: that holds (the segments before it are not needed by recovery any more).
+Placed = Callable[[list[Position], int], None]
+
+
 @attrs.frozen
 class Checkpoint:
     """A snapshot of the store's state, as the journal writes it.
 
     Attributes:
-        records: The records (type, complete CBOR-able fields) that restore the state.
+        snap: The last LSN it covers: every change up to it and none after.
+        boundary: The first segment that may hold a change after ``snap``.
+        records: The records that restore the state, encoded (type, CBOR payload), from
+            the first after ``CK_BEGIN`` (which the journal writes) to ``CK_END``.
         fresh: Write them into a new segment (the same serial on every replica), and
-            delete every older segment once they are durable; else append them.
-        placed: Called once they are durable, with where each record landed.
+            delete the segments before the boundary once they are durable (every older
+            one if nothing was written since ``snap``: the new segment is the boundary);
+            else append them.
+        placed: Called once they are durable.
     """
 
-    records: list[Body]
+    snap: int
+    boundary: int
+    records: list[tuple[int, bytes]]
     fresh: bool
-    placed: Apply | None = None
+    placed: Placed | None = None
 
 
-#: Builds a checkpoint: given the last LSN it covers, what to write.
+#: Builds a checkpoint between two batches: given the last LSN written (and applied), what
+#: to write.
 Snapshot = Callable[[int], Checkpoint]
+
+
+def encode(records: Sequence[Body]) -> list[tuple[int, bytes]]:
+    """Records (type, fields) as the journal writes them: (type, CBOR payload)."""
+    return [(record_type, cbor2.dumps(fields)) for record_type, fields in records]
 
 
 @attrs.define
@@ -89,7 +111,8 @@ class _Request:
     __slots__ = ("apply", "delete", "done", "error", "records", "snapshot")
 
     def __init__(self, records: Sequence[Body], apply: Apply | None,
-                 snapshot: Snapshot | None = None, delete: Sequence[int] = ()) -> None:
+                 snapshot: Snapshot | Checkpoint | None = None,
+                 delete: Sequence[int] = ()) -> None:
         self.records = records
         self.apply = apply
         self.snapshot = snapshot
@@ -125,6 +148,9 @@ class Journal:
         self._held: _Request | None = None
         self._on_failure = on_failure
         self.next_lsn = next_lsn
+        #: The last LSN whose write was applied: the store's state covers every change up
+        #: to it, and none after, whenever the journal is not applying a batch.
+        self.applied = next_lsn - 1
         self.stats = JournalStats()
 
     def close(self) -> None:
@@ -149,9 +175,9 @@ class Journal:
         """
         await self._submit(_Request(records, apply))
 
-    async def checkpoint(self, snapshot: Snapshot) -> None:
-        """Write a snapshot of the state, taken between two batches (see
-        :class:`Checkpoint`).
+    async def checkpoint(self, snapshot: Snapshot | Checkpoint) -> None:
+        """Write a checkpoint between two batches: one built beforehand, or one that
+        ``snapshot`` builds then (see :class:`Checkpoint`).
 
         Raises:
             StoreUnavailable: A replica has failed.
@@ -213,6 +239,8 @@ class Journal:
         for request in batch:
             self._release(request, positions[at:at + len(request.records)])
             at += len(request.records)
+        if self._failed is None:
+            self.applied = self.next_lsn - 1
 
     async def _commit_alone(self, request: _Request) -> None:
         if request.snapshot is None:
@@ -220,15 +248,20 @@ class Journal:
             await self._everywhere(lambda log: _delete(log, serials))
             self._release(request, [])
             return
-        checkpoint = request.snapshot(self.next_lsn - 1)
-        records = [(record_type, cbor2.dumps(fields))
-                   for record_type, fields in checkpoint.records]
-        serial = None
+        snapshot, latest = request.snapshot, self.next_lsn - 1
+        checkpoint = snapshot if isinstance(snapshot, Checkpoint) else snapshot(latest)
+        serial, boundary = None, checkpoint.boundary
         if checkpoint.fresh:  # the same serial on every replica, above all of theirs
             serial = max(log.current_segment for log in self._logs) + 1
-        positions = await self._everywhere(lambda log: _write_checkpoint(log, records, serial))
+            if checkpoint.snap == latest:  # nothing after it: every older segment goes
+                boundary = serial
+        records = [(CK_BEGIN, cbor2.dumps([checkpoint.snap, boundary])), *checkpoint.records]
+        positions = await self._everywhere(
+            lambda log: _write_checkpoint(log, records, serial, boundary))
         self.stats.checkpoints += 1
-        request.apply = checkpoint.placed
+        placed = checkpoint.placed
+        request.apply = None if placed is None else (
+            lambda positions: placed(positions[1:], boundary))
         self._release(request, positions)
 
     async def _everywhere(self, work: Callable[[SegmentLog], list[Position]]
@@ -279,14 +312,14 @@ def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> list[
     return positions
 
 
-def _write_checkpoint(log: SegmentLog, records: list[tuple[int, bytes]], serial: int | None
-                      ) -> list[Position]:
-    """Write a checkpoint: into a fresh segment ``serial``, then deleting every older one;
-    or, without ``serial``, as any batch."""
+def _write_checkpoint(log: SegmentLog, records: list[tuple[int, bytes]], serial: int | None,
+                      boundary: int) -> list[Position]:
+    """Write a checkpoint: into a fresh segment ``serial``, then deleting the segments before
+    ``boundary``; or, without ``serial``, as any batch."""
     obsolete = []
     if serial is not None:
         log.start_segment(serial)
-        obsolete = [older for older in log.segments() if older < serial]
+        obsolete = [older for older in log.segments() if older < boundary]
     positions = log.append(records)
     log.sync()
     _delete(log, obsolete)

@@ -52,7 +52,7 @@ from ._format import (
 )
 from ._kv import KVTable
 from ._refs import RefIndex
-from ._segments import Position, SegmentLog, SegmentReader
+from ._segments import Position, SegmentLog, SequentialReader
 
 __all__ = ["Replay", "recover"]
 
@@ -63,10 +63,12 @@ _Kept = tuple[int, list[Any], Position]
 
 @attrs.define
 class _Checkpoint:
-    """A complete checkpoint: the LSN it covers, where it starts, and its records."""
+    """A complete checkpoint: the LSN it covers, its boundary (the first segment that may
+    hold a change after that LSN; where it starts, in a checkpoint that does not say), and
+    its records."""
 
     snap: int
-    serial: int
+    boundary: int
     records: list[_Kept]
 
 
@@ -166,7 +168,8 @@ class _Scan:
             if fields is None:
                 segment.undecodable += 1
             elif record_type == CK_BEGIN:
-                current, begin = [], serial
+                current = []
+                begin = fields[1] if len(fields) > 1 and type(fields[1]) is int else serial
             elif record_type == CK_END:
                 if current is not None and len(fields) == 2 and fields[1] == len(current):
                     segment.checkpoint = _Checkpoint(fields[0], begin, current)
@@ -255,7 +258,7 @@ class _Recovery:
         self.kv = kv
         self.bodies = bodies
         self._log = log
-        self.readers = [SegmentReader(segment_log.directory) for segment_log in logs]
+        self.readers = [SequentialReader(segment_log.directory) for segment_log in logs]
         self.now = now_ms()
 
     def run(self) -> Replay:
@@ -273,7 +276,7 @@ class _Recovery:
         self.scans[0].release()
         best = max((scan.checkpoint for scan in self.scans), key=lambda c: c.snap if c else -1)
         if best is not None:
-            replay.base, replay.checkpoint_segment = best.snap, best.serial
+            replay.base, replay.checkpoint_segment = best.snap, best.boundary
             self._load_checkpoint(best.records, replay)
         union, missing = self._merge(replay)
         retired = {lsn for scan in self.scans for lsn in scan.retired if lsn > replay.base}

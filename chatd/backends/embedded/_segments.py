@@ -46,7 +46,8 @@ from typing import NamedTuple
 import attrs
 
 __all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "RecordUnreadable",
-           "ReplicaFailed", "SegmentLog", "SegmentReader", "encode_record"]
+           "ReplicaFailed", "SegmentLog", "SegmentReader", "SequentialReader",
+           "encode_record"]
 
 MAGIC = b"CHATDSG1"
 _HEADER = struct.Struct(">IB")
@@ -395,7 +396,7 @@ class SegmentReader:
             if fd is None:
                 fd = os.open(self.directory / _segment_name(position.segment), os.O_RDONLY)
                 self._fds[position.segment] = fd
-            data = os.pread(fd, self._FIRST_READ, position.offset)
+            data = self._pread(fd, position.segment, self._FIRST_READ, position.offset)
             if len(data) < HEADER_BYTES:
                 raise RecordUnreadable(f"no record at {position}: the file ends")
             length, record_type = _HEADER.unpack_from(data)
@@ -403,7 +404,8 @@ class SegmentReader:
                 raise RecordUnreadable(f"no record at {position}: bad header")
             end = HEADER_BYTES + length
             if len(data) < end:
-                data += os.pread(fd, end - len(data), position.offset + len(data))
+                data += self._pread(fd, position.segment, end - len(data),
+                                    position.offset + len(data))
         except OSError as exc:
             raise RecordUnreadable(f"{self.directory}: {exc}") from exc
         if len(data) < end:
@@ -414,11 +416,39 @@ class SegmentReader:
             raise RecordUnreadable(f"no record at {position}: bad CRC")
         return record_type, payload
 
+    def _pread(self, fd: int, serial: int, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes of segment ``serial`` (open as ``fd``) at ``offset``."""
+        return os.pread(fd, size, offset)
+
     def close(self) -> None:
         """Close every file opened."""
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+class SequentialReader(SegmentReader):
+    """A :class:`SegmentReader` for one thread reading mostly forward, as recovery replays
+    a log: it reads :data:`WINDOW` bytes at a time and serves the records inside them from
+    memory (one ``pread`` per window instead of one per record).
+
+    Only for files nobody appends to meanwhile: a window is not read again.
+    """
+
+    #: Bytes read at once.
+    WINDOW = 1024 * 1024
+
+    def __init__(self, directory: Path, *, max_record: int = 1024 * 1024) -> None:
+        super().__init__(directory, max_record=max_record)
+        self._window: tuple[int, int, bytes] = (-1, 0, b"")
+
+    def _pread(self, fd: int, serial: int, size: int, offset: int) -> bytes:
+        held, start, data = self._window
+        at = offset - start
+        if held != serial or at < 0 or at + size > len(data):
+            data = os.pread(fd, max(size, self.WINDOW), offset)
+            self._window, at = (serial, offset, data), 0
+        return data[at:at + size]
 
 
 def _write_all(fd: int, data: bytes) -> None:
