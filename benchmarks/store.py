@@ -11,15 +11,28 @@ Three measurements in one run, on the same disk:
    the durable store and then with the in-memory store, W client connections each sending
    and waiting for ``sent``; the time from writing a ``send`` frame to reading its ``sent``.
 
-Usage: ``python -m benchmarks.store [--writers 64] [--messages 4000] [--json FILE]``.
+4. ``backlog`` (with ``--backlog``, instead of the three above): a store holding a large
+   backlog — N queued messages over U users — and what it costs, each phase in a fresh
+   process: the RSS per queued message once filled, and once recovered, with the store's
+   message-id memory and without it (a second store with ``dedup_max_ids`` 1); the time to
+   recover the store from its log alone (no checkpoint: the worst case), and again after
+   a checkpoint of the index (what the store writes in the background); how long that
+   checkpoint and a full one (every item rewritten, as a repair does) take; and how fast
+   every user's backlog streams back through ``pending()`` after a restart (256 at a
+   time, as a session's catch-up reads it).
+
+Usage: ``python -m benchmarks.store [--writers 64] [--messages 4000] [--json FILE]``, or
+``python -m benchmarks.store --backlog [--queued 1000000] [--users 10000] [--body 100]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,7 +46,7 @@ import trio
 
 from chatd.actors import ActorTable
 from chatd.auth import load_or_create_secret, mint_token
-from chatd.backends import Message
+from chatd.backends import Entry, Message
 from chatd.backends.embedded import DurableStore
 from chatd.client import connect
 from chatd.clock import now_ms
@@ -150,15 +163,167 @@ async def bench_node(directory: Path, writers: int, messages: int,
     return {"sent_per_s": round(len(latencies) / elapsed), **percentiles(latencies)}
 
 
+def rss_bytes() -> int:
+    """This process's resident set size, after a full garbage collection (Linux)."""
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def disk_bytes(directory: Path) -> int:
+    """The size of every file under ``directory``."""
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def backlog_store(directory: Path, dedup_max: int) -> DurableStore:
+    """The store of the backlog measurement: no checkpoint unless it is asked for."""
+    return DurableStore(ActorTable("bench"), [directory / "r0", directory / "r1"],
+                        checkpoint_interval=86400.0, dedup_max=dedup_max)
+
+
+async def fill_backlog(directory: Path, queued: int, users: int, body: int,
+                       dedup_max: int) -> dict[str, Any]:
+    """Phase ``fill``: queue ``queued`` messages of ``body`` bytes for ``users`` users, 256
+    per ``submit_many`` from 16 concurrent writers; RSS per message."""
+    store = backlog_store(directory, dedup_max)
+    text = "x" * body
+    per_writer = queued // 16
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        before = rss_bytes()
+        started = time.perf_counter()
+
+        async def writer(w: int) -> None:
+            ts = now_ms()
+            for first in range(w * per_writer, (w + 1) * per_writer, 256):
+                run = [Message(str(i), f"s{i % 1000}", f"u{i % users}", text, ts)
+                       for i in range(first, min(first + 256, (w + 1) * per_writer))]
+                for result in await store.submit_many(run):
+                    assert not isinstance(result, Exception), result
+
+        async with trio.open_nursery() as writers:
+            for w in range(16):
+                writers.start_soon(writer, w)
+        elapsed = time.perf_counter() - started
+        after = rss_bytes()
+        nursery.cancel_scope.cancel()
+    count = per_writer * 16
+    return {"queued": count, "fill_per_s": round(count / elapsed),
+            "rss_mib": round(after / 2**20, 1),
+            "rss_per_message": round((after - before) / count, 1),
+            "disk_bytes_per_replica": disk_bytes(directory / "r0")}
+
+
+async def recover_backlog(directory: Path, dedup_max: int, stream: bool,
+                          checkpoint: str) -> dict[str, Any]:
+    """Phase ``recover``: recover the store and time it; then stream every user's backlog
+    through ``pending()`` if ``stream``; then write a checkpoint (``index``, ``full``) if
+    asked."""
+    before = rss_bytes()
+    store = backlog_store(directory, dedup_max)
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        started = time.perf_counter()
+        await nursery.start(store.run)
+        results["recovery_s"] = round(time.perf_counter() - started, 2)
+        results["rss_per_message"] = round(
+            (rss_bytes() - before) / max(1, store.index.pending_total), 1)
+        results["ids"] = len(store.index.ids)
+        if stream:
+            users = sorted(store.index.waiting())
+            streamed = 0
+            started = time.perf_counter()
+            for user in users:
+                after = 0
+                while True:
+                    entries: Any = await store.pending(user, after, 256)
+                    if not entries:
+                        break
+                    streamed += len(entries)
+                    last: Entry = entries[-1]
+                    after = last.seq
+            elapsed = time.perf_counter() - started
+            results["streamed"] = streamed
+            results["stream_per_s"] = round(streamed / elapsed)
+            results["rss_after_stream_mib"] = round(rss_bytes() / 2**20, 1)
+        if checkpoint != "-":
+            started = time.perf_counter()
+            await store.checkpoint(rewrite=checkpoint == "full")
+            results[f"{checkpoint}_checkpoint_s"] = round(time.perf_counter() - started, 2)
+            results["disk_bytes_after_checkpoint"] = disk_bytes(directory / "r0")
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def phase(args: list[str]) -> dict[str, Any]:
+    """Run one phase of the backlog measurement in a fresh process; its JSON figures."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.store", "--phase", *args],
+                         capture_output=True, text=True, check=False)
+    if run.returncode:
+        raise RuntimeError(f"phase {args[0]} failed:\n{run.stderr}")
+    figures: dict[str, Any] = json.loads(run.stdout.splitlines()[-1])
+    return figures
+
+
+def bench_backlog(base: Path, queued: int, users: int, body: int) -> dict[str, Any]:
+    """The backlog measurement, phase by phase (see the module's docstring)."""
+    shape = [str(queued), str(users), str(body)]
+    results: dict[str, Any] = {"queued": queued, "users": users, "body_bytes": body}
+    print(f"backlog: {queued} messages of {body} bytes for {users} users ...", flush=True)
+    steps = [
+        ("fill_without_ids", ["fill", "noids", *shape, "1"]),
+        ("recover_without_ids", ["recover", "noids", "1", "-", "-"]),
+        ("fill", ["fill", "backlog", *shape, "1000000"]),
+        ("recover_log", ["recover", "backlog", "1000000", "stream", "index"]),
+        ("recover_checkpoint", ["recover", "backlog", "1000000", "-", "full"]),
+        ("recover_full_checkpoint", ["recover", "backlog", "1000000", "-", "-"]),
+    ]
+    for name, args in steps:
+        args[1] = str(base / args[1])
+        results[name] = phase(args)
+        print(f"  {name}: {results[name]}", flush=True)
+        if name == "recover_without_ids":
+            shutil.rmtree(base / "noids")
+    return results
+
+
+def run_phase(argv: list[str]) -> None:
+    """``--phase fill DIR QUEUED USERS BODY DEDUP_MAX`` or ``--phase recover DIR DEDUP_MAX
+    STREAM|- index|full|-``: print the phase's figures as one JSON line."""
+    if argv[0] == "fill":
+        directory, queued, users, body, dedup_max = argv[1:]
+        figures = trio.run(fill_backlog, Path(directory), int(queued), int(users), int(body),
+                           int(dedup_max))
+    else:
+        directory, dedup_max, stream, checkpoint = argv[1:]
+        figures = trio.run(recover_backlog, Path(directory), int(dedup_max),
+                           stream == "stream", checkpoint)
+    print(json.dumps(figures))
+
+
 def main() -> None:
-    """Run the three measurements and print them (and write JSON if asked)."""
+    """Run the measurements and print them (and write JSON if asked)."""
+    if sys.argv[1:2] == ["--phase"]:
+        run_phase(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writers", type=int, default=64)
     parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--backlog", action="store_true",
+                        help="measure a large backlog instead (RSS, recovery, streaming)")
+    parser.add_argument("--queued", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--body", type=int, default=100)
     parser.add_argument("--dir", type=Path, help="where to put the files (default: a temp "
                         "directory on the same disk as the current directory)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.backlog:
+        with tempfile.TemporaryDirectory(dir=args.dir or Path.cwd()) as tmp:
+            backlog = bench_backlog(Path(tmp), args.queued, args.users, args.body)
+        if args.json:
+            args.json.write_text(json.dumps(backlog, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory(dir=args.dir or Path.cwd()) as tmp:
         base = Path(tmp)
         results: dict[str, Any] = {

@@ -37,7 +37,7 @@ from chatd.clock import now_ms
 
 # Record types of the durable store (chatd/backends/embedded/_durable.py).
 MSG, ACK = 1, 2
-CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END = 10, 11, 12, 13, 14, 15
+CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END, CK_REFS = 10, 11, 12, 13, 14, 15, 17
 
 DEADLINE = 10.0  # seconds any single wait in these tests may take
 ALL = 1_000_000  # a limit larger than any queue here
@@ -354,19 +354,134 @@ async def test_segments_removed_once_all_acknowledged(dirs: list[Path], how: str
         assert entry is not None and entry.seq == count + 1
 
 
-async def test_checkpointer_compacts_a_long_log_with_messages_pending(
+async def test_checkpoint_of_the_index_keeps_the_items_where_they_are(
         dirs: list[Path]) -> None:
-    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=0.05) as store:
-        await submit_all(store, [msg(n, "bob", body="y" * 300) for n in range(70)])
-        assert store.journal is not None
-        stats = store.journal.stats
-        with trio.fail_after(DEADLINE):
-            while not (stats.checkpoints and all(len(segment_files(d)) <= 4 for d in dirs)):
-                await trio.sleep(0.01)
-        before = await snapshot(store, ["bob"])
+    """The background checkpoint holds where each queued item is, not the item: the
+    segments with queued messages are not rewritten, and a restart reads them there."""
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=3600.0) as store:
+        await submit_all(store, [msg(n, "bob", body=f"{n:04d}" + "y" * 300)
+                                 for n in range(30)])
+        await store.acknowledge("bob", "read", 10)  # alice gets receipts; m10.. stay
+        before = await snapshot(store, ["alice", "bob"])
+        files = {path.name: path.read_bytes() for path in segment_files(dirs[0])}
+        await store.checkpoint(rewrite=False)
+        # Every segment that held a queued item is still there, byte for byte.
+        for name, data in files.items():
+            if (dirs[0] / name).exists():
+                assert (dirs[0] / name).read_bytes()[:len(data)] == data
+        assert (dirs[0] / min(files)).exists()  # bob's m10 is in the first segment
+    for directory in dirs:
+        records = recover_clean(directory)
+        types = [t for t, _ in records]
+        assert CK_REFS in types and CK_ENTRY not in types
     async with running_store(dirs, segment_bytes=4096) as store:
-        assert await snapshot(store, ["bob"]) == before
-        assert before["bob"].queued == 70
+        assert await snapshot(store, ["alice", "bob"]) == before
+
+
+async def test_changes_written_while_a_checkpoint_is_encoded_survive_a_restart(
+        dirs: list[Path]) -> None:
+    """The background checkpoint is copied at once and encoded while the store goes on:
+    the sends and acknowledgements written meanwhile come after the LSN it covers, and a
+    restart replays them, even once the segments before the checkpoint were deleted."""
+    async with running_store(dirs, segment_bytes=2048, checkpoint_interval=3600.0) as store:
+        users = [f"u{n:03d}" for n in range(120)]  # a record or more each to encode
+        await submit_all(store, [msg(n, user) for n, user in enumerate(users)])
+        await store.acknowledge("u000", "delivered", 1)
+        assert store.journal is not None
+        written_before = store.journal.applied
+        checkpoint_done = trio.Event()
+        during: list[int] = []
+
+        async def checkpoint() -> None:
+            await store.checkpoint(rewrite=False)
+            checkpoint_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoint)
+            for n in range(5):  # while it encodes: each is a batch of its own
+                await submit_all(store, [msg(1000 + n, "late", body="z" * 600)])
+                if not checkpoint_done.is_set():
+                    during.append(n)
+            await store.acknowledge("u001", "read", 1)
+        assert during, "no write was made while the checkpoint was being encoded"
+        # The checkpoint covers what was applied when it was copied, not the later writes.
+        ends = [fields for t, fields in recover_clean(dirs[0]) if t == CK_BEGIN]
+        assert ends[-1][0] == written_before
+        # Its boundary is no later than the segment of the first write it does not cover.
+        first_late = store.index.ref("late", 1)
+        assert first_late is not None and store.segments.checkpoint <= first_late[1]
+        await store.compact()  # deletes what the boundary allows
+        before = await snapshot(store, [*users[:3], "late", "alice"])
+    async with running_store(dirs, segment_bytes=2048) as store:
+        assert await snapshot(store, [*users[:3], "late", "alice"]) == before
+        assert [e.item.id for e in await store.pending("late", 0, ALL)  # type: ignore[union-attr]
+                ] == [f"m{1000 + n}" for n in range(5)]
+
+
+async def test_compaction_copies_queued_items_forward_and_deletes_dead_segments(
+        dirs: list[Path]) -> None:
+    # One message in four stays queued (bob's); the rest are acknowledged, so that every
+    # segment of 4096 bytes is mostly dead.
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=3600.0) as store:
+        await submit_all(store, [msg(n, "bob" if n % 4 == 0 else "carol", body="y" * 300)
+                                 for n in range(80)])
+        await store.acknowledge("carol", "delivered", store.index.last_seq("carol"))
+        before = await snapshot(store, ["alice", "bob", "carol"])
+        segments = [len(segment_files(d)) for d in dirs]
+        assert min(segments) >= 6
+        await store.checkpoint(rewrite=False)  # the old segments now hold only bob's items
+        await store.compact()
+        # Those in the checkpoint's segment stay there: it may not be deleted yet.
+        assert 15 <= store.maintenance.moved < 20 and store.maintenance.deleted >= 5
+        after = [len(segment_files(d)) for d in dirs]
+        print(f"segments per replica: {segments} before compaction, {after} after")
+        assert after[0] == after[1] <= 3
+        assert await snapshot(store, ["alice", "bob", "carol"]) == before
+    # The items are read where MOVE records put them, replayed after the checkpoint that
+    # still names the deleted segments.
+    async with running_store(dirs, segment_bytes=4096) as store:
+        assert await snapshot(store, ["alice", "bob", "carol"]) == before
+        assert [e.item.id for e in before["bob"].pending if isinstance(e.item, Message)] == [
+            f"m{n}" for n in range(0, 80, 4)]
+
+
+async def test_the_background_compacts_a_long_log_with_messages_pending(
+        dirs: list[Path]) -> None:
+    # Traffic goes on: carol acknowledges hers, bob never does (one message in four). The
+    # background checkpoints, copies bob's messages out of the old segments, deletes them.
+    sent = 0
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=0.05) as store:
+        with trio.fail_after(DEADLINE):
+            while store.maintenance.deleted < 10 or not store.maintenance.moved:
+                await submit_all(store, [msg(n, "bob" if n % 4 == 0 else "carol",
+                                             body="y" * 300) for n in range(sent, sent + 8)])
+                sent += 8
+                await store.acknowledge("carol", "delivered", store.index.last_seq("carol"))
+                await store.acknowledge("alice", "delivered", store.index.last_seq("alice"))
+        before = await snapshot(store, ["alice", "bob"])
+        written = store.logs[0].current_segment
+    assert before["bob"].queued == sent // 4
+    for directory in dirs:  # fewer than half the segments written remain
+        assert len(segment_files(directory)) * 2 < written, written
+    async with running_store(dirs, segment_bytes=4096) as store:
+        assert await snapshot(store, ["alice", "bob"]) == before
+
+
+async def test_compaction_copies_at_most_compact_rate_bytes_a_second(
+        dirs: list[Path]) -> None:
+    rate = 16 * 1024
+    async with running_store(dirs, segment_bytes=4096, checkpoint_interval=3600.0,
+                             compact_rate=rate) as store:
+        await submit_all(store, [msg(n, "bob" if n % 4 == 0 else "carol", body="y" * 300)
+                                 for n in range(80)])
+        await store.acknowledge("carol", "delivered", store.index.last_seq("carol"))
+        await store.checkpoint(rewrite=False)
+        started = trio.current_time()
+        await store.compact()
+        elapsed = trio.current_time() - started
+    moved = store.maintenance.moved_bytes
+    assert moved >= 20 * 300
+    assert elapsed >= moved / rate, (elapsed, moved)
 
 
 # -- 5. repair from the other replica -----------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -12,8 +13,8 @@ import trio
 
 from chatd.actors import ActorTable
 from chatd.backends import StoreUnavailable
-from chatd.backends.embedded._journal import Journal
-from chatd.backends.embedded._segments import Position, SegmentLog
+from chatd.backends.embedded._journal import Checkpoint, Journal
+from chatd.backends.embedded._segments import MAGIC, Position, SegmentLog, SegmentReader
 
 Event = tuple[str, int, tuple[str, ...]]
 
@@ -21,8 +22,9 @@ Event = tuple[str, int, tuple[str, ...]]
 class TracedLog(SegmentLog):
     """A segment log that records when records are appended and when fsyncs start/end."""
 
-    def __init__(self, directory: Path, replica: int, events: list[Event]) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, replica: int, events: list[Event],
+                 **kw: Any) -> None:
+        super().__init__(directory, **kw)
         self.replica = replica
         self.events = events
 
@@ -131,3 +133,126 @@ async def test_a_failed_fsync_stops_acknowledging_for_good(
         nursery.cancel_scope.cancel()
     assert calls["n"] == 1
     assert logs[1].failed is not None and logs[0].failed is None
+
+
+async def test_apply_is_given_where_each_record_landed_the_same_on_both(
+        tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = open_logs(tmp_path, events)
+    journal = Journal(ActorTable("n1"), logs)
+    placed: dict[str, list[Position]] = {}
+
+    async def writer(name: str, count: int) -> None:
+        await journal.write([(1, [f"{name}-{n}"]) for n in range(count)],
+                            lambda positions: placed.__setitem__(name, positions))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as writers:
+                for name, count in (("a", 3), ("b", 1), ("c", 2)):
+                    writers.start_soon(writer, name, count)
+        nursery.cancel_scope.cancel()
+    for log in logs:
+        log.close()
+        reader = SegmentReader(log.directory)
+        try:
+            for name, positions in placed.items():
+                assert [cbor2.loads(reader.read(position)[1])[1] for position in positions] == [
+                    f"{name}-{n}" for n in range(len(positions))]
+        finally:
+            reader.close()
+
+
+async def test_a_fresh_checkpoint_starts_one_serial_on_both_and_deletes_the_older(
+        tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = open_logs(tmp_path, events)
+    # Replica 0 has rolled further than replica 1 (as after replica 1 was lost and rebuilt).
+    for _ in range(3):
+        logs[0].start_segment()
+    journal = Journal(ActorTable("n1"), logs)
+    placed: list[Position] = []
+    boundaries: list[int] = []
+
+    def checkpointed(positions: list[Position], boundary: int) -> None:
+        placed.extend(positions)
+        boundaries.append(boundary)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            await journal.checkpoint(lambda snap: Checkpoint(
+                snap, 1, [(15, cbor2.dumps([snap, 0]))], True, checkpointed))
+            await journal.write([(1, ["after"])], placed.extend)
+        nursery.cancel_scope.cancel()
+    # Nothing was written after its snap: the fresh segment is the boundary.
+    assert [position.segment for position in placed] == [4, 4]
+    assert boundaries == [4]
+    assert [log.segments() for log in logs] == [[4], [4]]
+    reader = SegmentReader(tmp_path / "r0")
+    try:
+        assert cbor2.loads(reader.read(Position(4, len(MAGIC)))[1]) == [0, 4]
+    finally:
+        reader.close()
+
+
+async def test_a_checkpoint_built_beforehand_keeps_the_changes_written_after_it(
+        tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = [TracedLog(tmp_path / f"r{i}", i, events, segment_bytes=40) for i in range(2)]
+    for log in logs:
+        assert list(log.recover()) == []
+    journal = Journal(ActorTable("n1"), logs)
+    boundaries: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            await journal.write([(1, ["x" * 30, 1])])
+            await journal.write([(1, ["x" * 30, 2])])
+            snap, boundary = journal.applied, logs[0].current_segment
+            assert (snap, boundary) == (2, 2)
+            # Written while the checkpoint is being built: not covered by it.
+            await journal.write([(1, ["x" * 30, 3])])
+            await journal.checkpoint(Checkpoint(
+                snap, boundary, [(15, cbor2.dumps([snap, 0]))], True,
+                lambda positions, kept: boundaries.append(kept)))
+        nursery.cancel_scope.cancel()
+    assert boundaries == [2]
+    # Segment 1 held only changes up to snap; 2 and 3 hold the one after it.
+    assert [log.segments() for log in logs] == [[2, 3, 4]] * 2
+    reader = SegmentReader(tmp_path / "r0")
+    try:
+        assert cbor2.loads(reader.read(Position(4, len(MAGIC)))[1]) == [2, 2]
+    finally:
+        reader.close()
+
+
+async def test_segments_are_deleted_from_both_replicas(tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = [TracedLog(tmp_path / f"r{i}", i, events, segment_bytes=40) for i in range(2)]
+    for log in logs:
+        assert list(log.recover()) == []
+    journal = Journal(ActorTable("n1"), logs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10):
+            for n in range(4):
+                await journal.write([(1, ["x" * 30, n])])
+            assert [log.segments() for log in logs] == [[1, 2, 3, 4]] * 2
+            await journal.delete([1, 3])
+        nursery.cancel_scope.cancel()
+    assert [log.segments() for log in logs] == [[2, 4]] * 2
+
+
+async def test_a_replica_whose_records_land_elsewhere_fails(tmp_path: Path) -> None:
+    events: list[Event] = []
+    logs = open_logs(tmp_path, events)
+    logs[1].start_segment(2)  # replica 1 appends to a segment replica 0 will not have
+    journal = Journal(ActorTable("n1"), logs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journal.run)
+        with trio.fail_after(10), pytest.raises(StoreUnavailable):
+            await journal.write([(1, ["diverged"])])
+        nursery.cancel_scope.cancel()
+    assert journal.failed is not None and str(logs[1].directory) in journal.failed

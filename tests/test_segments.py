@@ -588,3 +588,66 @@ def test_truncating_a_torn_tail_fsyncs_directory(tmp_path: Path,
     records, log = reread(tmp_path)
     assert (len(records), log.truncated) == (2, HEADER_BYTES + len(entries[2][1]) - 2)
     assert calls == [tmp_path]
+
+
+# -- reading back at a position, and aligned segments --------------------------------------
+
+
+def test_records_are_read_back_at_their_positions(tmp_path: Path) -> None:
+    kw = {"segment_bytes": 40}
+    entries = [*make_records(5), (3, b"L" * 5000)]  # one larger than a first read
+    positions = write_log(tmp_path, entries, **kw)
+    reader = _segments.SegmentReader(tmp_path)
+    try:
+        for position, entry in zip(positions, entries, strict=True):
+            assert reader.read(position) == entry
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("harm", ["bad crc", "not a record start", "past the end",
+                                  "missing segment", "cut short"])
+def test_a_record_that_cannot_be_read_back_is_reported(tmp_path: Path, harm: str) -> None:
+    entries = make_records(3)
+    positions = write_log(tmp_path, entries)
+    position = positions[1]
+    path = seg_path(tmp_path, 1)
+    if harm == "bad crc":
+        data = bytearray(path.read_bytes())
+        data[position.offset + HEADER_BYTES + 2] ^= 1
+        path.write_bytes(bytes(data))
+    elif harm == "not a record start":
+        position = Position(1, position.offset + 1)
+    elif harm == "past the end":
+        position = Position(1, path.stat().st_size)
+    elif harm == "missing segment":
+        position = Position(2, position.offset)
+    else:
+        os.truncate(path, position.offset + HEADER_BYTES + 1)
+    reader = _segments.SegmentReader(tmp_path)
+    try:
+        with pytest.raises(_segments.RecordUnreadable):
+            reader.read(position)
+        assert reader.read(positions[0]) == entries[0]  # the reader still works
+    finally:
+        reader.close()
+
+
+def test_replicas_started_at_one_serial_write_at_the_same_positions(tmp_path: Path) -> None:
+    # Replica a has three segments, b none (it was lost): a fresh segment with the serial
+    # above both puts the same records at the same positions on each.
+    write_log(tmp_path / "a", make_records(6), segment_bytes=40)
+    logs = [open_log(tmp_path / name, segment_bytes=40) for name in ("a", "b")]
+    for log in logs:
+        list(log.recover())
+    assert [log.current_segment for log in logs] == [3, 0]
+    assert logs[0].sizes == {int(path.stem): path.stat().st_size
+                             for path in (tmp_path / "a").glob("*.seg")}
+    serial = max(log.current_segment for log in logs) + 1
+    written = []
+    for log in logs:
+        log.start_segment(serial)
+        written.append(log.append(make_records(2, start=10)))
+    assert written[0] == written[1] and written[0][0] == Position(4, len(MAGIC))
+    with pytest.raises(ValueError):
+        logs[1].start_segment(4)  # not above the current one

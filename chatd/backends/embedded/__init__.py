@@ -23,7 +23,8 @@ from chatd.metrics import Metrics
 
 from ._blobs import FileBlobs, MemoryBlobs, check_blob_name
 from ._bus import LocalBus
-from ._durable import DurableStore, RecordType
+from ._durable import DurableStore
+from ._format import RecordType
 from ._index import QueueIndex
 from ._kv import DurableBucket, KVTable, MemoryBucket
 from ._memory import MemoryStore

@@ -1,8 +1,11 @@
 """The in-memory state of a store: queues, unread messages, remembered message ids.
 
-Both stores keep this index: the memory store as its only copy, the durable store as the
-state it rebuilds from its log at start-up and updates as records are committed. Every
-method is synchronous and does no I/O, so a caller in trio sees it change atomically.
+Both stores keep an index: the memory store a :class:`QueueIndex`, its only copy, with every
+queued item in memory; the durable store a :class:`~._refs.RefIndex`, the state it rebuilds
+from its log at start-up and updates as records are committed, which keeps only where each
+queued item is on disk. What they share (:class:`BaseIndex`) is each user's sequence
+numbers and unread messages, and the message-id memory. Every method is synchronous and
+does no I/O, so a caller in trio sees it change atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import bisect
 import collections
 import operator
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -25,7 +28,7 @@ from chatd.backends._records import (
     StoreUnavailable,
 )
 
-__all__ = ["Acked", "IndexedStore", "QueueIndex", "SentId"]
+__all__ = ["Acked", "BaseIndex", "IndexedStore", "QueueIndex", "QueueState", "SentId"]
 
 _SEQ = operator.itemgetter(0)
 
@@ -73,13 +76,16 @@ class Acked:
     receipts: tuple[tuple[str, ReceiptItem], ...]
 
 
-class _Queue:
-    """One user's queue: ``entries[head:]`` in seq order, plus delivered-unread messages."""
+class QueueState:
+    """What every index keeps of one user: sequence numbers and delivered-unread messages.
 
-    __slots__ = ("acked", "entries", "head", "last_seq", "reserved", "unread")
+    Each index's queue adds its items, in seq order, from position ``head`` of its lists or
+    arrays on (the items before were acknowledged; they are dropped in bulk).
+    """
+
+    __slots__ = ("acked", "head", "last_seq", "reserved", "unread")
 
     def __init__(self) -> None:
-        self.entries: list[Stored] = []
         self.head = 0
         self.last_seq = 0
         self.reserved = 0
@@ -87,8 +93,23 @@ class _Queue:
         self.unread: Unread = collections.OrderedDict()
 
 
-class QueueIndex:
-    """Per-user queues and the message-id memory, in process memory.
+class _Queue(QueueState):
+    """One user's queue in memory: ``entries[head:]``."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[Stored] = []
+
+
+Q = TypeVar("Q", bound=QueueState)
+
+
+class BaseIndex(Generic[Q]):
+    """Per-user sequence numbers and unread messages, and the message-id memory.
+
+    Subclasses keep the queued items; :meth:`_queue` makes their kind of queue.
 
     Args:
         dedup_window: Seconds a message id is remembered for duplicate detection.
@@ -98,7 +119,7 @@ class QueueIndex:
 
     def __init__(self, *, dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
                  max_unread: int = 10_000) -> None:
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, Q] = {}
         self.ids: collections.OrderedDict[tuple[str, str], SentId] = collections.OrderedDict()
         self.dedup_window_ms = int(dedup_window * 1000)
         self._dedup_max = dedup_max
@@ -109,11 +130,17 @@ class QueueIndex:
         #: ``chatd_queue_backlog_bytes``).
         self.pending_bytes = 0
 
-    def _queue(self, user: str) -> _Queue:
-        queue = self._queues.get(user)
-        if queue is None:
-            queue = self._queues[user] = _Queue()
-        return queue
+    def _queue(self, user: str) -> Q:
+        """``user``'s queue, made empty if there was none."""
+        raise NotImplementedError
+
+    def queued(self, user: str) -> int:
+        """How many items wait in ``user``'s queue."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """How many users the index knows (with items queued or not)."""
+        return len(self._queues)
 
     # -- message ids -------------------------------------------------------------------
 
@@ -123,25 +150,72 @@ class QueueIndex:
         Raises:
             IdConflict: The id was used for another recipient.
         """
-        ids = self.ids
-        while ids and (len(ids) > self._dedup_max or next(iter(ids.values()))[2] < now):
-            ids.popitem(last=False)
-        seen = ids.get((message.sender, message.id))
+        self.forget_ids(now)
+        seen = self.ids.get((message.sender, message.id))
         if seen is not None and seen[0] != message.to:
             raise IdConflict(message.id)
         return seen
 
     def remember(self, sender: str, msg_id: str, to: str, ts: int) -> None:
-        """Remember a message id until ``ts`` plus the dedup window."""
-        self.ids[(sender, msg_id)] = (to, ts, ts + self.dedup_window_ms)
+        """Remember a message id until ``ts`` plus the dedup window, forgetting the oldest
+        if more than ``dedup_max`` are then remembered (so that a recovery replaying many
+        messages never holds more)."""
+        ids = self.ids
+        ids[(sender, msg_id)] = (to, ts, ts + self.dedup_window_ms)
+        if len(ids) > self._dedup_max:
+            ids.popitem(last=False)
 
-    # -- queues ------------------------------------------------------------------------
+    def forget_ids(self, now: int) -> None:
+        """Forget the expired ids and the oldest past ``dedup_max`` (:meth:`seen` does
+        before it looks; recovery once it replayed every change)."""
+        ids = self.ids
+        while ids and (len(ids) > self._dedup_max or next(iter(ids.values()))[2] < now):
+            ids.popitem(last=False)
+
+    # -- sequence numbers ------------------------------------------------------------
 
     def reserve(self, user: str) -> int:
         """The next sequence number of ``user``, taken now (never given twice)."""
         queue = self._queue(user)
         queue.reserved = max(queue.reserved, queue.last_seq) + 1
         return queue.reserved
+
+    def last_seq(self, user: str) -> int:
+        """The highest sequence number committed for ``user`` (0 if none)."""
+        queue = self._queues.get(user)
+        return queue.last_seq if queue else 0
+
+    def acked(self, user: str) -> int:
+        """The highest seq ``user`` acknowledged (0 if none)."""
+        queue = self._queues.get(user)
+        return queue.acked if queue else 0
+
+    def restore_user(self, user: str, last_seq: int,
+                     unread: Sequence[tuple[int, str, str]], acked: int = 0) -> None:
+        """Set a user's counters and unread messages from a snapshot."""
+        queue = self._queue(user)
+        queue.last_seq = max(queue.last_seq, last_seq)
+        queue.reserved = max(queue.reserved, last_seq)
+        queue.acked = max(queue.acked, acked)
+        for seq, sender, msg_id in unread:
+            queue.unread[seq] = (sender, msg_id)
+
+    def _unread(self, queue: QueueState) -> list[tuple[int, str, str]]:
+        """A queue's unread messages as ``(seq, sender, id)``, for a snapshot."""
+        return [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
+
+
+class QueueIndex(BaseIndex[_Queue]):
+    """Per-user queues with every item in process memory, and the message-id memory (the
+    memory store's only copy)."""
+
+    def _queue(self, user: str) -> _Queue:
+        queue = self._queues.get(user)
+        if queue is None:
+            queue = self._queues[user] = _Queue()
+        return queue
+
+    # -- queues ------------------------------------------------------------------------
 
     def add(self, user: str, entry: Entry) -> None:
         """Queue ``entry`` for ``user`` in its place by seq."""
@@ -170,16 +244,6 @@ class QueueIndex:
             return ()
         start = bisect.bisect_right(queue.entries, after, lo=queue.head, key=_SEQ)
         return [_unpack(stored) for stored in queue.entries[start:start + limit]]
-
-    def last_seq(self, user: str) -> int:
-        """The highest sequence number committed for ``user`` (0 if none)."""
-        queue = self._queues.get(user)
-        return queue.last_seq if queue else 0
-
-    def acked(self, user: str) -> int:
-        """The highest seq ``user`` acknowledged (0 if none)."""
-        queue = self._queues.get(user)
-        return queue.acked if queue else 0
 
     def queued(self, user: str) -> int:
         """How many items wait in ``user``'s queue."""
@@ -245,19 +309,8 @@ class QueueIndex:
                                       int]]:
         """Every user's (user, last_seq, pending entries, unread [seq, sender, id], acked)."""
         for user, queue in self._queues.items():
-            unread = [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
             yield (user, queue.last_seq, [_unpack(stored) for stored in queue.entries[queue.head:]],
-                   unread, queue.acked)
-
-    def restore_user(self, user: str, last_seq: int,
-                     unread: Sequence[tuple[int, str, str]], acked: int = 0) -> None:
-        """Set a user's counters and unread messages from a snapshot."""
-        queue = self._queue(user)
-        queue.last_seq = max(queue.last_seq, last_seq)
-        queue.reserved = max(queue.reserved, last_seq)
-        queue.acked = max(queue.acked, acked)
-        for seq, sender, msg_id in unread:
-            queue.unread[seq] = (sender, msg_id)
+                   self._unread(queue), queue.acked)
 
 
 def _newly(stored: Sequence[Stored]) -> list[tuple[int, str, str]]:
@@ -267,10 +320,10 @@ def _newly(stored: Sequence[Stored]) -> list[tuple[int, str, str]]:
 
 
 class IndexedStore:
-    """What both embedded stores share: the read side, answered from their
-    :class:`QueueIndex` without waiting, and runs of sends submitted one by one."""
+    """What both embedded stores share: the counters, answered from their index without
+    waiting, and runs of sends submitted one by one."""
 
-    index: QueueIndex
+    index: BaseIndex[Any]
 
     async def submit(self, message: Message) -> Accepted:
         """Queue ``message``; see :meth:`chatd.backends.Queues.submit`."""
@@ -291,10 +344,6 @@ class IndexedStore:
 
     def close(self, user: str) -> None:
         """Nothing to release."""
-
-    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
-        """Up to ``limit`` queued entries with ``seq > after``, in order."""
-        return self.index.pending(user, after, limit)
 
     async def last_seq(self, user: str) -> int:
         """The highest sequence number committed for ``user`` (0 if none)."""

@@ -8,11 +8,20 @@ worker thread), runs each request's ``apply`` hook in order, and only then relea
 writers. Requests that arrive while an fsync runs wait for the next batch, so under load one
 fsync covers many writers, and no writer is released before an fsync that started after its
 records were written. The same record has the same LSN on every replica, which is how
-recovery merges replicas.
+recovery merges replicas; and the same position (segment serial and offset): the replicas
+are written identically, so that the store can keep one position per queued item and read
+it from either replica. A replica whose records would land elsewhere than on the first is
+failed.
 
-A *checkpoint* request is committed alone, between batches: the journal asks the store for
-a snapshot of its live state at that moment, writes it to a fresh segment of every replica,
-fsyncs, and deletes every older segment. That is how disk space is given back.
+A *checkpoint* request is committed alone, between batches (:class:`Checkpoint`): either
+built by the store beforehand, covering the changes applied when it was taken (while the
+journal went on writing), or built by a callback at that moment. The journal writes it to
+every replica after a ``CK_BEGIN`` [snap, boundary] record (if asked, into a fresh segment
+with the same serial on each, after which the segments before the boundary are deleted),
+fsyncs, and tells the store where its records landed and which boundary holds. The
+*boundary* is the first segment that may hold a change the checkpoint does not cover. A *delete*
+request removes segments the store no longer needs, also between batches. That is how disk
+space is given back.
 
 Two replicas are both required. If either one fails (an I/O error), the journal stops
 acknowledging: the batch in flight and every later request fail with
@@ -35,16 +44,55 @@ from chatd.backends._records import StoreUnavailable
 from chatd.logs import EventLog
 from chatd.metrics import Histogram
 
-from ._segments import ReplicaFailed, SegmentLog
+from ._format import CK_BEGIN
+from ._segments import Position, ReplicaFailed, SegmentLog
 
-__all__ = ["Journal", "JournalStats", "StoreUnavailable"]
+__all__ = ["Checkpoint", "Journal", "JournalStats", "StoreUnavailable", "encode"]
 
 logger = logging.getLogger(__name__)
 
 #: A record to write: its type and the CBOR-able fields that follow its LSN.
 Body = tuple[int, list[Any]]
-#: Builds a checkpoint: given the last LSN it covers, the records that restore the state.
-Snapshot = Callable[[int], list[Body]]
+#: Applies a write once it is durable, given where each of its records landed.
+Apply = Callable[[list[Position]], None]
+
+
+#: Told where a checkpoint's records landed (its ``CK_BEGIN`` left out), and the boundary
+#: that holds (the segments before it are not needed by recovery any more).
+Placed = Callable[[list[Position], int], None]
+
+
+@attrs.frozen
+class Checkpoint:
+    """A snapshot of the store's state, as the journal writes it.
+
+    Attributes:
+        snap: The last LSN it covers: every change up to it and none after.
+        boundary: The first segment that may hold a change after ``snap``.
+        records: The records that restore the state, encoded (type, CBOR payload), from
+            the first after ``CK_BEGIN`` (which the journal writes) to ``CK_END``.
+        fresh: Write them into a new segment (the same serial on every replica), and
+            delete the segments before the boundary once they are durable (every older
+            one if nothing was written since ``snap``: the new segment is the boundary);
+            else append them.
+        placed: Called once they are durable.
+    """
+
+    snap: int
+    boundary: int
+    records: list[tuple[int, bytes]]
+    fresh: bool
+    placed: Placed | None = None
+
+
+#: Builds a checkpoint between two batches: given the last LSN written (and applied), what
+#: to write.
+Snapshot = Callable[[int], Checkpoint]
+
+
+def encode(records: Sequence[Body]) -> list[tuple[int, bytes]]:
+    """Records (type, fields) as the journal writes them: (type, CBOR payload)."""
+    return [(record_type, cbor2.dumps(fields)) for record_type, fields in records]
 
 
 @attrs.define
@@ -60,15 +108,22 @@ class JournalStats:
 
 
 class _Request:
-    __slots__ = ("apply", "done", "error", "records", "snapshot")
+    __slots__ = ("apply", "delete", "done", "error", "records", "snapshot")
 
-    def __init__(self, records: Sequence[Body], apply: Callable[[], None] | None,
-                 snapshot: Snapshot | None = None) -> None:
+    def __init__(self, records: Sequence[Body], apply: Apply | None,
+                 snapshot: Snapshot | Checkpoint | None = None,
+                 delete: Sequence[int] = ()) -> None:
         self.records = records
         self.apply = apply
         self.snapshot = snapshot
+        self.delete = delete
         self.done = trio.Event()
         self.error: StoreUnavailable | None = None
+
+    @property
+    def alone(self) -> bool:
+        """Whether the request is committed on its own (a checkpoint or a deletion)."""
+        return self.snapshot is not None or bool(self.delete)
 
 
 class Journal:
@@ -93,6 +148,9 @@ class Journal:
         self._held: _Request | None = None
         self._on_failure = on_failure
         self.next_lsn = next_lsn
+        #: The last LSN whose write was applied: the store's state covers every change up
+        #: to it, and none after, whenever the journal is not applying a batch.
+        self.applied = next_lsn - 1
         self.stats = JournalStats()
 
     def close(self) -> None:
@@ -104,27 +162,37 @@ class Journal:
         """Why the journal stopped acknowledging, or None while it is healthy."""
         return self._failed
 
-    async def write(self, records: Sequence[Body], apply: Callable[[], None] | None = None
-                    ) -> None:
+    async def write(self, records: Sequence[Body], apply: Apply | None = None) -> None:
         """Append ``records`` and return once they are fsync'd on every replica.
 
         Args:
             records: (type, fields) pairs; each is stored as the CBOR array [lsn, *fields].
             apply: Run after the fsync, before any later request is applied (so the
-                store's state changes in log order).
+                store's state changes in log order), with each record's position.
 
         Raises:
             StoreUnavailable: A replica has failed; the records are not acknowledged.
         """
         await self._submit(_Request(records, apply))
 
-    async def checkpoint(self, snapshot: Snapshot) -> None:
-        """Write a snapshot of the live state to fresh segments, then drop older segments.
+    async def checkpoint(self, snapshot: Snapshot | Checkpoint) -> None:
+        """Write a checkpoint between two batches: one built beforehand, or one that
+        ``snapshot`` builds then (see :class:`Checkpoint`).
 
         Raises:
             StoreUnavailable: A replica has failed.
         """
         await self._submit(_Request((), None, snapshot))
+
+    async def delete(self, serials: Sequence[int]) -> None:
+        """Delete segments (none of them the current one) from every replica, between two
+        batches.
+
+        Raises:
+            StoreUnavailable: A replica has failed.
+        """
+        if serials:
+            await self._submit(_Request((), None, delete=serials))
 
     async def _submit(self, request: _Request) -> None:
         if self._failed is not None:
@@ -141,8 +209,8 @@ class Journal:
         while True:
             first = self._held or await self._mailbox.receive()
             self._held = None
-            if first.snapshot is not None:
-                await self._commit_checkpoint(first)
+            if first.alone:
+                await self._commit_alone(first)
                 continue
             batch = [first]
             while True:
@@ -150,7 +218,7 @@ class Journal:
                     request = self._mailbox.receive_nowait()
                 except trio.WouldBlock:
                     break
-                if request.snapshot is not None:
+                if request.alone:
                     self._held = request
                     break
                 batch.append(request)
@@ -163,28 +231,62 @@ class Journal:
                 encoded.append((record_type, cbor2.dumps([self.next_lsn, *fields])))
                 self.next_lsn += 1
         started = trio.current_time()
-        await self._everywhere(lambda log: _append_and_sync(log, encoded))
+        positions = await self._everywhere(lambda log: _append_and_sync(log, encoded))
         self.stats.commit_seconds.observe(trio.current_time() - started)
         self.stats.batches += 1
         self.stats.records += len(encoded)
-        self._release(batch)
+        at = 0
+        for request in batch:
+            self._release(request, positions[at:at + len(request.records)])
+            at += len(request.records)
+        if self._failed is None:
+            self.applied = self.next_lsn - 1
 
-    async def _commit_checkpoint(self, request: _Request) -> None:
-        assert request.snapshot is not None
-        records = [(record_type, cbor2.dumps(fields))
-                   for record_type, fields in request.snapshot(self.next_lsn - 1)]
-        await self._everywhere(lambda log: _rewrite(log, records))
-        self.stats.checkpoints += 1
-        self._release([request])
-
-    async def _everywhere(self, work: Callable[[SegmentLog], None]) -> None:
-        """Run ``work`` on every replica in parallel worker threads, unless failed."""
-        if self._failed is not None:
+    async def _commit_alone(self, request: _Request) -> None:
+        if request.snapshot is None:
+            serials = request.delete
+            await self._everywhere(lambda log: _delete(log, serials))
+            self._release(request, [])
             return
+        snapshot, latest = request.snapshot, self.next_lsn - 1
+        checkpoint = snapshot if isinstance(snapshot, Checkpoint) else snapshot(latest)
+        serial, boundary = None, checkpoint.boundary
+        if checkpoint.fresh:  # the same serial on every replica, above all of theirs
+            serial = max(log.current_segment for log in self._logs) + 1
+            if checkpoint.snap == latest:  # nothing after it: every older segment goes
+                boundary = serial
+        records = [(CK_BEGIN, cbor2.dumps([checkpoint.snap, boundary])), *checkpoint.records]
+        positions = await self._everywhere(
+            lambda log: _write_checkpoint(log, records, serial, boundary))
+        self.stats.checkpoints += 1
+        placed = checkpoint.placed
+        request.apply = None if placed is None else (
+            lambda positions: placed(positions[1:], boundary))
+        self._release(request, positions)
+
+    async def _everywhere(self, work: Callable[[SegmentLog], list[Position]]
+                          ) -> list[Position]:
+        """Run ``work`` on every replica in parallel worker threads, unless failed.
+
+        Returns:
+            The positions ``work`` returned on the first replica (the same on every one;
+            a replica where they differ is failed).
+        """
+        if self._failed is not None:
+            return []
+        results: list[list[Position]] = [[] for _ in self._logs]
+
+        async def run(at: int, log: SegmentLog) -> None:
+            results[at] = await trio.to_thread.run_sync(work, log)
+
         try:
             async with trio.open_nursery() as nursery:
-                for log in self._logs:
-                    nursery.start_soon(trio.to_thread.run_sync, work, log)
+                for at, log in enumerate(self._logs):
+                    nursery.start_soon(run, at, log)
+            for log, positions in zip(self._logs[1:], results[1:], strict=True):
+                if positions != results[0]:
+                    raise ReplicaFailed(f"replica {log.directory} failed: its records "
+                                        f"landed elsewhere than on {self._logs[0].directory}")
         except* ReplicaFailed as group:
             self._failed = str(group.exceptions[0])
             self._log.error("replica_failed", error="replica_failed", reason=self._failed)
@@ -192,27 +294,39 @@ class Journal:
                 self._on_failure()
         else:
             self.stats.fsyncs += len(self._logs)
+        return results[0] if self._failed is None else []
 
-    def _release(self, batch: list[_Request]) -> None:
-        for request in batch:
-            if self._failed is not None:
-                request.error = StoreUnavailable(self._failed)
-            elif request.apply is not None:
-                request.apply()
-            request.done.set()
-
-
-def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
-    if records:
-        log.append(records)
-        log.sync()
+    def _release(self, request: _Request, positions: list[Position]) -> None:
+        if self._failed is not None:
+            request.error = StoreUnavailable(self._failed)
+        elif request.apply is not None:
+            request.apply(positions)
+        request.done.set()
 
 
-def _rewrite(log: SegmentLog, records: list[tuple[int, bytes]]) -> None:
-    """Write a checkpoint into a fresh segment, then delete every older segment."""
-    log.start_segment()
-    older = [serial for serial in log.segments() if serial < log.current_segment]
-    log.append(records)
+def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> list[Position]:
+    if not records:
+        return []
+    positions = log.append(records)
     log.sync()
-    for serial in older:
+    return positions
+
+
+def _write_checkpoint(log: SegmentLog, records: list[tuple[int, bytes]], serial: int | None,
+                      boundary: int) -> list[Position]:
+    """Write a checkpoint: into a fresh segment ``serial``, then deleting the segments before
+    ``boundary``; or, without ``serial``, as any batch."""
+    obsolete = []
+    if serial is not None:
+        log.start_segment(serial)
+        obsolete = [older for older in log.segments() if older < boundary]
+    positions = log.append(records)
+    log.sync()
+    _delete(log, obsolete)
+    return positions
+
+
+def _delete(log: SegmentLog, serials: Sequence[int]) -> list[Position]:
+    for serial in serials:
         log.delete(serial)
+    return []

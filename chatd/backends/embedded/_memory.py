@@ -7,6 +7,8 @@ persistence "actor" here has no mailbox: its ``run`` only marks it started.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 
 from chatd.backends._records import Accepted, Entry, Message
@@ -28,6 +30,7 @@ class MemoryStore(IndexedStore):
     """
 
     waits_for_io = False
+    index: QueueIndex
 
     def __init__(self, *, dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
                  max_unread: int = 10_000) -> None:
@@ -39,6 +42,10 @@ class MemoryStore(IndexedStore):
         """Mark the store started; there is nothing to run."""
         task_status.started(self)
         await trio.sleep_forever()
+
+    async def pending(self, user: str, after: int, limit: int) -> Sequence[Entry]:
+        """Up to ``limit`` queued entries with ``seq > after``, in order."""
+        return self.index.pending(user, after, limit)
 
     async def submit(self, message: Message) -> Accepted:
         """Queue ``message`` unless its id was used; see :meth:`Queues.submit`."""

@@ -23,6 +23,9 @@ that runs to the end of the *last* segment is a torn tail, the trace of a write 
 did not finish: it is cut off (the file is truncated) and reported in
 :attr:`SegmentLog.truncated`. After recovery the log appends after the last valid record.
 
+A record can also be read back where it was written (:class:`SegmentReader`, from any
+thread): the durable store keeps only that position of a queued item in memory.
+
 Any OS error while writing, syncing, rolling or deleting makes the log *failed*: every
 later call raises :class:`ReplicaFailed`. Nothing is retried, because after a failed fsync
 the kernel may have dropped the dirty pages, and a later successful fsync would prove
@@ -36,17 +39,20 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import attrs
 
-__all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "ReplicaFailed",
-           "SegmentLog", "encode_record"]
+__all__ = ["HEADER_BYTES", "MAGIC", "Damage", "Position", "Record", "RecordUnreadable",
+           "ReplicaFailed", "SegmentLog", "SegmentReader", "SequentialReader",
+           "encode_record"]
 
 MAGIC = b"CHATDSG1"
 _HEADER = struct.Struct(">IB")
 _CRC = struct.Struct(">I")
+_HEADER_CRC = struct.Struct(">IBI")
 HEADER_BYTES = _HEADER.size + _CRC.size
 _SUFFIX = ".seg"
 
@@ -55,16 +61,18 @@ class ReplicaFailed(Exception):
     """The replica hit an I/O error; it accepts nothing more until it is reopened."""
 
 
-@attrs.frozen(slots=True)
-class Position:
+class RecordUnreadable(Exception):
+    """No valid record could be read at a position (I/O error, missing file, bad CRC)."""
+
+
+class Position(NamedTuple):
     """Where a record starts: segment serial and byte offset in that file."""
 
     segment: int
     offset: int
 
 
-@attrs.frozen(slots=True)
-class Record:
+class Record(NamedTuple):
     """One valid record read back from the log."""
 
     position: Position
@@ -111,6 +119,8 @@ class SegmentLog:
         self.max_record = max_record
         self.damage: list[Damage] = []
         self.truncated = 0
+        #: Each segment's size once recovered (after a torn tail was cut off).
+        self.sizes: dict[int, int] = {}
         self.failed: OSError | None = None
         self._fd: int | None = None
         self._serial = 0
@@ -129,11 +139,18 @@ class SegmentLog:
                 serials.append(int(stem))
         return sorted(serials)
 
-    def recover(self) -> Iterator[Record]:
+    def recover(self, on_segment: Callable[[int, bytes, bool], bool] | None = None
+                ) -> Iterator[Record]:
         """Yield every valid record in order, then leave the log ready to append.
 
         Damage before the end is recorded in :attr:`damage`; a torn tail is truncated and
         its size added to :attr:`truncated`. Must be exhausted before :meth:`append`.
+
+        Args:
+            on_segment: Called with each segment's serial, its bytes, and whether it is
+                the last, before its records are read; if it returns True, the segment is
+                known to hold only valid records (another replica has the same bytes and
+                they were read there) and its records are neither checked nor yielded.
 
         Raises:
             ReplicaFailed: The directory or a segment cannot be read or repaired.
@@ -145,13 +162,18 @@ class SegmentLog:
             for index, serial in enumerate(serials):
                 last = index == len(serials) - 1
                 data = (self.directory / _segment_name(serial)).read_bytes()
-                end = yield from self._scan(serial, data, last)
+                if on_segment is not None and on_segment(serial, data, last):
+                    end: int | None = len(data)
+                else:
+                    end = yield from self._scan(serial, data, last)
+                self.sizes[serial] = len(data)
                 if not last:
                     continue
                 if end is None:
                     self._serial = serial  # unreadable start: the next append rolls
                 else:
                     self._open_existing(serial, end, len(data))
+                    self.sizes[serial] = self._size
         except OSError as exc:
             raise self._fail(exc) from exc
         self._recovered = True
@@ -189,11 +211,10 @@ class SegmentLog:
     def _parse(self, serial: int, data: bytes, pos: int) -> Record | None:
         if len(data) - pos < HEADER_BYTES:
             return None
-        length, record_type = _HEADER.unpack_from(data, pos)
+        length, record_type, crc = _HEADER_CRC.unpack_from(data, pos)
         end = pos + HEADER_BYTES + length
         if record_type == 0 or length > self.max_record or end > len(data):
             return None
-        (crc,) = _CRC.unpack_from(data, pos + _HEADER.size)
         payload = data[pos + HEADER_BYTES:end]
         if zlib.crc32(payload, zlib.crc32(data[pos:pos + _HEADER.size])) != crc:
             return None
@@ -259,15 +280,22 @@ class SegmentLog:
         except OSError as exc:
             raise self._fail(exc) from exc
 
-    def start_segment(self) -> None:
+    def start_segment(self, serial: int | None = None) -> None:
         """Finish the current segment (fsync'd) and append from now on to a new one.
+
+        Args:
+            serial: The new segment's serial (by default, the next one); above every
+                segment's. Giving two replicas the same one keeps their positions equal.
 
         Raises:
             ReplicaFailed: The log has failed, or the roll failed (it now has).
+            ValueError: ``serial`` is not above the current segment's.
         """
         self._guard()
+        if serial is not None and serial <= self._serial:
+            raise ValueError(f"segment {serial} is not after segment {self._serial}")
         try:
-            self._roll()
+            self._roll(serial)
         except OSError as exc:
             raise self._fail(exc) from exc
 
@@ -314,12 +342,12 @@ class SegmentLog:
         os.lseek(fd, end, os.SEEK_SET)
         self._fd, self._serial, self._size = fd, serial, end
 
-    def _roll(self) -> None:
+    def _roll(self, serial: int | None = None) -> None:
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-        serial = self._serial + 1
+        serial = serial if serial is not None else self._serial + 1
         fd = os.open(self.directory / _segment_name(serial),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fd, self._serial = fd, serial
@@ -335,6 +363,92 @@ class SegmentLog:
         self.failed = exc
         self.close()
         return ReplicaFailed(f"replica {self.directory} failed: {exc}")
+
+
+class SegmentReader:
+    """Reads records back at their positions in one replica directory.
+
+    Safe in a worker thread while the log appends in another: it opens the segment files
+    for reading on its own (each once, until :meth:`close`).
+
+    Args:
+        directory: The replica's directory.
+        max_record: Largest payload believed.
+    """
+
+    #: Bytes read at once: the header and a small record's payload in one call.
+    _FIRST_READ = 4096
+
+    def __init__(self, directory: Path, *, max_record: int = 1024 * 1024) -> None:
+        self.directory = directory
+        self.max_record = max_record
+        self._fds: dict[int, int] = {}
+
+    def read(self, position: Position) -> tuple[int, bytes]:
+        """The record (type, payload) that starts at ``position``.
+
+        Raises:
+            RecordUnreadable: The file is missing or unreadable, or no valid record starts
+                there.
+        """
+        try:
+            fd = self._fds.get(position.segment)
+            if fd is None:
+                fd = os.open(self.directory / _segment_name(position.segment), os.O_RDONLY)
+                self._fds[position.segment] = fd
+            data = self._pread(fd, position.segment, self._FIRST_READ, position.offset)
+            if len(data) < HEADER_BYTES:
+                raise RecordUnreadable(f"no record at {position}: the file ends")
+            length, record_type = _HEADER.unpack_from(data)
+            if record_type == 0 or length > self.max_record:
+                raise RecordUnreadable(f"no record at {position}: bad header")
+            end = HEADER_BYTES + length
+            if len(data) < end:
+                data += self._pread(fd, position.segment, end - len(data),
+                                    position.offset + len(data))
+        except OSError as exc:
+            raise RecordUnreadable(f"{self.directory}: {exc}") from exc
+        if len(data) < end:
+            raise RecordUnreadable(f"no record at {position}: the file ends")
+        (crc,) = _CRC.unpack_from(data, _HEADER.size)
+        payload = data[HEADER_BYTES:end]
+        if zlib.crc32(payload, zlib.crc32(data[:_HEADER.size])) != crc:
+            raise RecordUnreadable(f"no record at {position}: bad CRC")
+        return record_type, payload
+
+    def _pread(self, fd: int, serial: int, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes of segment ``serial`` (open as ``fd``) at ``offset``."""
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        """Close every file opened."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class SequentialReader(SegmentReader):
+    """A :class:`SegmentReader` for one thread reading mostly forward, as recovery replays
+    a log: it reads :data:`WINDOW` bytes at a time and serves the records inside them from
+    memory (one ``pread`` per window instead of one per record).
+
+    Only for files nobody appends to meanwhile: a window is not read again.
+    """
+
+    #: Bytes read at once.
+    WINDOW = 1024 * 1024
+
+    def __init__(self, directory: Path, *, max_record: int = 1024 * 1024) -> None:
+        super().__init__(directory, max_record=max_record)
+        self._window: tuple[int, int, bytes] = (-1, 0, b"")
+
+    def _pread(self, fd: int, serial: int, size: int, offset: int) -> bytes:
+        held, start, data = self._window
+        at = offset - start
+        if held != serial or at < 0 or at + size > len(data):
+            data = os.pread(fd, max(size, self.WINDOW), offset)
+            self._window, at = (serial, offset, data), 0
+        return data[at:at + size]
 
 
 def _write_all(fd: int, data: bytes) -> None:
