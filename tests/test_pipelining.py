@@ -18,7 +18,9 @@ from conftest import RunningNode
 from test_node import raw_login
 
 from chatd.backends.embedded import _journal
-from chatd.backends.embedded._durable import RecordType
+from chatd.backends.embedded._format import RecordType
+from chatd.backends.embedded._segments import Position
+from chatd.protocol import Send
 
 MakeNode = Callable[..., Any]
 TIMEOUT = 20.0
@@ -30,30 +32,52 @@ def engine() -> str:
     return "embedded"
 
 
+class HeldJournal:
+    """The journal's first batch of messages held in its worker threads until ``release``;
+    every batch of messages written is noted in ``events``, in the order things happen."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        #: ("synced", batch number, (replica, messages)) and the test's own events.
+        self.events: list[tuple[str, Any, Any]] = []
+        self._batches: dict[int, int] = {}  # id of a batch's record list -> its number
+        self._append_and_sync = _journal._append_and_sync
+        monkeypatch.setattr(_journal, "_append_and_sync", self._held)
+
+    def _held(self, log: Any, records: list[tuple[int, bytes]]) -> list[Position]:
+        if not any(record_type == RecordType.MSG for record_type, _ in records):
+            # presence and the like: not held, not counted
+            return self._append_and_sync(log, records)
+        number = self._batches.setdefault(id(records), len(self._batches))
+        if number == 0:
+            self.entered.set()
+            self.gate.wait(TIMEOUT)
+        positions = self._append_and_sync(log, records)
+        self.events.append(("synced", number, (str(log.directory),
+                                               sum(t == RecordType.MSG for t, _ in records))))
+        return positions
+
+    async def wait_held(self) -> None:
+        """Wait until the first batch of messages is being written."""
+        await trio.to_thread.run_sync(self.entered.wait, TIMEOUT)
+
+    def messages_per_batch(self) -> dict[int, set[int]]:
+        """How many messages each batch held, on each replica."""
+        found: dict[int, set[int]] = {}
+        for kind, number, detail in self.events:
+            if kind == "synced":
+                found.setdefault(number, set()).add(detail[1])
+        return found
+
+
 async def test_outstanding_sends_of_one_connection_share_one_fsync_round(
         make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
     node: RunningNode = await make_node(rate_limit=100_000.0, rate_burst=100_000)
-    gate, entered = threading.Event(), threading.Event()
-    events: list[tuple[str, Any, Any]] = []  # in the order they happened, any thread
-    batches: dict[int, int] = {}  # id of a batch's record list -> its number
-    append_and_sync = _journal._append_and_sync
-
-    def held(log: Any, records: list[tuple[int, bytes]]) -> None:
-        if not any(record_type == RecordType.MSG for record_type, _ in records):
-            append_and_sync(log, records)  # presence and the like: not held, not counted
-            return
-        number = batches.setdefault(id(records), len(batches))
-        if number == 0:
-            entered.set()
-            gate.wait(TIMEOUT)
-        append_and_sync(log, records)
-        events.append(("synced", number, (str(log.directory),
-                                          sum(t == RecordType.MSG for t, _ in records))))
-
-    monkeypatch.setattr(_journal, "_append_and_sync", held)
+    journal = HeldJournal(monkeypatch)
+    gate, events = journal.gate, journal.events
     async with raw_login(node, "alice") as alice:
         await alice.send({"t": "send", "id": "m0", "to": "bob", "body": "first"})
-        await trio.to_thread.run_sync(entered.wait, TIMEOUT)
+        await journal.wait_held()
         for n in range(1, 100):
             await alice.send({"t": "send", "id": f"m{n}", "to": "bob", "body": f"more {n}"})
         gate.set()
@@ -80,3 +104,31 @@ async def test_outstanding_sends_of_one_connection_share_one_fsync_round(
     # The 99 went to bob's queue in the order sent.
     queued = await node.node.backend.queues.pending("bob", 0, 1000)
     assert [entry.item.id for entry in queued] == [f"m{n}" for n in range(100)]
+
+
+async def test_the_reader_goes_on_while_a_write_is_in_flight_and_answers_keep_order(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the first send is being fsync'd, the connection's reader decodes the sends
+    that follow (they are counted as they are acted on); a query after them is answered
+    only after every one of their ``sent`` answers (docs/protocol.md, section 4.7)."""
+    node: RunningNode = await make_node(rate_limit=100_000.0, rate_burst=100_000)
+    journal = HeldJournal(monkeypatch)
+    counted = node.node.metrics.frames_in
+    async with raw_login(node, "alice") as alice:
+        await alice.send({"t": "send", "id": "m0", "to": "bob", "body": "first"})
+        await journal.wait_held()
+        for n in range(1, 50):
+            await alice.send({"t": "send", "id": f"m{n}", "to": "bob", "body": f"more {n}"})
+        with trio.fail_after(TIMEOUT):
+            while counted[Send.INDEX] < 50:  # acted on while m0's write is still held
+                await trio.sleep(0.01)
+        assert not journal.gate.is_set() and journal.messages_per_batch() == {}
+        await alice.send({"t": "lastseen", "user": "carol"},
+                         {"t": "send", "id": "m50", "to": "bob", "body": "last"})
+        journal.gate.set()
+        with trio.fail_after(TIMEOUT):
+            answers = [await alice.frame() for _ in range(52)]
+    assert [(a["t"], a.get("id")) for a in answers] == [
+        *[("sent", f"m{n}") for n in range(50)], ("presence", None), ("sent", "m50")]
+    # The 49 read while m0 was written went to disk together, then m50 alone.
+    assert journal.messages_per_batch() == {0: {1}, 1: {49}, 2: {1}}

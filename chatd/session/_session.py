@@ -56,6 +56,7 @@ from chatd.transport import ConnectionClosed, WebSocket
 
 from ._acks import merge_acks
 from ._flood import TokenBucket
+from ._submits import SendPipeline
 from ._writer import CATCH_UP_BATCH, CLOSE_TIMEOUT, UNREADABLE, Writer
 
 __all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "Session", "SessionContext"]
@@ -96,8 +97,8 @@ class Session:
 
     __slots__ = ("_auth_scope", "_budget", "_conn", "_ctx", "_fatal", "_inbox", "_limited_at",
                  "_log", "_mailbox", "_on_authenticated", "_open_scope", "_reader_scope",
-                 "_reported", "_stop_reason", "_throttled", "_touched", "_user", "_watching",
-                 "_writer", "_ws", "_ws_error", "last_heard")
+                 "_reported", "_sends", "_stop_reason", "_throttled", "_touched", "_user",
+                 "_watching", "_writer", "_ws", "_ws_error", "last_heard")
 
     def __init__(self, ctx: SessionContext, ws: WebSocket, *,
                  on_authenticated: Callable[[], None] | None = None) -> None:
@@ -118,6 +119,8 @@ class Session:
         self._ws_error: WebSocketError | None = None
         self._inbox: list[bytes | str] = []
         self._touched: list[Mailbox[Any]] = []
+        #: Where sends go when the queues wait for I/O (:mod:`._submits`).
+        self._sends: SendPipeline | None = None
         self._watching: set[str] = set()
         self._reported = 0.0
         #: When the reader last heard from the client (hello or data message).
@@ -215,7 +218,16 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write, writer)
                     with self._reader_scope:
-                        await self._reader(rest)
+                        if ctx.queues.waits_for_io:
+                            sends = self._sends = SendPipeline(ctx.router, user,
+                                                               self._answer_now)
+                            async with trio.open_nursery() as submitting:
+                                submitting.start_soon(sends.run)
+                                await self._reader(rest)
+                                await sends.drain()  # what was read is still submitted
+                                submitting.cancel_scope.cancel()
+                        else:
+                            await self._reader(rest)
                     writer.stop()
         finally:
             ctx.actors.release(mailbox)
@@ -369,9 +381,11 @@ class Session:
     async def _handle(self, frames: Iterable[Frame], replies: list[Frame]) -> None:
         """Act on client frames in order, appending their answers to ``replies``.
 
-        If the queues wait for I/O (fsync, NATS), what is ready is sent before each wait:
-        the answers so far and the items routed so far. A run of sends is submitted
-        together (:meth:`Router.submit_many`): one write for all of them.
+        A run of sends is submitted together (:meth:`Router.submit_many`): one write for
+        all of them. If the queues wait for I/O (fsync, NATS), the run goes to the
+        connection's :class:`SendPipeline` instead, which submits it while the reader goes
+        on; any other frame waits until the pipeline is empty. Before either, what is ready
+        is sent: the answers so far and the items routed so far.
         """
         ctx = self._ctx
         flush = ctx.queues.waits_for_io
@@ -392,9 +406,14 @@ class Session:
                     run.append(cast(Send, frames[at]))
                     counted[Send.INDEX] += 1
                     at += 1
-                replies.extend(await ctx.router.submit_many(self._user, run, self._touched,
-                                                            self.last_heard))
+                if self._sends is not None:
+                    await self._sends.submit(run, self.last_heard)
+                else:
+                    replies.extend(await ctx.router.submit_many(self._user, run, self._touched,
+                                                                self.last_heard))
                 continue
+            if self._sends is not None and not self._sends.idle:
+                await self._sends.drain()
             try:
                 match frame:
                     case Ack(status, upto, peer):
