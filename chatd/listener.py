@@ -99,6 +99,7 @@ class Listener:
         try:
             async with trio.open_nursery() as sessions:
                 self._accept_scope = trio.CancelScope()
+                sessions.start_soon(self._ctx.keepalives.run)
                 for sock in sockets:
                     sessions.start_soon(self._accept, sock, sessions)
                 self._log.info("listening", url=self.url)

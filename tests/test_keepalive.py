@@ -22,6 +22,7 @@ import trio.testing
 from conftest import RunningNode
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+from chatd.session._keepalive import KeepaliveWheel
 from chatd.transport import WebSocket
 
 #: Real seconds every task must have waited before the virtual clock jumps ahead; long
@@ -149,3 +150,85 @@ async def test_client_not_answering_pings_is_closed_4410_at_idle_timeout(
         assert ws.closed is not None and ws.closed.code == 4410
         assert [f["t"] for f in frames] == ["welcome", "error"]
         assert frames[-1]["code"] == "idle_timeout"
+
+
+# -- the wheel: every connection's keepalive from one task --------------------------------
+
+
+class Target:
+    """A stand-in connection that notes when it is ticked and asks to be ticked again
+    ``every`` seconds later, ``times`` times."""
+
+    def __init__(self, every: float, times: int) -> None:
+        self.every = every
+        self.times = times
+        self.ticked: list[float] = []
+
+    def tick(self, now: float) -> float | None:
+        self.ticked.append(now)
+        return now + self.every if len(self.ticked) < self.times else None
+
+
+async def test_the_wheel_ticks_each_connection_when_due_rounded_up_to_its_resolution(
+        clock: trio.testing.MockClock) -> None:
+    wheel = KeepaliveWheel(resolution=0.25)
+    start = trio.current_time()
+    a, b = Target(20.0, 3), Target(7.0, 2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wheel.run)
+        wheel.schedule(a, start + 20.0)
+        wheel.schedule(b, start + 7.1)
+        assert len(wheel) == 2
+        with trio.fail_after(TIMEOUT):
+            while len(a.ticked) < 3 or len(b.ticked) < 2:
+                await trio.sleep(1.0)
+        assert len(wheel) == 0  # both said they were done
+        nursery.cancel_scope.cancel()
+    assert [t - start for t in a.ticked] == pytest.approx([20.0, 40.0, 60.0], abs=0.25)
+    assert [t - start for t in b.ticked] == pytest.approx([7.25, 14.25], abs=0.01)
+
+
+async def test_a_nearer_connection_wakes_the_wheel_and_a_removed_one_is_never_ticked(
+        clock: trio.testing.MockClock) -> None:
+    wheel = KeepaliveWheel(resolution=0.25)
+    start = trio.current_time()
+    far, near, gone = Target(1.0, 1), Target(1.0, 1), Target(1.0, 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wheel.run)
+        wheel.schedule(far, start + 100.0)
+        wheel.schedule(gone, start + 3.0)
+        await trio.testing.wait_all_tasks_blocked()  # the wheel sleeps until 3.0
+        wheel.schedule(near, start + 1.0)
+        wheel.remove(gone)
+        wheel.schedule(far, start + 50.0)  # filed again: only the later time counts
+        with trio.fail_after(TIMEOUT):
+            while not far.ticked:
+                await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert [t - start for t in near.ticked] == pytest.approx([1.0], abs=0.01)
+    assert gone.ticked == []
+    assert [t - start for t in far.ticked] == pytest.approx([50.0], abs=0.01)
+
+
+async def test_idle_sessions_are_on_the_node_wheel_and_leave_it_when_they_end(
+        make_node: MakeNode, clock: trio.testing.MockClock, pings: list[float]) -> None:
+    node = await make_node(store="memory")
+    wheel = node.node.listener._ctx.keepalives
+    async with trio.open_nursery() as nursery:
+        for n in range(3):
+            nursery.start_soon(_hold_silently, node, f"user{n}")
+        with trio.fail_after(TIMEOUT):
+            while len(wheel) < 3:
+                await trio.sleep(0.1)
+            while len(pings) < 3:  # one ping each, from the wheel's task
+                await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(TIMEOUT):
+        while node.node.registry.local:
+            await trio.sleep(0.1)
+    assert len(wheel) == 0
+
+
+async def _hold_silently(node: RunningNode, user: str) -> None:
+    async with logged_in(node, user) as (ws, _):
+        await read_forever(ws, [])

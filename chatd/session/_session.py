@@ -56,6 +56,7 @@ from chatd.transport import ConnectionClosed, WebSocket
 
 from ._acks import merge_acks
 from ._flood import TokenBucket
+from ._keepalive import KeepaliveWheel
 from ._submits import SendPipeline
 from ._writer import CATCH_UP_BATCH, CLOSE_TIMEOUT, UNREADABLE, Writer
 
@@ -85,6 +86,8 @@ class SessionContext:
     router: Router
     queues: Queues
     metrics: Metrics
+    #: Every connection's keepalive, run by the listener.
+    keepalives: KeepaliveWheel = attrs.field(factory=KeepaliveWheel)
 
 
 class Session:
@@ -187,7 +190,8 @@ class Session:
                                                   ctx.config.mailbox_capacity)
         address = mailbox.address
         writer = self._writer = Writer(ctx.config, self._ws, self._conn, ctx.queues, user,
-                                       mailbox, self._log, self._last_sign, ctx.metrics)
+                                       mailbox, self._log, self._last_sign, ctx.metrics,
+                                       ctx.keepalives)
         mailbox.bind(None, self._on_exit)
         opened = False
         try:

@@ -43,7 +43,7 @@ from chatd.protocol import (
 )
 from chatd.transport import ConnectionClosed, WebSocket
 
-from ._keepalive import Keepalive, KeepaliveAction
+from ._keepalive import Keepalive, KeepaliveAction, KeepaliveWheel
 
 __all__ = ["CATCH_UP_BATCH", "CLOSE_TIMEOUT", "TIMED_UNACKED", "UNREADABLE", "Writer"]
 
@@ -73,15 +73,18 @@ class Writer:
         last_sign: Returns the time of the client's last sign of life (docs/protocol.md
             2.6); the reader keeps it.
         metrics: Where frames sent are counted.
+        keepalives: The node's keepalive wheel, which calls :meth:`tick` when a ping or
+            the idle timeout may be due.
     """
 
-    __slots__ = ("_behind", "_config", "_conn", "_framed", "_last_sign", "_log", "_mailbox",
-                 "_metrics", "_queues", "_scope", "_stored", "_unacked", "_user", "_ws",
-                 "ending", "fatal", "sent_seq", "writing")
+    __slots__ = ("_behind", "_config", "_conn", "_framed", "_keepalive", "_keepalives",
+                 "_last_sign", "_log", "_mailbox", "_metrics", "_queues", "_scope", "_stored",
+                 "_unacked", "_user", "_ws", "ending", "fatal", "sent_seq", "writing")
 
     def __init__(self, config: Config, ws: WebSocket, conn: ServerConnection, queues: Queues,
                  user: str, mailbox: Mailbox[Any], log: EventLog,
-                 last_sign: Callable[[], float], metrics: Metrics) -> None:
+                 last_sign: Callable[[], float], metrics: Metrics,
+                 keepalives: KeepaliveWheel) -> None:
         self._config = config
         self._metrics = metrics
         self._ws = ws
@@ -91,6 +94,8 @@ class Writer:
         self._mailbox = mailbox
         self._log = log
         self._last_sign = last_sign
+        self._keepalives = keepalives
+        self._keepalive: Keepalive | None = None
         self._scope = trio.CancelScope()
         self._behind = False
         #: Messages framed and not yet written, and when those delivered live were stored.
@@ -138,7 +143,9 @@ class Writer:
         """Send the backlog, then whatever the mailbox brings, until stopped or lost."""
         mailbox = self._mailbox
         config = self._config
-        keepalive = Keepalive(config.ping_interval, config.idle_timeout, self._last_sign())
+        keepalive = self._keepalive = Keepalive(config.ping_interval, config.idle_timeout,
+                                                self._last_sign())
+        self._keepalives.schedule(self, keepalive.deadline)
         with self._scope:
             try:
                 await self._catch_up([])
@@ -147,19 +154,7 @@ class Writer:
                     await self._flush()
                 mailbox.inline = self.inline
                 while True:
-                    with trio.move_on_at(keepalive.deadline) as quiet:
-                        message = await mailbox.receive()
-                    if quiet.cancelled_caught:
-                        match keepalive.check(trio.current_time(), self._last_sign()):
-                            case KeepaliveAction.PING:
-                                self._ws.ping()
-                                await self._flush()
-                            case KeepaliveAction.IDLE:
-                                self.fatal = ProtocolError(
-                                    ErrorCode.IDLE_TIMEOUT,
-                                    f"no sign of life for {config.idle_timeout:g} s")
-                                return
-                        continue
+                    message = await mailbox.receive()
                     frames: list[Frame] = []
                     gap = self._take(message, frames) | self._drain(frames) | self._behind
                     self._behind = False
@@ -172,6 +167,43 @@ class Writer:
                 pass
             except StoreUnavailable:  # the backend cannot read the queue now
                 self.fatal = ProtocolError(ErrorCode.STORE_UNAVAILABLE, UNREADABLE)
+            finally:
+                self._keepalive = None
+                self._keepalives.remove(self)
+
+    def tick(self, now: float) -> float | None:
+        """The keepalive wheel's call (:class:`KeepaliveWheel`): ping a quiet client, or end
+        the session if a ping went unanswered for ``idle_timeout``.
+
+        The ping is written at once, after whatever waits for the socket; if the socket
+        does not take it all, the writer is woken to wait on it. A failure here is the
+        session's alone: it ends like a crashed session (``inline_failed``).
+
+        Returns:
+            When to tick again, or None once the writer has ended.
+        """
+        keepalive = self._keepalive
+        if keepalive is None:
+            return None
+        try:
+            match keepalive.check(now, self._last_sign()):
+                case KeepaliveAction.PING:
+                    unsent = self._ws.unsent
+                    self._ws.ping()
+                    if self._ws.unsent and not unsent and not self.writing:
+                        self._mailbox.deliver_nowait(Push(()))  # the writer drains it
+                case KeepaliveAction.IDLE:
+                    self.fatal = ProtocolError(
+                        ErrorCode.IDLE_TIMEOUT,
+                        f"no sign of life for {self._config.idle_timeout:g} s")
+                    self._scope.cancel()
+                    return None
+        except Exception as exc:
+            self._log.error("inline_failed", error="inline_failed",
+                            actor=str(self._mailbox.address), exc_info=True)
+            self._mailbox.exit(exc)
+            return None
+        return keepalive.deadline
 
     def inline(self) -> bool:
         """Write what was just delivered from the delivering task, if the writer is idle.
