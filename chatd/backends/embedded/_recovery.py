@@ -24,6 +24,7 @@ the index being built, and never a decoded body beyond the one being applied.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import hashlib
 from array import array
 from collections.abc import Iterator, Sequence
@@ -246,7 +247,24 @@ def recover(logs: Sequence[SegmentLog], index: RefIndex, kv: KVTable, bodies: Bo
         What was found; :attr:`Replay.repair` says why the replicas must be rewritten
         (empty: they need not be).
     """
-    return _Recovery(logs, index, kv, bodies, log).run()
+    replay = _Recovery(logs, index, kv, bodies, log).run()
+    _give_back_freed_memory()
+    return replay
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap memory recovery used and freed back to the system, where the C
+    library can (glibc's ``malloc_trim``).
+
+    Recovery's arrays of every record grow to tens of megabytes and are freed at its end;
+    glibc keeps such memory for reuse, so a store recovered from 1,000,000 queued messages
+    held 80 bytes of RSS per message instead of 31.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 class _Recovery:
