@@ -105,6 +105,12 @@ class Params:
     sla_warmup: float = 1.0
     sla_budget: float = 40.0
     sla_bound_ms: float = 5.0
+    # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
+    # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
+    # chatd's ping interval, 20 s, so that every session is pinged in the window).
+    scale_connections: int = 100_000
+    scale_workers: int = 8
+    scale_hold: float = 30.0
 
 
 class Tokens:
