@@ -57,7 +57,7 @@ QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
 TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
               latency_seconds=1.0, concurrency=20, drain=5.0, flood_seconds=0.5,
               flood_drain=10.0, sla_seconds=0.3, sla_warmup=0.2, sla_budget=1.0,
-              scale_connections=300, scale_workers=2, scale_hold=1.0)
+              scale_connections=300, scale_workers=2, scale_hold=1.0, scale_concurrency=40)
 #: The scenarios run for each target, then the one run on chatd on NATS.
 TARGET_SCENARIOS = ("connections", "throughput", "latency", "flood", "sla")
 NATS_SCENARIOS = ("nats_throughput",)
@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scale: chatd serve --workers N, 2 to 64 (full 8, quick 4)")
     parser.add_argument("--scale-hold", type=float,
                         help="scale: seconds to hold the sessions (full 30, quick 10)")
+    parser.add_argument("--scale-concurrency", type=int,
+                        help="scale: handshakes in flight over all load generators (400)")
     parser.add_argument("--data-dir", type=Path,
                         help="where servers keep their data, JetStream's included (default: "
                              "the system temp dir); the cost of fsync depends on this disk")
@@ -136,15 +138,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
         "concurrency", "drain", "batch", "workers", "flood_seconds", "flood_window",
-        "sla_seconds", "sla_budget", "scale_connections", "scale_workers", "scale_hold")
+        "sla_seconds", "sla_budget", "scale_connections", "scale_workers", "scale_hold",
+        "scale_concurrency")
         if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
     if min(args.params.connections, args.params.pairs, args.params.window,
            args.params.workers, args.params.flood_window) < 1:
         parser.error("--connections, --pairs, --window, --flood-window and --workers must be "
                      "at least 1")
-    if args.params.scale_connections < 1 or not 2 <= args.params.scale_workers <= 64:
-        parser.error("--scale-connections must be at least 1, --scale-workers from 2 to 64")
+    if (min(args.params.scale_connections, args.params.scale_concurrency) < 1
+            or not 2 <= args.params.scale_workers <= 64):
+        parser.error("--scale-connections and --scale-concurrency must be at least 1, "
+                     "--scale-workers from 2 to 64")
     return args
 
 

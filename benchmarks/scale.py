@@ -365,7 +365,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
         watcher = asyncio.create_task(_watch_files(server))
         try:
             replies = await pool.all("connect", users, url=server.url,
-                                     concurrency=params.concurrency,
+                                     concurrency=max(1, params.scale_concurrency // size),
                                      timeout=30.0 + OPEN_SECONDS_PER_1000 * n / 1000,
                                      on_progress=lambda: bar.update(pool.done))
         finally:
@@ -399,6 +399,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
             "open_at_end": sum(m["idle_open"] for m in marks1) - warm,
             "closed": _merge(marks1, "closed"), "workers": workers,
             "warmup_sessions": warm, "loadgen_processes": size,
+            "concurrency": max(1, params.scale_concurrency // size) * size,
             "connect_s": round(elapsed, 2), "connect_per_s": round(connected / elapsed, 1),
             "connect_chatd_cpu_pct": _pct(opened.cpu - before.cpu, elapsed),
             "connect_nats_cpu_pct": _pct(_backend_cpu(before, opened), elapsed),

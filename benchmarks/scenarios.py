@@ -107,10 +107,13 @@ class Params:
     sla_bound_ms: float = 5.0
     # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
     # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
-    # chatd's ping interval, 20 s, so that every session is pinged in the window).
+    # chatd's ping interval, 20 s, so that every session is pinged in the window), opened
+    # with ``scale_concurrency`` handshakes in flight over all the load generators (each
+    # waits its turn: at a few hundred sessions/s, more would outlast chatd's auth_timeout).
     scale_connections: int = 100_000
     scale_workers: int = 8
     scale_hold: float = 30.0
+    scale_concurrency: int = 400
 
 
 class Tokens:
