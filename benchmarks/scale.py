@@ -260,29 +260,16 @@ class WorkersServer(Server):
         """Every process's open files now, by name (peaks remembered)."""
         return {p.name: p.count_files() for p in self.processes}
 
-    def metrics(self) -> dict[str, dict[str, float]]:
+    async def metrics(self, timeout: float) -> dict[str, dict[str, float]]:
         """Each worker's ``chatd_sessions`` and ``chatd_connections`` (open,
-        authenticating) from its /metrics, by name (a worker that does not answer is left
-        out)."""
-        out: dict[str, dict[str, float]] = {}
-        for process in self.processes:
-            if process.role != "worker":
-                continue
-            try:
-                with urllib.request.urlopen(
-                        f"http://127.0.0.1:{process.http_port}/metrics", timeout=10) as answer:
-                    text = answer.read().decode()
-            except OSError:
-                continue
-            figures: dict[str, float] = {}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "chatd_sessions":
-                        figures["sessions"] = sample.value
-                    elif sample.name == "chatd_connections":
-                        figures[f"connections_{sample.labels.get('state')}"] = sample.value
-            out[process.name] = figures
-        return out
+        authenticating) from its /metrics, all scraped at once, by name; a worker that
+        does not answer within ``timeout`` seconds (a busy one can take seconds) is left
+        out."""
+        workers = [p for p in self.processes if p.role == "worker"]
+        answers = await asyncio.gather(*(asyncio.to_thread(_scrape, p.http_port, timeout)
+                                         for p in workers))
+        return {p.name: figures for p, figures in zip(workers, answers, strict=True)
+                if figures is not None}
 
     async def stop(self) -> int | None:
         """SIGTERM to the supervisor, which stops its workers, then its nats-server; after
@@ -303,14 +290,34 @@ class WorkersServer(Server):
                         os.kill(left.pid, signal.SIGKILL)
 
 
+def _scrape(port: int, timeout: float) -> dict[str, float] | None:
+    """``chatd_sessions`` and ``chatd_connections`` by state from the /metrics at
+    ``port`` (None if it does not answer within ``timeout`` seconds)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                    timeout=timeout) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    figures: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chatd_sessions":
+                figures["sessions"] = sample.value
+            elif sample.name == "chatd_connections":
+                figures[f"connections_{sample.labels.get('state')}"] = sample.value
+    return figures
+
+
 async def _wait_sessions(server: WorkersServer, count: int, limit: float) -> dict[str, Any]:
-    """Wait until the workers' /metrics count ``count`` sessions in all (at most ``limit``
-    seconds); their figures by worker."""
+    """Wait until every worker answers its /metrics and they count ``count`` sessions in
+    all (at most ``limit`` seconds); their figures by worker (without the workers that
+    never answered)."""
     deadline = time.monotonic() + limit
     while True:
-        figures = await asyncio.to_thread(server.metrics)
+        figures = await server.metrics(max(deadline - time.monotonic(), 1.0))
         total = sum(f.get("sessions", 0) for f in figures.values())
-        if total >= count or time.monotonic() > deadline:
+        if (len(figures) == server.workers and total >= count) or time.monotonic() > deadline:
             return figures
         await asyncio.sleep(0.1)
 
@@ -356,7 +363,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
     async with server, Pool(size, workdir) as pool:
         await pool[0].request("connect", url=server.url, timeout=60.0, users=[
             [f"scale-warm-{k}", tokens(f"scale-warm-{k}")] for k in range(warm)])
-        warmed = await _wait_sessions(server, warm, 10.0)
+        warmed = await _wait_sessions(server, warm, 30.0)
         files0 = await asyncio.to_thread(server.count_files)
         before = server.sample()
         users = [{"users": [[f"scale-{w}-{i}", tokens(f"scale-{w}-{i}")] for i in part]}
@@ -388,7 +395,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
         marks1 = await pool.all("mark")
         hold.finish()
         files1 = await asyncio.to_thread(server.count_files)
-        held = await _wait_sessions(server, connected + warm, 10.0)
+        held = await _wait_sessions(server, sum(m["idle_open"] for m in marks1), 120.0)
         loadgen = [measure_one(w.process.pid) for w in pool.workers if w.process is not None]
         window = held1.clock - held0.clock
         idle_loadgen = sum(float(b["cpu"]) - float(a["cpu"])
@@ -421,7 +428,9 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
             "loadgen_rss_kb_per_conn": _per_conn(sum(map(_rss_kb, loadgen)), connected + warm),
             "fd_cap": FD_CAP,
             "fds_peak_max": max(p.fds_peak for p in server.chatd),
-            "sessions_by_worker": {name: int(f.get("sessions", 0)) for name, f in held.items()},
+            "sessions_by_worker": {p.name: (int(held[p.name].get("sessions", 0))
+                                            if p.name in held else None)
+                                   for p in server.processes if p.role == "worker"},
             "processes": _processes(server, (before, opened, held0, held1),
                                     (files0, files1), warmed, held),
         }
@@ -429,7 +438,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
             held1.rss_kb - before.rss_kb + held1.backend.rss_kb - before.backend.rss_kb,
             connected)
         result["under_fd_cap"] = all(p.fds_peak < FD_CAP for p in server.processes)
-        _warn_scale(result, sum(f.get("sessions", 0) for f in held.values()), warm)
+        _warn_scale(result, warm)
         closing = await pool.all("close", timeout=60.0 + n / 100)
         result["close_s"] = round(max(r["elapsed"] for r in closing), 2)
     return result
@@ -458,24 +467,31 @@ def _processes(server: WorkersServer, samples: tuple[Sample, Sample, Sample, Sam
             "fds_before": files[0].get(process.name, 0), "fds_peak": process.fds_peak,
             "fds_end": files[1].get(process.name, 0), "fd_limit": fd_limit(process.pid)}
         if process.role == "worker":
-            figures["warmup_sessions"] = int(warmed.get(process.name, {}).get("sessions", 0))
-            figures["sessions"] = int(held.get(process.name, {}).get("sessions", 0))
+            figures["warmup_sessions"] = (int(warmed[process.name].get("sessions", 0))
+                                          if process.name in warmed else None)
+            figures["sessions"] = (int(held[process.name].get("sessions", 0))
+                                   if process.name in held else None)
         out.append(figures)
     return out
 
 
-def _warn_scale(result: dict[str, Any], server_sessions: float, warm: int) -> None:
-    """Say what the reader must not miss: failures, sessions lost or uncounted, and a
-    process at or near its open-files cap."""
+def _warn_scale(result: dict[str, Any], warm: int) -> None:
+    """Say what the reader must not miss: failures, sessions lost or uncounted, a worker
+    whose /metrics did not answer, and a process at or near its open-files cap."""
     if result["failed"]:
         warn(f"chatd_workers: {sum(result['failed'].values()):,} of {result['requested']:,} "
              f"sessions could not be opened: {result['failed']}")
     if result["open_at_end"] < result["connections"] or result["closed"]:
         warn(f"chatd_workers: {result['connections'] - result['open_at_end']:,} sessions were "
              f"lost while held: {result['closed'] or '-'}")
-    if server_sessions != result["connections"] + warm:
-        warn(f"chatd_workers: the workers count {server_sessions:,.0f} sessions, the load "
-             f"generator {result['connections'] + warm:,}")
+    counts = result["sessions_by_worker"]
+    silent = [name for name, count in counts.items() if count is None]
+    if silent:
+        warn(f"chatd_workers: {', '.join(silent)} did not answer /metrics: its sessions are "
+             "not counted")
+    elif sum(counts.values()) != result["open_at_end"] + warm:
+        warn(f"chatd_workers: the workers count {sum(counts.values()):,} sessions, the load "
+             f"generator holds {result['open_at_end'] + warm:,}")
     for process in result["processes"]:
         limit = min(FD_CAP, process["fd_limit"] or FD_CAP)
         if process["fds_peak"] >= 0.95 * limit:
@@ -512,8 +528,9 @@ def scale_table(figures: dict[str, Any]) -> list[str]:
     row("peak open files", f"{figures['fds_peak_max']:,} in one chatd process (cap "
         f"{figures['fd_cap']:,}: {'under' if figures['under_fd_cap'] else 'REACHED'})")
     for process in figures["processes"]:
-        sessions = (f"{process['sessions']:>7,} sessions, " if "sessions" in process
-                    else " " * 17)
+        sessions = (" " * 17 if "sessions" not in process else
+                    "      ? sessions, " if process["sessions"] is None else
+                    f"{process['sessions']:>7,} sessions, ")
         lines.append(f"    {process['name']:32}{sessions}{process['fds_peak']:>7,} fds peak, "
                      f"RSS {process['rss_kb_after'] / 1024:>6,.0f} MiB, idle CPU "
                      f"{process['idle_cpu_pct']:.1f} %")
