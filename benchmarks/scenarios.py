@@ -17,6 +17,8 @@ nodes on fresh nats-servers).
    store, on one chatd node on one nats-server, and on two chatd nodes on three
    nats-servers (every pair crossing nodes, see :func:`place`): messages per second, and
    CPU per message for chatd and for the nats-servers apart.
+7. :func:`benchmarks.scale.scale` (its own module): 100,000 idle sessions on
+   ``chatd serve --workers 8``: RSS per connection, idle CPU and open files per process.
 
 Server CPU and RSS are sampled from ``/proc`` just before and just after each measured
 window (summed over the chatd nodes, and per node; the nats-servers apart); the load
@@ -108,12 +110,14 @@ class Params:
     # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
     # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
     # chatd's ping interval, 20 s, so that every session is pinged in the window), opened
-    # with ``scale_concurrency`` handshakes in flight over all the load generators (each
-    # waits its turn: at a few hundred sessions/s, more would outlast chatd's auth_timeout).
+    # with ``scale_concurrency`` handshakes in flight over all the load generators. On two
+    # cores the workers open about 100 sessions/s once most are held, so each handshake
+    # takes concurrency / 100 seconds: 400 in flight took 4 to 5 s each, near chatd's
+    # auth_timeout (5 s) and nats_timeout (5 s), and some failed.
     scale_connections: int = 100_000
     scale_workers: int = 8
     scale_hold: float = 30.0
-    scale_concurrency: int = 400
+    scale_concurrency: int = 100
 
 
 class Tokens:
