@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale-hold", type=float,
                         help="scale: seconds to hold the sessions (full 30, quick 10)")
     parser.add_argument("--scale-concurrency", type=int,
-                        help="scale: handshakes in flight over all load generators (100)")
+                        help="scale: handshakes in flight over all load generators (400)")
     parser.add_argument("--data-dir", type=Path,
                         help="where servers keep their data, JetStream's included (default: "
                              "the system temp dir); the cost of fsync depends on this disk")

@@ -135,6 +135,7 @@ def fd_limit(pid: int) -> int | None:
 
 
 def _cmdline(pid: int) -> list[str]:
+    """The command line of ``pid`` (empty once it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
@@ -205,7 +206,8 @@ class WorkersServer(Server):
         return [p for p in self.processes if p.role == "nats-server"]
 
     async def _wait_listening(self) -> None:
-        deadline = time.monotonic() + START_DEADLINE + 5.0 * self.workers
+        limit = START_DEADLINE + 5.0 * self.workers
+        deadline = time.monotonic() + limit
         while True:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -217,7 +219,7 @@ class WorkersServer(Server):
                     return
             if time.monotonic() > deadline:
                 raise self.failure(f"{listening(self.port)} of {self.workers} workers "
-                                   f"listening after {deadline - time.monotonic():.0f} s")
+                                   f"listening after {limit:.0f} s")
             await asyncio.sleep(0.1)
 
     def _discover(self) -> list[Process]:
@@ -329,11 +331,8 @@ async def _watch_files(server: WorkersServer) -> None:
         await asyncio.sleep(FD_INTERVAL)
 
 
-def _rss_kb(sample: Sample) -> int:
-    return sample.rss_kb
-
-
 def _per_conn(kb: float, connections: int) -> float | None:
+    """KiB per session, to two decimals (None without sessions)."""
     return round(kb / connections, 2) if connections else None
 
 
@@ -424,8 +423,9 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
             "nats_idle_cpu_pct": _pct(_backend_cpu(held0, held1), window),
             "idle_loadgen_cpu_pct": _pct(idle_loadgen, window),
             **_machine(server, held0, held1, idle_loadgen),
-            "loadgen_rss_kb": sum(map(_rss_kb, loadgen)),
-            "loadgen_rss_kb_per_conn": _per_conn(sum(map(_rss_kb, loadgen)), connected + warm),
+            "loadgen_rss_kb": sum(s.rss_kb for s in loadgen),
+            "loadgen_rss_kb_per_conn": _per_conn(sum(s.rss_kb for s in loadgen),
+                                                 connected + warm),
             "fd_cap": FD_CAP,
             "fds_peak_max": max(p.fds_peak for p in server.chatd),
             "sessions_by_worker": {p.name: (int(held[p.name].get("sessions", 0))

@@ -110,14 +110,12 @@ class Params:
     # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
     # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
     # chatd's ping interval, 20 s, so that every session is pinged in the window), opened
-    # with ``scale_concurrency`` handshakes in flight over all the load generators. On two
-    # cores the workers open about 100 sessions/s once most are held, so each handshake
-    # takes concurrency / 100 seconds: 400 in flight took 4 to 5 s each, near chatd's
-    # auth_timeout (5 s) and nats_timeout (5 s), and some failed.
+    # with ``scale_concurrency`` handshakes in flight over all the load generators (with
+    # 100 instead of 400, 100,000 sessions opened several times slower on two cores).
     scale_connections: int = 100_000
     scale_workers: int = 8
     scale_hold: float = 30.0
-    scale_concurrency: int = 100
+    scale_concurrency: int = 400
 
 
 class Tokens:
