@@ -12,9 +12,11 @@ backlog's streaming rate) and the SLA capacity search (the highest paced rate wi
 p99.99s within 5 ms). Then nats_throughput: the throughput scenario on chatd on NATS
 JetStream, one chatd node on one nats-server and two chatd nodes on three, each started
 fresh by the harness, beside the embedded durable store (messages/s, and CPU per message
-for chatd and for the nats-servers). The load generator runs in separate worker processes
-and reports its own CPU. A table goes to stdout at the end; ``--json`` also writes the
-results. See benchmarks/README.md.
+for chatd and for the nats-servers). Only when named in ``--scenarios``: scale, 100,000
+idle sessions on ``chatd serve --workers 8`` (connect rate, RSS per connection and idle
+CPU of chatd and of its nats-server, every process's peak open files). The load generator
+runs in separate worker processes and reports its own CPU. A table goes to stdout at the
+end; ``--json`` also writes the results. See benchmarks/README.md.
 
 Exit status: 0 when every scenario ran; 1 with a one-line ``benchmarks: error: ...`` when a
 server or a worker failed; 130 when interrupted.
@@ -40,7 +42,7 @@ from typing import Any
 
 import attrs
 
-from benchmarks import scenarios
+from benchmarks import scale, scenarios
 from benchmarks.metrics_cost import recording_us_per_message
 from benchmarks.natsdeploy import deployment_name, nats_version
 from benchmarks.scenarios import NATS_SETUPS, Params, Tokens
@@ -50,14 +52,19 @@ from chatd.backends.nats.server import server_binary
 FULL = Params()
 QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
                latency_seconds=8.0, flood_seconds=5.0, flood_drain=30.0, sla_seconds=2.0,
-               sla_warmup=0.5, sla_budget=15.0)
+               sla_warmup=0.5, sla_budget=15.0, scale_connections=10_000, scale_workers=4,
+               scale_hold=10.0)
 TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
               latency_seconds=1.0, concurrency=20, drain=5.0, flood_seconds=0.5,
-              flood_drain=10.0, sla_seconds=0.3, sla_warmup=0.2, sla_budget=1.0)
+              flood_drain=10.0, sla_seconds=0.3, sla_warmup=0.2, sla_budget=1.0,
+              scale_connections=300, scale_workers=2, scale_hold=1.0, scale_concurrency=40)
 #: The scenarios run for each target, then the one run on chatd on NATS.
 TARGET_SCENARIOS = ("connections", "throughput", "latency", "flood", "sla")
 NATS_SCENARIOS = ("nats_throughput",)
-SCENARIOS = TARGET_SCENARIOS + NATS_SCENARIOS
+#: Run only when named: chatd serve --workers with its own nats-server, on many sessions.
+WORKERS_SCENARIOS = ("scale",)
+DEFAULT_SCENARIOS = TARGET_SCENARIOS + NATS_SCENARIOS
+SCENARIOS = DEFAULT_SCENARIOS + WORKERS_SCENARIOS
 _LIBRARIES = ("trio", "trio-websocket", "cbor2", "attrs", "websockets", "uvloop", "nats-py",
               "trio-asyncio")
 
@@ -93,8 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SLA search: measured seconds per rate tried (full 4, quick 2)")
     parser.add_argument("--sla-budget", type=float,
                         help="SLA search: seconds of search per target (full 40, quick 15)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all "
+                             "but scale)")
     parser.add_argument("--drain", type=float,
                         help="longest wait, after the load, for the last messages and receipts "
                              "(10 s)")
@@ -104,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "9,500 sessions each need)")
     parser.add_argument("--concurrency", type=int,
                         help="handshakes in flight per worker while connecting (200)")
+    parser.add_argument("--scale-connections", type=int,
+                        help="scale: idle sessions (full 100000, quick 10000)")
+    parser.add_argument("--scale-workers", type=int,
+                        help="scale: chatd serve --workers N, 2 to 64 (full 8, quick 4)")
+    parser.add_argument("--scale-hold", type=float,
+                        help="scale: seconds to hold the sessions (full 30, quick 10)")
+    parser.add_argument("--scale-concurrency", type=int,
+                        help="scale: handshakes in flight over all load generators (400)")
     parser.add_argument("--data-dir", type=Path,
                         help="where servers keep their data, JetStream's included (default: "
                              "the system temp dir); the cost of fsync depends on this disk")
@@ -122,12 +138,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
         "concurrency", "drain", "batch", "workers", "flood_seconds", "flood_window",
-        "sla_seconds", "sla_budget") if getattr(args, name) is not None}
+        "sla_seconds", "sla_budget", "scale_connections", "scale_workers", "scale_hold",
+        "scale_concurrency")
+        if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
     if min(args.params.connections, args.params.pairs, args.params.window,
            args.params.workers, args.params.flood_window) < 1:
         parser.error("--connections, --pairs, --window, --flood-window and --workers must be "
                      "at least 1")
+    if (min(args.params.scale_connections, args.params.scale_concurrency) < 1
+            or not 2 <= args.params.scale_workers <= 64):
+        parser.error("--scale-connections and --scale-concurrency must be at least 1, "
+                     "--scale-workers from 2 to 64")
     return args
 
 
@@ -267,12 +289,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "benchmarks.peers.websockets_peer") is None:
         raise BenchError("the peer (benchmarks/peers/websockets_peer.py) is missing; "
                          "use --targets chatd,chatd_durable")
-    if set(args.scenarios) & set(NATS_SCENARIOS) and (
+    if set(args.scenarios) & {*NATS_SCENARIOS, *WORKERS_SCENARIOS} and (
             server_binary() is None or importlib.util.find_spec("nats") is None
             or importlib.util.find_spec("trio_asyncio") is None):
-        raise BenchError("the NATS scenario needs nats-server, nats-py and trio-asyncio "
-                         "(pip install -e '.[nats,bench]'); or leave it out with "
-                         "--scenarios connections,throughput,latency")
+        raise BenchError("the NATS and scale scenarios need nats-server, nats-py and "
+                         "trio-asyncio (pip install -e '.[nats,bench]'); or leave them out "
+                         "with --scenarios connections,throughput,latency")
     started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
     out: dict[str, Any] = {}
@@ -314,6 +336,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             measured = (out.get("chatd_durable") or {}).get("scenarios") or {}
             out["nats"] = await scenarios.nats_throughput(params, tokens, secret_path, work,
                                                           measured.get("throughput"))
+        if "scale" in args.scenarios:
+            out["scale"] = await scale.scale(params, tokens, secret_path, work)
+            out["scale"]["single_process"] = {
+                target: {key: conn[key] for key in ("connections", "rss_kb_per_conn",
+                                                    "idle_cpu_pct", "connect_per_s")}
+                for target in args.targets
+                if (conn := ((out.get(target) or {}).get("scenarios") or {}).get("connections"))}
         data_fs = machine(work)
     out["ratio"] = _ratio(out, "chatd")
     out["ratio_durable"] = _ratio(out, "chatd_durable")
@@ -452,6 +481,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(row)
     if results.get("nats"):
         lines.extend(nats_table(results["nats"]))
+    if results.get("scale"):
+        lines.extend(scale.scale_table(results["scale"]))
     cost = results.get("metrics_cost") or {}
     if cost:
         share = cost.get("pct_of_chatd_cpu_per_msg")

@@ -17,6 +17,8 @@ nodes on fresh nats-servers).
    store, on one chatd node on one nats-server, and on two chatd nodes on three
    nats-servers (every pair crossing nodes, see :func:`place`): messages per second, and
    CPU per message for chatd and for the nats-servers apart.
+7. :func:`benchmarks.scale.scale` (its own module): 100,000 idle sessions on
+   ``chatd serve --workers 8``: RSS per connection, idle CPU and open files per process.
 
 Server CPU and RSS are sampled from ``/proc`` just before and just after each measured
 window (summed over the chatd nodes, and per node; the nats-servers apart); the load
@@ -105,6 +107,15 @@ class Params:
     sla_warmup: float = 1.0
     sla_budget: float = 40.0
     sla_bound_ms: float = 5.0
+    # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
+    # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
+    # chatd's ping interval, 20 s, so that every session is pinged in the window), opened
+    # with ``scale_concurrency`` handshakes in flight over all the load generators (with
+    # 100 instead of 400, 100,000 sessions opened several times slower on two cores).
+    scale_connections: int = 100_000
+    scale_workers: int = 8
+    scale_hold: float = 30.0
+    scale_concurrency: int = 400
 
 
 class Tokens:

@@ -43,8 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatd.listener import unused_port
 
-__all__ = ["TARGETS", "BenchError", "Sample", "Server", "free_port", "kill_all", "prepare_child",
-           "write_secret"]
+__all__ = ["TARGETS", "BenchError", "Sample", "Server", "children", "free_port", "kill_all",
+           "measure", "measure_one", "prepare_child", "write_secret"]
 
 TARGETS = ("chatd", "chatd_durable", "peer")
 #: Seconds a server has to start listening, and to stop after SIGTERM before SIGKILL.
@@ -143,7 +143,8 @@ def tail(path: Path, lines: int = 5) -> str:
     return " | ".join(line.strip()[:300] for line in text[-lines:])
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
+    """Every process's children, by parent pid, from ``/proc``."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -156,22 +157,38 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def _usage(pid: int) -> tuple[int, int] | None:
+    """CPU ticks (user + system) and VmRSS in KiB of ``pid`` alone; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    rss_kb = 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    return int(fields[11]) + int(fields[12]), rss_kb  # utime, stime (stat fields 14, 15)
+
+
 def measure(pid: int) -> Sample:
     """CPU seconds (user + system) and VmRSS of ``pid`` and all its descendants."""
-    tree = _children()
+    tree = children()
     pending, cpu_ticks, rss_kb = [pid], 0, 0
     while pending:
         current = pending.pop()
         pending.extend(tree.get(current, ()))
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            status = Path(f"/proc/{current}/status").read_text()
-        except OSError:
-            continue
-        cpu_ticks += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss_kb += int(line.split()[1])
+        usage = _usage(current)
+        if usage is not None:
+            cpu_ticks += usage[0]
+            rss_kb += usage[1]
+    return Sample(cpu_ticks / _TICK, rss_kb)
+
+
+def measure_one(pid: int) -> Sample:
+    """CPU seconds (user + system) and VmRSS of ``pid`` alone, not its children (zero once
+    it is gone)."""
+    cpu_ticks, rss_kb = _usage(pid) or (0, 0)
     return Sample(cpu_ticks / _TICK, rss_kb)
 
 

@@ -209,3 +209,62 @@ def check_nats(nats: dict[str, Any], durable: dict[str, Any]) -> None:
         assert figures["total_cpu_us_per_msg"] == pytest.approx(
             figures["cpu_us_per_msg"] + figures["nats_cpu_us_per_msg"], abs=0.02)
         assert figures["errors"] == {} or set(figures["errors"]) <= {"rate_limited"}
+
+
+@pytest.mark.slow
+def test_scale_scenario_tiny_run(tmp_path: Path) -> None:
+    """The scale scenario, tiny (300 sessions on chatd serve --workers 2) beside the
+    single-process connections scenario of chatd and the peer, through the real harness:
+    every session opened and held on one worker or the other, memory, CPU and open files
+    per process, and nothing of its own left running."""
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--scenarios", "connections,scale",
+         "--targets", "chatd,peer", "--json", str(out), "--data-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    scale = json.loads(out.read_text())["scale"]
+    assert scale["connections"] == scale["requested"] == scale["open_at_end"] == 300
+    assert scale["failed"] == {} and scale["closed"] == {}
+    assert scale["workers"] == 2 and scale["loadgen_processes"] == 1
+    warm = scale["warmup_sessions"]
+    assert sum(scale["sessions_by_worker"].values()) == 300 + warm
+    assert all(count > 0 for count in scale["sessions_by_worker"].values())
+    for key in ("connect_per_s", "rss_kb_per_conn", "nats_rss_kb_per_conn", "loadgen_rss_kb"):
+        assert number(scale[key]) and scale[key] > 0, key
+    for key in ("idle_cpu_pct", "nats_idle_cpu_pct", "idle_loadgen_cpu_pct",
+                "connect_chatd_cpu_pct", "connect_loadgen_cpu_pct"):
+        assert number(scale[key]) and scale[key] >= 0, key
+    assert scale["rss_kb_per_conn"] < 1024  # KiB per idle session: not a unit mix-up
+    check_scale_processes(scale, warm)
+    assert set(scale["single_process"]) == {"chatd", "peer"}
+    assert all(f["connections"] == 20 for f in scale["single_process"].values())
+    for line in ("idle sessions on chatd serve --workers 2 (scale)", "RSS KiB/conn, chatd",
+                 "peak open files", "the peer is one process"):
+        assert line in run.stdout, line
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert not leftover.stdout.strip(), f"processes left running: {leftover.stdout}"
+
+
+def check_scale_processes(scale: dict[str, Any], warm: int) -> None:
+    """Every process of chatd serve --workers 2 is reported: its RSS, CPU and open files,
+    each worker's open files covering its sessions and staying under the cap."""
+    processes = {p["name"]: p for p in scale["processes"]}
+    assert [p["role"] for p in scale["processes"]] == [
+        "supervisor", "worker", "worker", "watchdog", "nats-server"]
+    workers = [p for p in scale["processes"] if p["role"] == "worker"]
+    assert sum(w["sessions"] for w in workers) == 300 + warm
+    assert sum(w["warmup_sessions"] for w in workers) == warm
+    for worker in workers:
+        assert worker["sessions"] == scale["sessions_by_worker"][worker["name"]]
+        assert worker["sessions"] <= worker["fds_peak"] < scale["fd_cap"]
+        assert worker["fds_before"] < worker["fds_peak"]
+        assert worker["rss_kb_after"] > worker["rss_kb_before"] > 0
+    for process in processes.values():
+        assert process["fd_limit"] and process["fds_peak"] >= process["fds_end"] > 0
+        assert number(process["idle_cpu_pct"]) and number(process["connect_cpu_pct"])
+    assert scale["fds_peak_max"] == max(w["fds_peak"] for w in workers)
+    assert scale["under_fd_cap"] is True
+    assert scale["nats_rss_kb_after"] == processes["nats-server"]["rss_kb_after"]
+    assert scale["rss_kb_after"] == sum(p["rss_kb_after"] for p in scale["processes"]
+                                        if p["role"] != "nats-server")
