@@ -15,6 +15,9 @@ source addresses, so no address's ephemeral ports run out), holds them idle, and
 memory, CPU and open files per process. One process may have at most 20,000 open files
 on the machines this runs on (:data:`FD_CAP`): the workers share the sessions, and the
 scenario records each process's peak.
+
+The module is a little over 500 lines: the deployment's processes and the scenario's
+measurements of each of them are one bookkeeping, kept together.
 """
 
 from __future__ import annotations
