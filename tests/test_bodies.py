@@ -11,23 +11,20 @@ import gc
 import logging
 import os
 from array import array
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-import trio
+from test_durable import running_store
 
-from chatd.actors import ActorTable
 from chatd.backends import Entry, Message, ReceiptItem, StoreUnavailable
 from chatd.backends.embedded import DurableStore
 from chatd.backends.embedded._bodies import Bodies, BodyCache
 from chatd.backends.embedded._segments import HEADER_BYTES, SegmentLog
 from chatd.clock import now_ms
 
-DEADLINE = 10.0  # seconds any single wait in these tests may take
 ALL = 1_000_000
 MSG = 1
 
@@ -44,17 +41,6 @@ def _store_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch,
     """Let ``chatd`` records propagate to caplog even if a test configured JSON logging."""
     monkeypatch.setattr(logging.getLogger("chatd"), "propagate", True)
     caplog.set_level(logging.INFO, logger="chatd")
-
-
-@asynccontextmanager
-async def running_store(dirs: Sequence[Path], **kw: Any) -> AsyncIterator[DurableStore]:
-    """A DurableStore on ``dirs``, recovered and serving; stopped cleanly on exit."""
-    async with trio.open_nursery() as nursery:
-        store = DurableStore(ActorTable("n1"), list(dirs), **kw)
-        with trio.fail_after(DEADLINE):
-            await nursery.start(store.run)
-        yield store
-        nursery.cancel_scope.cancel()
 
 
 def msg(n: int, to: str, body: str | None = None, sender: str = "alice") -> Message:

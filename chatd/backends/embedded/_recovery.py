@@ -19,6 +19,9 @@ Runs in a worker thread before the store serves (docs/storage.md, "Recovery and 
 
 Memory stays small: about 21 bytes per change record per replica while it runs, besides
 the index being built, and never a decoded body beyond the one being applied.
+
+The module is a little over 500 lines: the scans of both replicas, their merge, the replay
+and the reckoning of what one replica lacks read the same arrays, so they stay together.
 """
 
 from __future__ import annotations
