@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,14 @@ import trio
 from chatd.actors import ActorTable
 from chatd.backends import StoreUnavailable
 from chatd.backends.embedded._journal import Checkpoint, Journal
-from chatd.backends.embedded._segments import MAGIC, Position, SegmentLog, SegmentReader
+from chatd.backends.embedded._segments import (
+    HEADER_BYTES,
+    MAGIC,
+    Block,
+    Position,
+    SegmentLog,
+    SegmentReader,
+)
 
 Event = tuple[str, int, tuple[str, ...]]
 
@@ -28,11 +34,15 @@ class TracedLog(SegmentLog):
         self.replica = replica
         self.events = events
 
-    def append(self, records: Sequence[tuple[int, bytes]]) -> list[Position]:
-        positions = super().append(records)
-        self.events.append(("appended", self.replica,
-                            tuple(cbor2.loads(p)[1] for _, p in records)))
-        return positions
+    def append_block(self, block: Block) -> Position:
+        start = super().append_block(block)
+        payloads = []
+        for offset in block.offsets:
+            size = int.from_bytes(block.data[offset:offset + 4])
+            payload = block.data[offset + HEADER_BYTES:offset + HEADER_BYTES + size]
+            payloads.append(cbor2.loads(payload)[1])
+        self.events.append(("appended", self.replica, tuple(payloads)))
+        return start
 
     def sync(self) -> None:
         self.events.append(("sync_start", self.replica, ()))

@@ -69,10 +69,11 @@ class BodyCache:
         self._items.move_to_end((user, seq))
         return held[0]
 
-    def put(self, user: str, entry: Entry) -> None:
+    def put(self, user: str, entry: Entry, size: int | None = None) -> None:
         """Hold ``entry`` of ``user``'s queue, dropping the least recently used past the
-        bounds."""
-        size = item_size(entry.item)
+        bounds; ``size`` is its :func:`item_size` if the caller has it already."""
+        if size is None:
+            size = item_size(entry.item)
         if size > self.max_bytes:
             return
         items, key = self._items, (user, entry.seq)

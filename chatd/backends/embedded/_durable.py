@@ -263,9 +263,9 @@ class DurableStore(IndexedStore):
     def _queue(self, user: str, entry: Entry, position: Position) -> None:
         """Queue ``entry`` of ``user`` whose record was written at ``position`` (in a
         journal ``apply``), and keep it in the cache."""
-        self.index.add(user, entry.seq, position, item_size(entry.item),
-                       not isinstance(entry.item, Message))
-        self.bodies.cache.put(user, entry)
+        size = item_size(entry.item)
+        self.index.add(user, entry.seq, position, size, not isinstance(entry.item, Message))
+        self.bodies.cache.put(user, entry, size)
         self.segments.serials.add(position.segment)
 
     async def acknowledge(self, user: str, status: str, upto: int,

@@ -45,7 +45,7 @@ from chatd.logs import EventLog
 from chatd.metrics import Histogram
 
 from ._format import CK_BEGIN
-from ._segments import Position, ReplicaFailed, SegmentLog
+from ._segments import Block, Position, ReplicaFailed, SegmentLog, encode_block
 
 __all__ = ["Checkpoint", "Journal", "JournalStats", "StoreUnavailable", "encode"]
 
@@ -231,7 +231,9 @@ class Journal:
                 encoded.append((record_type, cbor2.dumps([self.next_lsn, *fields])))
                 self.next_lsn += 1
         started = trio.current_time()
-        positions = await self._everywhere(lambda log: _append_and_sync(log, encoded))
+        block = encode_block(encoded, self._logs[0].max_record)
+        starts = await self._everywhere(lambda log: _append_and_sync(log, block))
+        positions = block.positions(starts[0]) if starts else []
         self.stats.commit_seconds.observe(trio.current_time() - started)
         self.stats.batches += 1
         self.stats.records += len(encoded)
@@ -304,12 +306,13 @@ class Journal:
         request.done.set()
 
 
-def _append_and_sync(log: SegmentLog, records: list[tuple[int, bytes]]) -> list[Position]:
-    if not records:
+def _append_and_sync(log: SegmentLog, block: Block) -> list[Position]:
+    """Write and fsync ``block``; where it starts (nothing for an empty block)."""
+    if not block.offsets:
         return []
-    positions = log.append(records)
+    start = log.append_block(block)
     log.sync()
-    return positions
+    return [start]
 
 
 def _write_checkpoint(log: SegmentLog, records: list[tuple[int, bytes]], serial: int | None,
