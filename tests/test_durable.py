@@ -284,6 +284,24 @@ async def test_idempotency_survives_restart(dirs: list[Path], checkpointed: bool
         assert pending[0].item == original
 
 
+async def test_a_replay_past_dedup_max_remembers_the_newest_ids(dirs: list[Path]) -> None:
+    """Recovery replays more messages than ``dedup_max``: the newest ids answer ``dup``
+    with their ``ts``, the older ones are forgotten (and queue again), as before the
+    restart."""
+    async with running_store(dirs, dedup_max=4) as store:
+        sent = [msg(n, "bob", ts=now_ms() - 100 + n) for n in range(10)]
+        await submit_all(store, sent)
+
+    async with running_store(dirs, dedup_max=4) as store:
+        assert len(store.index.ids) == 4
+        for original in sent[6:]:
+            accepted = await store.submit(msg(int(original.id[1:]), "bob", body="again"))
+            assert accepted.duplicate and accepted.ts == original.ts
+        accepted = await store.submit(msg(5, "bob", body="again"))
+        assert not accepted.duplicate
+        assert store.queued("bob") == 11
+
+
 # -- 3. sequence numbers ------------------------------------------------------------------
 
 

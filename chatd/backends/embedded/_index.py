@@ -138,6 +138,11 @@ class BaseIndex(Generic[Q]):
         """How many items wait in ``user``'s queue."""
         raise NotImplementedError
 
+    @property
+    def dedup_max(self) -> int:
+        """Most message ids remembered at once."""
+        return self._dedup_max
+
     def __len__(self) -> int:
         """How many users the index knows (with items queued or not)."""
         return len(self._queues)

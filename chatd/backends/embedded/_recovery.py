@@ -307,8 +307,7 @@ class _Recovery:
         lost = replay.last_lsn - replay.base - len(union.lsns) - len(retired)
         if lost:
             self._log.error("records_lost", error="records_lost", count=lost)
-        for lsn, replica, at in zip(union.lsns, union.replicas, union.at, strict=True):
-            self._replay(replica, at, lsn, replay)
+        self._replay(union, replay)
         replay.records = len(union.lsns)
         self.index.forget_ids(self.now)
         for replica, (scan, lsns) in enumerate(zip(self.scans, missing, strict=True)):
@@ -378,14 +377,37 @@ class _Recovery:
             replay.repair.append("the replicas' records are at different positions")
         return union, missing
 
-    def _replay(self, replica: int, at: int, lsn: int, replay: Replay) -> None:
-        scan = self.scans[replica]
-        position = Position(scan.serials[at], scan.offsets[at])
-        fields = self._fields(replica, position)
-        if fields is None or fields[0] != lsn:
-            replay.repair.append(f"undecodable record in {scan.log.directory}")
-            return
-        self._apply(scan.types[at], fields, position)
+    def _replay(self, union: _Union, replay: Replay) -> None:
+        """Apply the change records of ``union`` in LSN order, each read back from the
+        replica it is taken from (whose scan checked its CRC) and decoded.
+
+        A message's id is remembered only if it is among the last ``dedup_max`` messages
+        replayed: the earlier ones would be forgotten again before recovery ends.
+        """
+        scans, readers, index = self.scans, self.readers, self.index
+        forget = self._messages(union) - index.dedup_max
+        window_ms, now = index.dedup_window_ms, self.now
+        for lsn, replica, at in zip(union.lsns, union.replicas, union.at, strict=True):
+            scan = scans[replica]
+            serial, offset = scan.serials[at], scan.offsets[at]
+            try:
+                fields = _decode(readers[replica].verified(serial, offset))
+            except Exception:  # changed since it was read; counted as undecodable
+                fields = None
+            if fields is None or fields[0] != lsn:
+                replay.repair.append(f"undecodable record in {scan.log.directory}")
+                continue
+            record_type = scan.types[at]
+            if record_type == MSG:  # most records: applied here, without a call
+                _, to, seq, msg_id, sender, body, ts = fields
+                if forget > 0:
+                    forget -= 1
+                elif ts + window_ms > now:
+                    index.remember(sender, msg_id, to, ts)
+                index.add(to, seq, Position(serial, offset),
+                          len(body) if body.isascii() else len(body.encode()), False)
+            else:
+                self._apply(record_type, fields, Position(serial, offset))
 
     def _fields(self, replica: int, position: Position) -> list[Any] | None:
         """The decoded fields of the record at ``position`` on ``replica``, or None."""
@@ -394,6 +416,14 @@ class _Recovery:
         except Exception:  # changed since it was read; counted as undecodable
             return None
         return _decode(payload)
+
+    def _messages(self, union: _Union) -> int:
+        """How many of ``union``'s records are messages."""
+        first, at = self.scans[0], union.at
+        if at and not union.replicas.count(1) and at[-1] - at[0] == len(at) - 1:
+            return first.types[at[0]:at[-1] + 1].count(MSG)  # one replica's run, in C
+        return sum(self.scans[replica].types[place] == MSG
+                   for replica, place in zip(union.replicas, at, strict=True))
 
     # -- rebuilding the state -------------------------------------------------------------
 
@@ -429,14 +459,9 @@ class _Recovery:
                             kv.apply(bucket, key, value, key_revision, expires)
 
     def _apply(self, record_type: int, fields: list[Any], position: Position) -> None:
+        """Apply a change record other than a message."""
         index = self.index
-        if record_type == MSG:
-            _, to, seq, msg_id, sender, body, ts = fields
-            if ts + index.dedup_window_ms > self.now:
-                index.remember(sender, msg_id, to, ts)
-            index.add(to, seq, position, len(body) if body.isascii() else len(body.encode()),
-                      False)
-        elif record_type == ACK:
+        if record_type == ACK:
             # The messages it removes are read back (sender and id, for the unread memory).
             _, user, status, upto, peer, receipts = fields
             index.apply_ack(user, status, upto, peer, None, self.bodies.messages_now)
