@@ -615,6 +615,7 @@ async def sla(server: Server, params: Params, tokens: Tokens, logdir: Path) -> d
 async def _sla_step(server: Server, pool: Pool, params: Params, shares: list[int],
                     rate: float) -> dict[str, Any]:
     """One step of :func:`sla`: ``rate`` msg/s, measured, then stopped and drained."""
+    pauses0 = server.gc_pauses()
     await pool.all("latency", [{"rate": rate * k / params.pairs} for k in shares])
     window = await _measure(server, pool, params, "SLA", f"SLA step at {rate:,.0f} msg/s",
                             params.sla_seconds, hist="take", warmup=params.sla_warmup)
@@ -624,6 +625,7 @@ async def _sla_step(server: Server, pool: Pool, params: Params, shares: list[int
     await pool.all("stop")
     limit = max(5.0, 2 * params.sla_seconds)
     drained = await pool.all("drain", limit=limit, timeout=limit + 30.0)
+    pauses1 = server.gc_pauses()
     backlog = _stat(window.marks1, "sends") - _stat(window.marks1, "delivered")
     deliver, sent = percentiles(histogram), percentiles(sent_histogram)
     overloaded = traffic["msgs_per_s"] < 0.95 * rate or backlog > 0.1 * rate
@@ -640,7 +642,19 @@ async def _sla_step(server: Server, pool: Pool, params: Params, shares: list[int
             "machine_cpu_pct": traffic["machine_cpu_pct"],
             "other_cpu_pct": traffic["other_cpu_pct"],
             "max_send_lag_ms": round(max(m["max_lag_ms"] for m in window.marks1), 3),
-            "outstanding": _merge(drained, "outstanding")}
+            "outstanding": _merge(drained, "outstanding"),
+            "gc_pauses": _gc_during(pauses0, pauses1)}
+
+
+def _gc_during(before: dict[str, dict[str, float]] | None,
+               after: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
+    """The server's collector pauses between two :meth:`Server.gc_pauses` scrapes, per
+    generation (empty for the peer): what a latency tail may be made of."""
+    if before is None or after is None:
+        return {}
+    return {generation: {key: round(value - before.get(generation, {}).get(key, 0.0), 4)
+                         for key, value in figures.items()}
+            for generation, figures in after.items()}
 
 
 def percentiles(histogram: Histogram) -> dict[str, float]:

@@ -287,14 +287,9 @@ class Server:
         middle of the scrape on the monotonic clock (None for the peer, or if the scrape
         fails). A busy chatd can take a second to answer, so the harness scrapes outside
         its measured windows, never between a worker's mark and a server sample."""
-        if not self.http_port:
-            return None
         start = time.monotonic()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
-                                        timeout=5) as answer:
-                text = answer.read().decode()
-        except OSError:
+        text = self._metrics()
+        if text is None:
             return None
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -302,6 +297,43 @@ class Server:
                         and sample.labels.get("generation") == "0"):
                     return int(sample.value), (start + time.monotonic()) / 2
         return None
+
+    def gc_pauses(self) -> dict[str, dict[str, float]] | None:
+        """The server's garbage-collector pauses so far, per generation, from chatd's
+        ``chatd_gc_pause_seconds``: ``count``, ``seconds`` (their sum), and how many lasted
+        over 1 ms and over 5 ms (``over_1ms``, ``over_5ms``). None for the peer, or if the
+        scrape fails."""
+        text = self._metrics()
+        if text is None:
+            return None
+        pauses: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "chatd_gc_pause_seconds":
+                continue
+            for sample in family.samples:
+                figures = pauses.setdefault(sample.labels["generation"], {})
+                if sample.name.endswith("_count"):
+                    figures["count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    figures["seconds"] = sample.value
+                elif sample.labels.get("le") in ("0.001", "0.005"):
+                    key = "over_1ms" if sample.labels["le"] == "0.001" else "over_5ms"
+                    figures[key] = -sample.value  # the total is added below
+        for figures in pauses.values():
+            for key in ("over_1ms", "over_5ms"):
+                figures[key] = figures.get("count", 0.0) + figures.get(key, 0.0)
+        return pauses
+
+    def _metrics(self) -> str | None:
+        """chatd's /metrics text, or None (the peer, or the scrape failed)."""
+        if not self.http_port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics",
+                                        timeout=5) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            return None
 
     def problems(self) -> dict[str, list[str]]:
         """Warnings and errors logged since the last call, per process: a single server's
