@@ -254,16 +254,29 @@ class Worker:
             emit({"type": "progress", "done": self.done})
 
     async def cmd_connect(self, url: str, users: list[list[str]], concurrency: int = 200,
-                          open_timeout: float = 30.0) -> dict[str, Any]:
+                          open_timeout: float = 30.0, retries: int = 0) -> dict[str, Any]:
+        """Open idle sessions; those that failed are tried again, up to ``retries`` more
+        passes once the previous pass is over, as a client reconnects. ``failed`` counts
+        what failed in the end, ``failed_first`` what failed on the first attempt."""
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100
         if len(self.idle) + len(users) > limit:
             raise ValueError(f"this worker can hold at most {limit} sessions (RLIMIT_NOFILE)")
         cpu, start = time.process_time(), time.monotonic()
-        opened, failed = await self.open_many([(url, token) for _, token in users],
-                                              concurrency, open_timeout)
+        logins = [(url, token) for _, token in users]
+        opened, failed = await self.open_many(logins, concurrency, open_timeout)
+        first = failed
+        for _ in range(retries):
+            again = [at for at, ws in enumerate(opened) if ws is None]
+            if not again:
+                break
+            reopened, failed = await self.open_many([logins[at] for at in again],
+                                                    concurrency, open_timeout)
+            for at, ws in zip(again, reopened, strict=True):
+                opened[at] = ws
         self.idle.extend(ws for ws in opened if ws is not None)
         return {"connected": sum(ws is not None for ws in opened), "failed": dict(failed),
-                "elapsed": time.monotonic() - start, "cpu": time.process_time() - cpu}
+                "failed_first": dict(first), "elapsed": time.monotonic() - start,
+                "cpu": time.process_time() - cpu}
 
     async def cmd_pairs(self, url: str, pairs: list[list[str]], concurrency: int = 100,
                         open_timeout: float = 30.0, offline: bool = False) -> dict[str, Any]:

@@ -67,6 +67,10 @@ FD_CAP = 20_000
 WARM_PER_WORKER = 8
 #: Seconds allowed per thousand sessions to open (on top of a fixed allowance).
 OPEN_SECONDS_PER_1000 = 30.0
+#: Passes over the sessions that could not be opened, after the first, as clients
+#: reconnect: on two cores the storm of handshakes starves the workers and some logins
+#: time out.
+RETRIES = 1
 #: Seconds between two counts of every process's open files while connecting.
 FD_INTERVAL = 1.0
 #: Seconds the supervisor has to stop its workers and nats-server after SIGTERM
@@ -375,6 +379,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
         try:
             replies = await pool.all("connect", users, url=server.url,
                                      concurrency=max(1, params.scale_concurrency // size),
+                                     retries=RETRIES,
                                      timeout=30.0 + OPEN_SECONDS_PER_1000 * n / 1000,
                                      on_progress=lambda: bar.update(pool.done))
         finally:
@@ -405,6 +410,7 @@ async def scale(params: Params, tokens: Tokens, secret: Path, workdir: Path) -> 
         assert before.backend is not None and held1.backend is not None
         result: dict[str, Any] = {
             "connections": connected, "requested": n, "failed": failed,
+            "failed_first_attempt": _merge(replies, "failed_first"), "retries": RETRIES,
             "open_at_end": sum(m["idle_open"] for m in marks1) - warm,
             "closed": _merge(marks1, "closed"), "workers": workers,
             "warmup_sessions": warm, "loadgen_processes": size,
@@ -511,9 +517,13 @@ def scale_table(figures: dict[str, Any]) -> list[str]:
         lines.append(f"  {label:34}{text}")
 
     failed = sum(figures["failed"].values())
+    first = sum((figures.get("failed_first_attempt") or {}).values())
     row("sessions open", f"{figures['connections']:,} of {figures['requested']:,}"
         + (f" ({failed:,} failed)" if failed else "") + f", from "
         f"{figures['loadgen_processes']} load-generator processes")
+    if first:
+        row("failed at the first attempt", f"{first:,}, tried again "
+            f"{figures.get('retries', 0)} time(s): {figures['failed_first_attempt']}")
     row("connect/s", f"{figures['connect_per_s']:,.0f} ({figures['connect_s']:.0f} s; "
         f"chatd CPU {figures['connect_chatd_cpu_pct']:.0f} %, nats-server "
         f"{figures['connect_nats_cpu_pct']:.0f} %, load gen "
