@@ -19,7 +19,7 @@ from test_node import raw_login
 
 from chatd.backends.embedded import _journal
 from chatd.backends.embedded._format import RecordType
-from chatd.backends.embedded._segments import Position
+from chatd.backends.embedded._segments import Block, Position
 from chatd.protocol import Send
 
 MakeNode = Callable[..., Any]
@@ -44,17 +44,17 @@ class HeldJournal:
         self._append_and_sync = _journal._append_and_sync
         monkeypatch.setattr(_journal, "_append_and_sync", self._held)
 
-    def _held(self, log: Any, records: list[tuple[int, bytes]]) -> list[Position]:
-        if not any(record_type == RecordType.MSG for record_type, _ in records):
-            # presence and the like: not held, not counted
-            return self._append_and_sync(log, records)
-        number = self._batches.setdefault(id(records), len(self._batches))
+    def _held(self, log: Any, block: Block) -> list[Position]:
+        types = [block.data[offset + 4] for offset in block.offsets]  # the header's type
+        if RecordType.MSG not in types:  # presence and the like: not held, not counted
+            return self._append_and_sync(log, block)
+        number = self._batches.setdefault(id(block), len(self._batches))
         if number == 0:
             self.entered.set()
             self.gate.wait(TIMEOUT)
-        positions = self._append_and_sync(log, records)
+        positions = self._append_and_sync(log, block)
         self.events.append(("synced", number, (str(log.directory),
-                                               sum(t == RecordType.MSG for t, _ in records))))
+                                               types.count(RecordType.MSG))))
         return positions
 
     async def wait_held(self) -> None:
