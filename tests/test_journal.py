@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 import trio
+import trio.testing
 
 from chatd.actors import ActorTable
 from chatd.backends import StoreUnavailable
@@ -23,6 +25,8 @@ from chatd.backends.embedded._segments import (
 )
 
 Event = tuple[str, int, tuple[str, ...]]
+
+DEADLINE = 10.0  # seconds any single wait may take
 
 
 class TracedLog(SegmentLog):
@@ -89,6 +93,61 @@ async def test_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
             f"record {n}" for n in range(200))
         # Every record has its own LSN, the same on both replicas.
         assert sorted(lsn for lsn, _ in records) == list(range(1, 201))
+
+
+class GatedLog(SegmentLog):
+    """A segment log whose fsync waits, in its worker thread, for the test to open a gate."""
+
+    def __init__(self, directory: Path, gate: threading.Event,
+                 token: trio.lowlevel.TrioToken, in_sync: trio.Event) -> None:
+        super().__init__(directory)
+        self.gate = gate
+        self.token = token
+        self.in_sync = in_sync
+
+    def sync(self) -> None:
+        trio.from_thread.run_sync(self.in_sync.set, trio_token=self.token)
+        if not self.gate.wait(DEADLINE):
+            raise AssertionError("the gate was never opened")
+        super().sync()
+
+
+async def test_a_write_under_way_when_the_journal_is_cancelled_still_completes(
+        tmp_path: Path) -> None:
+    """Cancelling the journal (the node shutting down) while a batch is being fsync'd waits
+    for the fsync and acknowledges the batch: a write once started runs to its end."""
+    gate, in_sync = threading.Event(), trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    logs = [GatedLog(tmp_path / f"r{i}", gate, token, in_sync) for i in range(2)]
+    for log in logs:
+        assert list(log.recover()) == []
+    journal = Journal(ActorTable("n1"), logs)
+    acknowledged = trio.Event()
+
+    async def writer() -> None:
+        await journal.write([(1, ["under way"])])
+        acknowledged.set()
+
+    stopping = trio.CancelScope()
+
+    async def journal_until_cancelled(task_status: trio.TaskStatus[Journal]) -> None:
+        with stopping:
+            await journal.run(task_status=task_status)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal_until_cancelled)
+            nursery.start_soon(writer)
+            await in_sync.wait()
+            stopping.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not acknowledged.is_set()
+            gate.set()
+            await acknowledged.wait()
+    for log in logs:
+        log.close()
+        assert [cbor2.loads(r.payload)[1] for r in SegmentLog(log.directory).recover()] == [
+            "under way"]
 
 
 async def test_no_writer_is_released_before_an_fsync_that_started_after_its_write(
