@@ -23,7 +23,7 @@ A user's queued items whose records cannot be read from both replicas raise an a
 (``replica_unreadable``, :attr:`DurableStore.unreadable`): at recovery, until the repair is
 written; when a replica fails at run time, or a read fails on one, until a restart.
 
-The module is about 550 lines: the actor, its writes with their ``apply`` hooks, the reads
+The module is about 570 lines: the actor, its writes with their ``apply`` hooks, the reads
 back and the alarm share one state, so they stay together; the records' format,
 recovery, checkpoints and compaction are modules of their own.
 """
@@ -284,12 +284,13 @@ class DurableStore(IndexedStore):
                            peer: str | None) -> list[tuple[str, Entry]]:
         assert self.journal is not None
         index = self.index
-        while True:  # read the messages leaving; again if the queue changed meanwhile
-            refs = index.message_refs(user, upto)
+        refs = index.message_refs(user, upto)
+        newly = self._newly_cached(user, refs)
+        while newly is None:  # read the messages leaving; again if the queue changed meanwhile
             newly = await self._newly(user, refs)
-            if [seq for seq, _, _ in index.message_refs(user, upto)] == [
-                    seq for seq, _, _ in refs]:
-                break
+            again = index.message_refs(user, upto)
+            if [seq for seq, _, _ in again] != [seq for seq, _, _ in refs]:
+                refs, newly = again, None
         plan = index.plan_ack(user, status, upto, peer, now_ms(), newly)
         if not plan.changed:
             return []
@@ -307,6 +308,20 @@ class DurableStore(IndexedStore):
                     for (sender, item), (_, entry) in zip(plan.receipts, queued, strict=True)]
         await self.journal.write([(ACK, [user, status, upto, peer, receipts])], apply)
         return queued
+
+    def _newly_cached(self, user: str, refs: list[Ref]) -> Newly | None:
+        """The (seq, sender, id) of the messages at ``refs`` if the cache holds them all
+        (an acknowledgement of what was just delivered: no read, no wait), else None."""
+        newly: Newly = []
+        get = self.bodies.cache.get
+        for seq, _, _ in refs:
+            entry = get(user, seq)
+            if entry is None:
+                return None
+            item = entry.item
+            assert isinstance(item, Message)  # message_refs gives messages only
+            newly.append((seq, item.sender, item.id))
+        return newly
 
     async def _newly(self, user: str, refs: list[Ref]) -> Newly:
         """The (seq, sender, id) of the messages at ``refs``, read a batch at a time."""
