@@ -272,12 +272,20 @@ class DurableStore(IndexedStore):
                           peer: str | None = None) -> list[tuple[str, Entry]]:
         """Acknowledge durably, with the receipts; see :meth:`chatd.backends.Queues.acknowledge`."""
         assert self.journal is not None
-        lock = self._ack_locks.setdefault(user, trio.Lock())
+        lock = self._ack_locks.get(user)
+        if lock is None:
+            lock = self._ack_locks[user] = trio.Lock()
         try:
-            async with lock:
+            try:  # uncontended, as nearly always: no trip through the scheduler
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 return await self._acknowledge(user, status, upto, peer)
+            finally:
+                lock.release()
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            if not lock.locked():  # a release hands the lock to a waiter, if any
                 self._ack_locks.pop(user, None)
 
     async def _acknowledge(self, user: str, status: str, upto: int,
