@@ -32,6 +32,10 @@ the kernel may have dropped the dirty pages, and a later successful fsync would 
 nothing about them.
 
 The methods do blocking file I/O; the persistence actor runs them in a worker thread.
+
+The module is a little over 500 lines: the record format (header, CRC, magic, segment names)
+is stated once, here, and the log that writes and recovers records and the readers that
+read one back at its position both parse it.
 """
 
 from __future__ import annotations
