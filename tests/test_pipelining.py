@@ -40,7 +40,7 @@ class HeldJournal:
         self.gate, self.entered = threading.Event(), threading.Event()
         #: ("synced", batch number, (replica, messages)) and the test's own events.
         self.events: list[tuple[str, Any, Any]] = []
-        self._batches: dict[int, int] = {}  # id of a batch's record list -> its number
+        self._batches: dict[bytes, int] = {}  # a batch's bytes (its LSNs: unique) -> number
         self._append_and_sync = _journal._append_and_sync
         monkeypatch.setattr(_journal, "_append_and_sync", self._held)
 
@@ -48,7 +48,7 @@ class HeldJournal:
         types = [block.data[offset + 4] for offset in block.offsets]  # the header's type
         if RecordType.MSG not in types:  # presence and the like: not held, not counted
             return self._append_and_sync(log, block)
-        number = self._batches.setdefault(id(block), len(self._batches))
+        number = self._batches.setdefault(block.data, len(self._batches))
         if number == 0:
             self.entered.set()
             self.gate.wait(TIMEOUT)
