@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import hashlib
+import zlib
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -108,7 +108,7 @@ class _Scan:
         self.log = log
         self._twin = twin
         self._segments: dict[int, _Segment] = {}
-        self._digests: dict[int, bytes] = {}
+        self._digests: dict[int, int] = {}
         self.lsns = array("q")
         self.types = array("B")
         self.serials = array("i")
@@ -126,7 +126,7 @@ class _Scan:
 
     def _on_segment(self, serial: int, data: bytes, last: bool) -> bool:
         """Start a segment; True if it is the twin's (its records need no reading)."""
-        digest = hashlib.blake2b(data, digest_size=16).digest()
+        digest = zlib.crc32(data)
         self._digests[serial] = digest
         twin = self._twin
         # The same bytes as the twin's segment, in which it found no damage (and, for the
@@ -146,7 +146,7 @@ class _Scan:
         segment: _Segment | None = None
         begin = 0
         changes, retired = CHANGES, RETIRED
-        for (serial, offset), record_type, payload in self.log.recover(self._on_segment):
+        for serial, offset, record_type, payload in self.log.scan(self._on_segment):
             if segment is None or segment.serial != serial:
                 segment, current = self._segments[serial], None
             if record_type in changes:
@@ -404,7 +404,7 @@ class _Recovery:
                     forget -= 1
                 elif ts + window_ms > now:
                     index.remember(sender, msg_id, to, ts)
-                index.add(to, seq, Position(serial, offset),
+                index.add(to, seq, (serial, offset),
                           len(body) if body.isascii() else len(body.encode()), False)
             else:
                 self._apply(record_type, fields, Position(serial, offset))

@@ -99,22 +99,24 @@ class RefIndex(BaseIndex[_RefQueue]):
 
     # -- adding and moving ---------------------------------------------------------------
 
-    def add(self, user: str, seq: int, position: Position, size: int, receipt: bool) -> None:
+    def add(self, user: str, seq: int, position: tuple[int, int], size: int,
+            receipt: bool) -> None:
         """Queue item ``seq`` of ``user``, of ``size`` bytes, whose record is at
-        ``position``."""
+        ``position`` (a :class:`Position`, or a plain (segment, offset) pair)."""
         queue = self._queue(user)
         seqs = queue.seqs
+        segment, offset = position
         flagged = size * 2 + receipt
         if seqs and seqs[-1] > seq:
             at = bisect.bisect_left(seqs, seq, queue.head)
             seqs.insert(at, seq)
-            queue.serials.insert(at, position.segment)
-            queue.offsets.insert(at, position.offset)
+            queue.serials.insert(at, segment)
+            queue.offsets.insert(at, offset)
             queue.sizes.insert(at, flagged)
         else:
             seqs.append(seq)
-            queue.serials.append(position.segment)
-            queue.offsets.append(position.offset)
+            queue.serials.append(segment)
+            queue.offsets.append(offset)
             queue.sizes.append(flagged)
         if seq > queue.last_seq:
             queue.last_seq = seq
@@ -122,9 +124,9 @@ class RefIndex(BaseIndex[_RefQueue]):
             queue.reserved = seq
         self.pending_total += 1
         self.pending_bytes += size
-        usage = self.usage.get(position.segment)  # _use, written out: every write's path
+        usage = self.usage.get(segment)  # _use, written out: every write's path
         if usage is None:
-            usage = self.usage[position.segment] = [0, 0]
+            usage = self.usage[segment] = [0, 0]
         usage[0] += 1
         usage[1] += size + RECORD_OVERHEAD
 

@@ -179,6 +179,16 @@ class SegmentLog:
                 ) -> Iterator[Record]:
         """Yield every valid record in order, then leave the log ready to append.
 
+        As :meth:`scan`, each record as a :class:`Record`.
+        """
+        for serial, offset, record_type, payload in self.scan(on_segment):
+            yield Record(Position(serial, offset), record_type, payload)
+
+    def scan(self, on_segment: Callable[[int, bytes, bool], bool] | None = None
+             ) -> Iterator[tuple[int, int, int, bytes]]:
+        """Yield every valid record in order, as (serial, offset, type, payload), then
+        leave the log ready to append (plain tuples: recovery reads millions).
+
         Damage before the end is recorded in :attr:`damage`; a torn tail is truncated and
         its size added to :attr:`truncated`. Must be exhausted before :meth:`append`.
 
@@ -215,7 +225,7 @@ class SegmentLog:
         self._recovered = True
 
     def _scan(self, serial: int, data: bytes, last: bool
-              ) -> Generator[Record, None, int | None]:
+              ) -> Generator[tuple[int, int, int, bytes], None, int | None]:
         """Yield the valid records of one segment.
 
         Returns:
@@ -236,7 +246,7 @@ class SegmentLog:
                 if record_type and length <= max_record and end <= size:
                     payload = data[pos + HEADER_BYTES:end]
                     if crc32(payload, crc32(data[pos:pos + _HEADER.size])) == crc:
-                        yield Record(Position(serial, pos), record_type, payload)
+                        yield serial, pos, record_type, payload
                         pos = end
                         continue
             resume = self._next_valid(serial, data, pos + 1)
