@@ -518,6 +518,46 @@ async def test_bucket_put_many_writes_every_key_at_once(make_config: MakeConfig,
         assert await bucket.put_many([]) == []
 
 
+@pytest.mark.parametrize("durable", [True, False])
+async def test_concurrent_writes_of_a_key_wait_for_each_other(make_config: MakeConfig,
+                                                              durable: bool) -> None:
+    """A compare-and-set holds across the durable store's fsync: of eight updates of one
+    key at the same revision, started together, exactly one wins. Writes of several keys
+    that overlap, each listing them in another order, all complete, and each key ends at
+    its highest revision."""
+    async with running(make_config(), BucketSpec("things", durable)) as r:
+        bucket = r.buckets["things"]
+        base = await bucket.put("k", b"base")
+        won: list[int] = []
+        lost: list[int] = []
+
+        async def update(n: int) -> None:
+            try:
+                won.append(await bucket.update("k", f"v{n}".encode(), base))
+            except RevisionMismatch:
+                lost.append(n)
+
+        given: dict[str, list[int]] = {}
+
+        async def put_many(n: int) -> None:
+            keys = ["k", "a", "b", "c"][n % 4:] + ["k", "a", "b", "c"][:n % 4]
+            revisions = await bucket.put_many([(key, f"{n}".encode()) for key in keys])
+            for key, revision in zip(keys, revisions, strict=True):
+                given.setdefault(key, []).append(revision)
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(update, n)
+            assert len(won) == 1 and len(lost) == 7
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(put_many, n)
+        for key, revisions in given.items():
+            record = await bucket.get(key)
+            assert record is not None and record.revision == max(revisions), key
+
+
 async def test_bucket_keys_with_odd_characters_stay_distinct(make_config: MakeConfig) -> None:
     keys = ["a.b", "a=2Eb", "a=3D2Eb", "*", ">", "a.*.>", "=", "==", "A-z_09",
             "~!@#$%^&()[]{}|\\:;\"'<>,?/`+"]

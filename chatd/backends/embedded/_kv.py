@@ -13,7 +13,7 @@ a sweep (:meth:`KVTable.sweep`) or at recovery.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -164,13 +164,20 @@ class MemoryBucket:
 class DurableBucket(MemoryBucket):
     """A bucket of the durable store: a write is fsync'd on both replicas before it shows.
 
-    Writes of one key are serialized, so a compare-and-set holds across the fsync.
+    Writes of one key are serialized, so a compare-and-set holds across the fsync: a write
+    claims its keys, all at once, once no other write holds any of them (so two writes of
+    several keys never wait for each other in a cycle). A claim is a mark in a dict, not a
+    lock per key: trio keeps, per task, a list of the locks it holds and removes each one
+    released from it, so a task holding a lock for each of thousands of keys (the
+    presence service writing every user's last-seen time) spent its time in those lists.
+    Waiting writers are not served in order; each tries again when a claim ends.
     """
 
     def __init__(self, spec: BucketSpec, table: KVTable, commit: Commit) -> None:
         super().__init__(spec, table)
         self._commit = commit
-        self._locks: dict[str, trio.Lock] = {}
+        #: Keys being written, each with the event set when that write ends.
+        self._claims: dict[str, trio.Event] = {}
 
     async def put(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
         """Write ``key`` durably; see :meth:`chatd.backends.Bucket.put`."""
@@ -182,9 +189,7 @@ class DurableBucket(MemoryBucket):
         :meth:`chatd.backends.Bucket.put_many`."""
         name, table = self.spec.name, self._table
         latest = dict(records)  # one record per key: the last value given
-        async with contextlib.AsyncExitStack() as stack:
-            for key in sorted(latest):  # one order for everyone: no deadlock
-                await stack.enter_async_context(self._lock(key))
+        async with self._claimed(latest):
             now = now_ms()
             expires = _expires(ttl, now)
             written = {key: table.reserve(name) for key in latest}
@@ -213,7 +218,7 @@ class DurableBucket(MemoryBucket):
 
     async def _durable_write(self, key: str, value: bytes | None, expected: int | None,
                              ttl: float | None) -> int:
-        async with self._lock(key):
+        async with self._claimed((key,)):
             now = now_ms()
             name, table = self.spec.name, self._table
             table.check(name, key, expected, now)
@@ -224,12 +229,21 @@ class DurableBucket(MemoryBucket):
             return revision
 
     @contextlib.asynccontextmanager
-    async def _lock(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key``'s lock (made for the occasion, dropped when nobody needs it)."""
-        lock = self._locks.setdefault(key, trio.Lock())
+    async def _claimed(self, keys: Collection[str]) -> AsyncIterator[None]:
+        """Claim ``keys`` for a write: wait until no other write holds any of them, then
+        hold them all until the block ends."""
+        claims = self._claims
+        while True:
+            held = next((claims[key] for key in keys if key in claims), None)
+            if held is None:
+                break
+            await held.wait()
+        done = trio.Event()
+        for key in keys:
+            claims[key] = done
         try:
-            async with lock:
-                yield
+            yield
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(key, None)
+            for key in keys:
+                del claims[key]
+            done.set()
