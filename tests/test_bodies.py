@@ -17,6 +17,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from records import read_records
 from test_durable import running_store
 
 from chatd.backends import Entry, Message, ReceiptItem, StoreUnavailable
@@ -96,7 +97,7 @@ def records_of(directory: Path) -> list[tuple[Path, int, int, int, list[Any]]]:
     try:
         return [(segment(directory, r.position.segment), r.position.offset,
                  HEADER_BYTES + len(r.payload), r.type, cbor2.loads(r.payload))
-                for r in log.recover()]
+                for r in read_records(log)]
     finally:
         log.close()
 

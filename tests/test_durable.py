@@ -21,6 +21,7 @@ import cbor2
 import pytest
 import trio
 import trio.testing
+from records import read_records
 
 from chatd.actors import ActorTable
 from chatd.backends import (
@@ -127,7 +128,7 @@ def recover_clean(directory: Path) -> Decoded:
     """Recover a stopped replica with a fresh SegmentLog; it must hold no damage."""
     log = SegmentLog(directory)
     try:
-        records = [(r.type, cbor2.loads(r.payload)) for r in log.recover()]
+        records = [(r.type, cbor2.loads(r.payload)) for r in read_records(log)]
         assert log.damage == []
         assert log.truncated == 0
     finally:
@@ -140,7 +141,7 @@ def record_spans(directory: Path) -> list[tuple[Path, int, int]]:
     log = SegmentLog(directory)
     try:
         spans = [(directory / f"{r.position.segment:020d}.seg", r.position.offset,
-                  HEADER_BYTES + len(r.payload)) for r in log.recover()]
+                  HEADER_BYTES + len(r.payload)) for r in read_records(log)]
         assert log.damage == [] and log.truncated == 0
     finally:
         log.close()

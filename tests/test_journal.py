@@ -11,6 +11,7 @@ import cbor2
 import pytest
 import trio
 import trio.testing
+from records import read_records
 
 from chatd.actors import ActorTable
 from chatd.backends import StoreUnavailable
@@ -88,7 +89,7 @@ async def test_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
     for log in logs:
         log.close()
         reread = SegmentLog(log.directory)
-        records = [cbor2.loads(r.payload) for r in reread.recover()]
+        records = [cbor2.loads(r.payload) for r in read_records(reread)]
         assert sorted(payload for _, payload in records) == sorted(
             f"record {n}" for n in range(200))
         # Every record has its own LSN, the same on both replicas.
@@ -146,7 +147,7 @@ async def test_a_write_under_way_when_the_journal_is_cancelled_still_completes(
             await acknowledged.wait()
     for log in logs:
         log.close()
-        assert [cbor2.loads(r.payload)[1] for r in SegmentLog(log.directory).recover()] == [
+        assert [cbor2.loads(r.payload)[1] for r in read_records(SegmentLog(log.directory))] == [
             "under way"]
 
 

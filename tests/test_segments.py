@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from records import Record, read_records
 
 from chatd.backends.embedded import _segments
 from chatd.backends.embedded._segments import (
@@ -24,7 +25,6 @@ from chatd.backends.embedded._segments import (
     MAGIC,
     Damage,
     Position,
-    Record,
     ReplicaFailed,
     SegmentLog,
     encode_record,
@@ -81,7 +81,7 @@ def write_log(directory: Path, entries: Entries, **kw: Any) -> list[Position]:
 def reread(directory: Path, **kw: Any) -> tuple[list[Record], SegmentLog]:
     """Recover ``directory`` with a fresh SegmentLog: the records and the (open) log."""
     log = open_log(directory, **kw)
-    return list(log.recover()), log
+    return list(read_records(log)), log
 
 
 def expected(entries: Entries, positions: Sequence[Position]) -> list[Record]:

@@ -25,6 +25,7 @@ import cbor2
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from records import read_records
 
 from chatd.actors import ActorTable
 from chatd.backends import Message, ReceiptItem, StoreUnavailable
@@ -148,7 +149,7 @@ def records_of(directory: Path) -> list[tuple[Path, int, int, int, list[Any]]]:
     try:
         out = [(directory / f"{r.position.segment:020d}.seg", r.position.offset,
                 HEADER_BYTES + len(r.payload), r.type, cbor2.loads(r.payload))
-               for r in log.recover()]
+               for r in read_records(log)]
         assert log.damage == [] and log.truncated == 0
     finally:
         log.close()

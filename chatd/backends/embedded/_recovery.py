@@ -20,7 +20,7 @@ Runs in a worker thread before the store serves (docs/storage.md, "Recovery and 
 Memory stays small: about 21 bytes per change record per replica while it runs, besides
 the index being built, and never a decoded body beyond the one being applied.
 
-The module is a little over 500 lines: the scans of both replicas, their merge, the replay
+The module is about 600 lines: the scans of both replicas, their merge, the replay
 and the reckoning of what one replica lacks read the same arrays, so they stay together.
 """
 
@@ -146,7 +146,7 @@ class _Scan:
         segment: _Segment | None = None
         begin = 0
         changes, retired = CHANGES, RETIRED
-        for serial, offset, record_type, payload in self.log.scan(self._on_segment):
+        for serial, offset, record_type, payload in self.log.recover(self._on_segment):
             if segment is None or segment.serial != serial:
                 segment, current = self._segments[serial], None
             if record_type in changes:

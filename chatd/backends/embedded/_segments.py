@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import attrs
 
-__all__ = ["HEADER_BYTES", "MAGIC", "Block", "Damage", "Position", "Record",
+__all__ = ["HEADER_BYTES", "MAGIC", "Block", "Damage", "Position",
            "RecordUnreadable", "ReplicaFailed", "SegmentLog", "SegmentReader",
            "SequentialReader", "encode_block", "encode_record"]
 
@@ -74,14 +74,6 @@ class Position(NamedTuple):
 
     segment: int
     offset: int
-
-
-class Record(NamedTuple):
-    """One valid record read back from the log."""
-
-    position: Position
-    type: int
-    payload: bytes
 
 
 @attrs.frozen(slots=True)
@@ -176,18 +168,10 @@ class SegmentLog:
         return sorted(serials)
 
     def recover(self, on_segment: Callable[[int, bytes, bool], bool] | None = None
-                ) -> Iterator[Record]:
-        """Yield every valid record in order, then leave the log ready to append.
-
-        As :meth:`scan`, each record as a :class:`Record`.
-        """
-        for serial, offset, record_type, payload in self.scan(on_segment):
-            yield Record(Position(serial, offset), record_type, payload)
-
-    def scan(self, on_segment: Callable[[int, bytes, bool], bool] | None = None
-             ) -> Iterator[tuple[int, int, int, bytes]]:
+                ) -> Iterator[tuple[int, int, int, bytes]]:
         """Yield every valid record in order, as (serial, offset, type, payload), then
-        leave the log ready to append (plain tuples: recovery reads millions).
+        leave the log ready to append (plain tuples: recovery reads millions, and a
+        NamedTuple per record cost more than reading it).
 
         Damage before the end is recorded in :attr:`damage`; a torn tail is truncated and
         its size added to :attr:`truncated`. Must be exhausted before :meth:`append`.
@@ -240,7 +224,7 @@ class SegmentLog:
         pos, size = len(MAGIC), len(data)
         unpack, crc32, max_record = _HEADER_CRC.unpack_from, zlib.crc32, self.max_record
         while pos < size:
-            if size - pos >= HEADER_BYTES:  # _parse, written out: every record's path
+            if size - pos >= HEADER_BYTES:  # _valid, written out: every record's path
                 length, record_type, crc = unpack(data, pos)
                 end = pos + HEADER_BYTES + length
                 if record_type and length <= max_record and end <= size:
@@ -249,7 +233,7 @@ class SegmentLog:
                         yield serial, pos, record_type, payload
                         pos = end
                         continue
-            resume = self._next_valid(serial, data, pos + 1)
+            resume = self._next_valid(data, pos + 1)
             if resume is None:
                 if last:
                     return pos  # torn tail: everything from pos is cut off
@@ -259,21 +243,20 @@ class SegmentLog:
             pos = resume
         return pos
 
-    def _parse(self, serial: int, data: bytes, pos: int) -> Record | None:
+    def _valid(self, data: bytes, pos: int) -> bool:
+        """Whether a whole record with a good CRC starts at ``pos``."""
         if len(data) - pos < HEADER_BYTES:
-            return None
+            return False
         length, record_type, crc = _HEADER_CRC.unpack_from(data, pos)
         end = pos + HEADER_BYTES + length
         if record_type == 0 or length > self.max_record or end > len(data):
-            return None
+            return False
         payload = data[pos + HEADER_BYTES:end]
-        if zlib.crc32(payload, zlib.crc32(data[pos:pos + _HEADER.size])) != crc:
-            return None
-        return Record(Position(serial, pos), record_type, payload)
+        return bool(zlib.crc32(payload, zlib.crc32(data[pos:pos + _HEADER.size])) == crc)
 
-    def _next_valid(self, serial: int, data: bytes, start: int) -> int | None:
+    def _next_valid(self, data: bytes, start: int) -> int | None:
         for pos in range(start, len(data) - HEADER_BYTES + 1):
-            if self._parse(serial, data, pos) is not None:
+            if self._valid(data, pos):
                 return pos
         return None
 
