@@ -69,8 +69,9 @@ WARM_PER_WORKER = 8
 OPEN_SECONDS_PER_1000 = 30.0
 #: Passes over the sessions that could not be opened, after the first, as clients
 #: reconnect: on two cores the storm of handshakes starves the workers and some logins
-#: time out.
-RETRIES = 1
+#: time out (with one pass more, 217 of 100,000 sessions failed twice; each later pass
+#: has fewer handshakes in flight, and meets less of the storm).
+RETRIES = 3
 #: Seconds between two counts of every process's open files while connecting.
 FD_INTERVAL = 1.0
 #: Seconds the supervisor has to stop its workers and nats-server after SIGTERM

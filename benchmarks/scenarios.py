@@ -87,6 +87,10 @@ class Params:
     window: int = 8
     batch: bool = False  # several sends per WebSocket message in the throughput scenario
     seconds: float = 20.0
+    # Throughput rounds per target, taken in turn across the targets (A, B, C, A, B, C...)
+    # so that the machine's drift over a run falls on every target alike; the median round
+    # is reported.
+    throughput_rounds: int = 3
     warmup: float = 2.0
     latency_seconds: float = 30.0
     concurrency: int = 200

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.__main__ import median_round
 from benchmarks.hdr import Histogram, bucket_bounds, bucket_index
 from benchmarks.scenarios import SLA_PRECISION, next_rate, place
 
@@ -85,6 +86,17 @@ def test_pairs_cross_nodes_evenly() -> None:
     assert {place(i, 1) for i in range(8)} == {(0, 0)}
 
 
+def test_median_round_is_the_middle_one_by_throughput() -> None:
+    rounds = [{"msgs_per_s": v, "cpu_us_per_msg": c, "k": k}
+              for k, (v, c) in enumerate([(300.0, 3.0), (100.0, 1.0), (200.0, 2.0), (400.0, 4.0)])]
+    odd = median_round(rounds[:3])
+    assert (odd["k"], odd["msgs_per_s"], odd["cpu_us_per_msg"]) == (2, 200.0, 2.0)
+    assert odd["rounds"] == [{"msgs_per_s": v, "cpu_us_per_msg": c}
+                             for v, c in ((300.0, 3.0), (100.0, 1.0), (200.0, 2.0))]
+    assert median_round(rounds)["k"] == 2  # the lower of the middle two
+    assert median_round(rounds[:1])["k"] == 0
+
+
 def test_sla_search_doubles_halves_then_bisects() -> None:
     assert next_rate(250.0, None, 31.25) == 500.0  # every rate so far met the bound
     assert next_rate(None, 250.0, 31.25) == 125.0  # none has yet
@@ -103,7 +115,7 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     # The timeout only stops a hung run; how long the run takes is not checked.
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--tiny", "--json", str(out),
-         "--data-dir", str(tmp_path)],
+         "--data-dir", str(tmp_path), "--throughput-rounds", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -122,6 +134,13 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         check_sent_latency(figures, results["sent_histograms"][target])
         check_flood(target, figures)
         check_sla(figures)
+        rounds = figures["scenarios"]["throughput"]["rounds"]
+        assert len(rounds) == 2 and figures["msgs_per_s"] == min(r["msgs_per_s"] for r in rounds)
+    # The throughput rounds are taken in turn across the targets, before anything else.
+    turns = [line.split("== ", 1)[1] for line in run.stderr.splitlines()
+             if ": throughput, round" in line]
+    assert turns == [f"{target}: throughput, round {k} of 2" for k in (1, 2)
+                     for target in TARGETS], turns
     assert results["ratio"]["cpu_us_per_msg"] > 0
     assert results["ratio"]["flood_cpu_us_per_msg"] > 0
     cost = results["metrics_cost"]
