@@ -17,7 +17,7 @@ import ssl
 from pathlib import Path
 
 from chatd.protocol.websocket import close_frame
-from chatd.transport import RECV_SIZE, ConnectionClosed, WebSocket
+from chatd.transport import RECV_SIZE, WebSocket
 
 __all__ = ["TlsError", "TlsWebSocket", "server_context"]
 
@@ -106,8 +106,8 @@ class TlsWebSocket(WebSocket):
                 self._incoming.write(await WebSocket._recv(self))
             except ssl.SSLError as exc:
                 self._flush()  # the alert, if any
-                self._closed = ConnectionClosed(1006, f"TLS: {_reason(exc)}")
-                raise self._closed from None
+                self._closed = (1006, f"TLS: {_reason(exc)}")
+                raise self._over() from None
         self._flush()
         await super().handshake()
 
@@ -127,13 +127,13 @@ class TlsWebSocket(WebSocket):
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:  # the client's close_notify: the end of the stream
-            self._closed = ConnectionClosed(1006, "connection lost")
+            self._closed = (1006, "connection lost")
         except ssl.SSLError as exc:
-            self._closed = ConnectionClosed(1006, f"TLS: {_reason(exc)}")
+            self._closed = (1006, f"TLS: {_reason(exc)}")
         self._flush()  # what reading produced (a key update's answer)
         data = b"".join(chunks)
         if not data and self._closed is not None:
-            raise self._closed
+            raise self._over()
         return data
 
     def _write(self, data: bytes) -> None:

@@ -83,7 +83,11 @@ class WebSocket:
         self._reads = 0
         self._drained = False
         self._sent_close = False
-        self._closed: ConnectionClosed | None = None
+        #: Why the connection is over (close code, reason), once it is. Each raise makes
+        #: a new :class:`ConnectionClosed` of it (:meth:`_over`): one kept here would hold
+        #: its traceback, whose frames hold this WebSocket, a cycle only the collector's
+        #: full passes free (a closed session's objects stayed behind with it).
+        self._closed: tuple[int, str] | None = None
         #: trio time of the last pong received (0 if none).
         self.pong_at = 0.0
         try:
@@ -151,10 +155,10 @@ class WebSocket:
                     if not self._sent_close:
                         self._sent_close = True
                         self._write(close_frame(event.code))
-                    self._closed = ConnectionClosed(code, event.reason)
+                    self._closed = (code, event.reason)
                     if messages:  # what came before the close frame is still acted on
                         return messages
-                    raise self._closed
+                    raise self._over()
                 else:
                     self.pong_at = trio.current_time()
             if messages:
@@ -162,7 +166,7 @@ class WebSocket:
 
     async def _recv(self) -> bytes:
         if self._closed is not None:
-            raise self._closed
+            raise self._over()
         sock = self._sock
         self._reads += 1
         if self._drained:  # the last read emptied the socket: wait rather than try
@@ -179,11 +183,11 @@ class WebSocket:
                 await trio.lowlevel.wait_readable(sock)
                 continue
             except OSError as exc:
-                self._closed = ConnectionClosed(1006, exc.strerror or "connection lost")
-                raise self._closed from None
+                self._closed = (1006, exc.strerror or "connection lost")
+                raise self._over() from None
             if not data:
-                self._closed = ConnectionClosed(1006, "connection lost")
-                raise self._closed
+                self._closed = (1006, "connection lost")
+                raise self._over()
             # Less than asked for: the kernel had no more, so the next read would most
             # likely fail with EAGAIN. Skip that system call and wait for readiness.
             self._drained = len(data) < RECV_SIZE
@@ -223,7 +227,7 @@ class WebSocket:
     def _lost(self, exc: OSError) -> None:
         self._out.clear()
         if self._closed is None:
-            self._closed = ConnectionClosed(1006, exc.strerror or "connection lost")
+            self._closed = (1006, exc.strerror or "connection lost")
 
     async def drain(self) -> None:
         """Wait until everything queued has been handed to the kernel.
@@ -246,8 +250,13 @@ class WebSocket:
                     out[0] = memoryview(out[0])[sent:]
                     break
                 del out[0]
-        if self._closed is not None and self._closed.code == 1006:
-            raise self._closed
+        if self._closed is not None and self._closed[0] == 1006:
+            raise self._over()
+
+    def _over(self) -> ConnectionClosed:
+        """A new exception saying why the connection is over (it is)."""
+        assert self._closed is not None
+        return ConnectionClosed(*self._closed)
 
     # -- closing ---------------------------------------------------------------------
 
@@ -279,7 +288,7 @@ class WebSocket:
         """Close the socket at once."""
         self._out.clear()
         if self._closed is None:
-            self._closed = ConnectionClosed(1006, "closed")
+            self._closed = (1006, "closed")
         if self._sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self._sock)
             with contextlib.suppress(OSError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import gc
 import hashlib
 import hmac
 import io
@@ -35,12 +36,15 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from chatd.actors import Mailbox
 from chatd.auth import load_or_create_secret, mint_token
 from chatd.client import Client, Closed, Event, connect
 from chatd.config import load_config
 from chatd.node import Node
 from chatd.protocol import Error, Msg, Presence, Receipt
+from chatd.session import Session
 from chatd.session._writer import Writer
+from chatd.transport import WebSocket
 
 TIMEOUT = 5.0
 """Deadline (seconds) for any single wait on the server."""
@@ -636,6 +640,31 @@ async def test_second_login_takes_over_the_session(chat_node: RunningNode) -> No
         sent = await alice.client.send("bob", "to the new session")
         msg = await second.next(Msg)
         assert (msg.id, msg.sender) == (sent.id, "alice")
+
+
+async def test_an_ended_session_is_freed_without_the_collector(chat_node: RunningNode) -> None:
+    """Sessions that end (the client leaves, a second login takes over) leave no reference
+    cycle behind: with the collector off, none of their objects is left once they are
+    done. A cycle would wait for the collector's next full pass, which visits every live
+    session's objects and stops the node meanwhile."""
+    kinds = (Session, Writer, WebSocket, Mailbox)
+    gc.collect()
+    gc.disable()
+    try:
+        before = {id(o) for o in gc.get_objects() if type(o) in kinds}  # the node's actors
+        async with login(chat_node, "alice") as alice, login(chat_node, "bob") as bob:
+            await exchange(alice, bob)
+            async with login(chat_node, "bob"):
+                _, closed = await bob.drain()
+                assert closed.code == 4409
+        listener = chat_node.node.listener
+        assert listener is not None
+        await until(lambda: listener.live_sessions == 0)
+        left = [type(o).__name__ for o in gc.get_objects()
+                if type(o) in kinds and id(o) not in before]
+        assert left == []
+    finally:
+        gc.enable()
 
 
 async def test_a_later_login_takes_over_even_if_the_clock_stepped_back(

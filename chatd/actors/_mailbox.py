@@ -216,7 +216,9 @@ class Mailbox(Generic[T]):
         """
         self._closed = True
         self._queue.clear()
-        self.inline = None
+        # The actor has stopped: nothing is left to signal. Its handlers refer back to it,
+        # and dropping them lets it be freed without the collector's full pass.
+        self.inline = self._on_exit = self._scope = None
         self._senders.unpark_all()
         task, self._receiver = self._receiver, None
         if task is not None:

@@ -235,6 +235,10 @@ class Session:
                     writer.stop()
         finally:
             ctx.actors.release(mailbox)
+            # The writer and the send pipeline call back into the session (its last sign
+            # of life, its answers): let go of them, so that an ended session is freed
+            # with its last reference, not at the collector's next full pass.
+            self._writer = self._sends = None
             if opened:
                 ctx.queues.close(user)
             ctx.registry.unregister(user, address)
