@@ -4,7 +4,7 @@ supervise N node processes (:mod:`chatd.workers`)."""
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +15,7 @@ from chatd.actors import RestartIntensityExceeded
 from chatd.backends import BackendUnavailable
 from chatd.backends.embedded import ReplicaFailed
 from chatd.cli._common import CommandError, config_from_args
+from chatd.collector import Collector
 from chatd.config import Config
 from chatd.http import HttpUnavailable
 from chatd.logs import configure, root_cause
@@ -22,7 +23,7 @@ from chatd.node import Node
 from chatd.tls import TlsError, server_context
 from chatd.workers import WorkersFailed, report_ready, run_workers, watch_supervisor
 
-__all__ = ["add_serve", "freeze_startup_heap", "passthrough"]
+__all__ = ["add_serve", "passthrough"]
 
 if TYPE_CHECKING:
     from chatd.cli._common import Commands
@@ -114,7 +115,9 @@ async def _run_node(config: Config, supervised: bool = False) -> bool:
     """
     node = Node(config)
     forced = trio.Event()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    collector = Collector()
+    with (trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+          contextlib.closing(collector)):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, signals, node, nursery.cancel_scope, forced)
             if supervised:
@@ -127,7 +130,8 @@ async def _run_node(config: Config, supervised: bool = False) -> bool:
             await nursery.start(serve)
             if supervised:
                 report_ready(node.url)
-            freeze_startup_heap()
+            collector.install()
+            nursery.start_soon(collector.run)
     return not forced.is_set()
 
 
@@ -156,19 +160,6 @@ def passthrough(args: argparse.Namespace) -> list[str]:
             options += [f"{flag}={item}" for item in (value if isinstance(value, list)
                                                       else [value])]
     return options
-
-
-def freeze_startup_heap() -> None:
-    """Collect once, then exempt everything alive (modules, the node's tree, a recovered
-    store) from the garbage collector's future passes.
-
-    A full pass of the collector stops the whole node for as long as it takes to visit
-    every tracked object; start-up objects live as long as the process, so visiting them
-    again is pure pause (trio#1770). Done here, once per process, not in :class:`Node`, which
-    several tests run side by side in one process.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 async def _on_signals(signals: Any, node: Node, scope: trio.CancelScope,
