@@ -257,6 +257,40 @@ async def test_a_resent_id_is_a_duplicate_before_and_after_acknowledgement(
         await submit(r.queues, msg("m1", "dave", "bob"))
 
 
+@pytest.mark.parametrize("engine", ["memory", "durable"])
+async def test_a_full_id_memory_forgets_the_oldest_first(engine: str, tmp_path: Path) -> None:
+    """With ``dedup_max_ids`` remembered, each new id pushes out the oldest: the newest
+    still answer ``dup`` with their ``ts`` (and ``id_conflict`` for another recipient),
+    also after the durable store restarts and replays them, and the ones forgotten are
+    forgotten in the order they were sent."""
+    cap = 50
+    config = load_config(data_dir=tmp_path / "a", store=engine, dedup_max_ids=cap)
+    sent = [msg(f"m{n}", f"s{n % 7}", "bob", ts=n) for n in range(cap + 20)]
+
+    async def remembered(q: Queues, messages: Sequence[Message]) -> None:
+        for message in messages:
+            again = Message(message.id, message.sender, "bob", "again", T0 + 10_000)
+            assert await q.submit(again) == Accepted(message.ts, True, None)
+            with pytest.raises(IdConflict):
+                await q.submit(Message(message.id, message.sender, "carol", "x", T0 + 10_000))
+
+    async with running(config) as r:
+        for message in sent:
+            assert not (await r.queues.submit(message)).duplicate
+        await remembered(r.queues, sent[20:])
+    async with running(config) as r:
+        if engine == "durable":
+            await remembered(r.queues, sent[20:])
+        else:  # the memory store starts empty
+            await r.queues.submit_many(sent)
+        # m0 is new again, and pushes out the oldest remembered, m20; m20, new again,
+        # pushes out m21; m22 is still remembered.
+        assert not (await r.queues.submit(sent[0])).duplicate
+        assert not (await r.queues.submit(sent[20])).duplicate
+        await remembered(r.queues, sent[22:])
+        assert not (await r.queues.submit(sent[21])).duplicate
+
+
 async def test_submit_many_keeps_order_and_answers_each_message(
         make_config: MakeConfig) -> None:
     async with running(make_config()) as r:

@@ -38,7 +38,7 @@ from chatd.clock import now_ms
 
 # Record types of the durable store (chatd/backends/embedded/_durable.py).
 MSG, ACK = 1, 2
-CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_IDS, CK_END, CK_REFS = 10, 11, 12, 13, 14, 15, 17
+CK_BEGIN, CK_USER, CK_UNREAD, CK_ENTRY, CK_END, CK_REFS, CK_KEYS = 10, 11, 12, 13, 15, 17, 18
 
 DEADLINE = 10.0  # seconds any single wait in these tests may take
 ALL = 1_000_000  # a limit larger than any queue here
@@ -320,7 +320,7 @@ async def test_sequence_numbers_never_go_back(dirs: list[Path]) -> None:
         assert [len(segment_files(d)) for d in dirs] == [1, 1]
     for directory in dirs:  # the MSG/ACK records are gone: only the checkpoint holds seqs
         records = recover_clean(directory)
-        assert {t for t, _ in records} <= {CK_BEGIN, CK_USER, CK_UNREAD, CK_IDS, CK_END}
+        assert {t for t, _ in records} <= {CK_BEGIN, CK_USER, CK_UNREAD, CK_KEYS, CK_END}
         assert checkpoint_entries(records) == {}
 
     async with running_store(dirs) as store:

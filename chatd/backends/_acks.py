@@ -16,8 +16,9 @@ Receipts are grouped by sender, ``delivered`` before ``read``, at most
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Sequence
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 
 from chatd.protocol import MAX_RECEIPT_IDS
 
@@ -25,8 +26,94 @@ from ._records import ReceiptItem
 
 __all__ = ["Unread", "apply_ack", "plan_receipts"]
 
-#: A user's delivered-but-unread messages: seq -> (sender, id), oldest first.
-Unread = collections.OrderedDict[int, tuple[str, str]]
+
+class Unread:
+    """A user's delivered-but-unread messages, oldest first: about 20 bytes each plus the
+    id's characters, and no object per message.
+
+    Each message is a sequence number in an array, a reference to its sender's one shared
+    string, and its id's bytes in one buffer (with where each ends in another array). A
+    message read, or forgotten past ``max_unread``, is marked (its sender emptied) and
+    left in place; the arrays are rebuilt without the marked ones once those are as many
+    as the others, so each message is moved a bounded number of times.
+
+    Args:
+        entries: ``(seq, sender, id)`` in seq order.
+    """
+
+    __slots__ = ("_dead", "_ends", "_first", "_ids", "_senders", "_seqs")
+
+    def __init__(self, entries: Iterable[tuple[int, str, str]] = ()) -> None:
+        self._seqs = array("q")
+        self._senders: list[str] = []
+        self._ids = bytearray()
+        self._ends = array("I")
+        self._first = 0  # no unread message before this position
+        self._dead = 0
+        self._fill(entries)
+
+    def _fill(self, entries: Iterable[tuple[int, str, str]]) -> None:
+        for seq, sender, msg_id in entries:
+            self.append(seq, sender, msg_id)
+
+    def __len__(self) -> int:
+        """How many messages are unread."""
+        return len(self._seqs) - self._dead
+
+    def __iter__(self) -> Iterator[tuple[int, str, str]]:
+        """Every unread message's ``(seq, sender, id)``, oldest first."""
+        seqs, senders, ids, ends = self._seqs, self._senders, self._ids, self._ends
+        for at in range(self._first, len(seqs)):
+            sender = senders[at]
+            if sender:
+                yield seqs[at], sender, ids[ends[at - 1] if at else 0:ends[at]].decode()
+
+    def copy(self) -> Unread:
+        """A copy to change while this one stays as it is."""
+        return Unread(self)
+
+    def append(self, seq: int, sender: str, msg_id: str) -> None:
+        """Add a message, newer than every one held."""
+        self._seqs.append(seq)
+        self._senders.append(sys.intern(sender))
+        self._ids += msg_id.encode()
+        self._ends.append(len(self._ids))
+
+    def trim(self, most: int) -> None:
+        """Forget the oldest messages beyond ``most``."""
+        senders, at = self._senders, self._first
+        while len(self) > most:
+            if senders[at]:
+                self._drop(at)
+            at += 1
+        self._settle()
+
+    def mark_read(self, upto: int, peer: str | None) -> None:
+        """Forget the messages with ``seq <= upto`` (only ``peer``'s, when given)."""
+        seqs, senders = self._seqs, self._senders
+        for at in range(self._first, len(seqs)):
+            if seqs[at] > upto:
+                break
+            if senders[at] and (peer is None or senders[at] == peer):
+                self._drop(at)
+        self._settle()
+
+    def _drop(self, at: int) -> None:
+        self._senders[at] = ""
+        self._dead += 1
+
+    def _settle(self) -> None:
+        """Skip the marked messages at the front; rebuild once half are marked."""
+        senders, at = self._senders, self._first
+        while at < len(senders) and not senders[at]:
+            at += 1
+        self._first = at
+        if self._dead > 32 and self._dead * 2 >= len(senders):
+            unread = list(self)
+            self._seqs, self._senders = array("q"), []
+            self._ids, self._ends = bytearray(), array("I")
+            self._first = self._dead = 0
+            self._fill(unread)
 
 
 def plan_receipts(user: str, status: str, upto: int, peer: str | None, ts: int,
@@ -50,8 +137,7 @@ def plan_receipts(user: str, status: str, upto: int, peer: str | None, ts: int,
     delivered = [(sender, msg_id) for _, sender, msg_id in newly]
     read: list[tuple[str, str]] = []
     if status == "read":
-        candidates = [(seq, sender, msg_id) for seq, (sender, msg_id) in unread.items()]
-        candidates += newly
+        candidates = [*unread, *newly]
         kept = candidates[max(0, len(candidates) - max_unread):]
         read = [(sender, msg_id) for seq, sender, msg_id in kept
                 if seq <= upto and (peer is None or sender == peer)]
@@ -67,15 +153,10 @@ def apply_ack(status: str, upto: int, peer: str | None,
               newly: Sequence[tuple[int, str, str]], unread: Unread, max_unread: int) -> None:
     """Change ``unread`` as the acknowledgement :func:`plan_receipts` planned does."""
     for seq, sender, msg_id in newly:
-        unread[seq] = (sender, msg_id)
-    while len(unread) > max_unread:
-        unread.popitem(last=False)
+        unread.append(seq, sender, msg_id)
+    unread.trim(max_unread)
     if status == "read":
-        for seq, (sender, _) in list(unread.items()):
-            if seq > upto:
-                break
-            if peer is None or sender == peer:
-                del unread[seq]
+        unread.mark_read(upto, peer)
 
 
 def _by_sender(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:

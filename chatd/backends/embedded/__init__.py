@@ -114,6 +114,10 @@ class EmbeddedBackend:
                       "Items (messages and receipts) queued and not yet acknowledged, over "
                       "every user's queue.",
                       lambda: [({}, store.index.pending_total)])
+        metrics.gauge("chatd_message_ids_remembered",
+                      "Message ids remembered for duplicate detection (at most "
+                      "dedup_max_ids).",
+                      lambda: [({}, len(store.index.ids))])
         metrics.gauge("chatd_queue_backlog_bytes",
                       "UTF-8 size of those items' content: message bodies, receipts' "
                       "message ids.",

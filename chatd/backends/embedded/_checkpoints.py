@@ -29,8 +29,15 @@ import trio
 
 from chatd.backends._records import Entry
 
-from ._format import CK_END, REFS_CHUNK, RecordType, entry_fields, pack_refs
-from ._index import SentId
+from ._format import (
+    CK_END,
+    KEYS_CHUNK,
+    REFS_CHUNK,
+    RecordType,
+    entry_fields,
+    pack_arrays,
+    pack_refs,
+)
 from ._journal import Body
 from ._kv import KVTable
 from ._refs import Arrays, Ref, RefIndex
@@ -39,24 +46,24 @@ from ._segments import Position
 __all__ = ["FullCheckpoint", "IndexCopy", "copy_index", "encode_index", "full_records",
            "read_queues"]
 
-#: Most ids, unread messages or state records in one checkpoint record.
+#: Most unread messages or state records in one checkpoint record.
 _CHUNK = 1000
 
 
 @attrs.frozen
 class IndexCopy:
     """The index and the durable buckets as they were at one moment: each user's (user,
-    last_seq, unread, acked, queued items' arrays), the remembered ids, and each bucket's
-    (name, revision, records)."""
+    last_seq, unread, acked, queued items' arrays), the remembered ids (keys, ts,
+    recipients), and each bucket's (name, revision, records)."""
 
     queues: list[tuple[str, int, list[tuple[int, str, str]], int, Arrays]]
-    ids: list[tuple[tuple[str, str], SentId]]
+    ids: tuple[array[int], array[int], list[str]]
     buckets: list[tuple[str, int, list[list[Any]]]]
 
 
 def copy_index(index: RefIndex, kv: KVTable) -> IndexCopy:
     """A copy of ``index`` and ``kv`` as they are now, to encode later."""
-    return IndexCopy(list(index.queues()), list(index.ids.items()),
+    return IndexCopy(list(index.queues()), index.ids.arrays(),
                      [(bucket, *kv.dump(bucket)) for bucket in kv.buckets()])
 
 
@@ -143,7 +150,7 @@ def full_records(index: RefIndex, kv: KVTable, snap: int, read: dict[tuple[str, 
             written.append(entry.seq)
             flags.append(flagged)
         kept.append((user, first, written, flags))
-    records += _shared(snap, list(index.ids.items()),
+    records += _shared(snap, index.ids.arrays(),
                        [(bucket, *kv.dump(bucket)) for bucket in kv.buckets()])
     records.append((CK_END, [snap, len(records)]))
     return FullCheckpoint(records, kept, lost)
@@ -172,12 +179,14 @@ def _user_records(snap: int, user: str, last_seq: int, unread: list[tuple[int, s
     return records
 
 
-def _shared(snap: int, ids: list[tuple[tuple[str, str], SentId]],
+def _shared(snap: int, ids: tuple[array[int], array[int], list[str]],
             buckets: list[tuple[str, int, list[list[Any]]]]) -> Iterator[Body]:
     """The records of the message-id memory and of the durable buckets."""
-    for start in range(0, len(ids), _CHUNK):
-        yield RecordType.CK_IDS, [snap, [[sender, msg_id, to, ts] for (sender, msg_id), (
-            to, ts, _) in ids[start:start + _CHUNK]]]
+    keys, tss, tos = ids
+    for start in range(0, len(keys), KEYS_CHUNK):
+        end = start + KEYS_CHUNK
+        yield RecordType.CK_KEYS, [snap, *pack_arrays(keys[start:end], tss[start:end]),
+                                   tos[start:end]]
     for bucket, revision, state in buckets:
         for start in range(0, max(1, len(state)), _CHUNK):
             yield RecordType.CK_KV, [snap, bucket, revision, state[start:start + _CHUNK]]

@@ -238,7 +238,7 @@ class DurableStore(IndexedStore):
         assert self.journal is not None
         index, key = self.index, (message.sender, message.id)
         while True:
-            seen = index.seen(message, now_ms())
+            digest, seen = index.seen(message, now_ms())
             if seen is not None:
                 return Accepted(seen[1], True, None)
             inflight = self._inflight.get(key)
@@ -249,7 +249,7 @@ class DurableStore(IndexedStore):
         entry = Entry(index.reserve(message.to), message)
 
         def apply(positions: list[Position]) -> None:
-            index.remember(message.sender, message.id, message.to, message.ts)
+            index.remember(digest, message.to, message.ts)
             self._queue(message.to, entry, positions[0])
 
         try:
@@ -352,7 +352,7 @@ class DurableStore(IndexedStore):
         journal, index = self.journal, self.index
         assert journal is not None
         results: list[Accepted | Exception | None] = [None] * len(messages)
-        batch: list[tuple[int, Message, Entry]] = []
+        batch: list[tuple[int, Message, Entry, int]] = []
         later: list[int] = []
         keys: set[tuple[str, str]] = set()
         now = now_ms()
@@ -362,7 +362,7 @@ class DurableStore(IndexedStore):
                 later.append(at)
                 continue
             try:
-                seen = index.seen(message, now)
+                digest, seen = index.seen(message, now)
             except IdConflict as exc:
                 results[at] = exc
                 continue
@@ -370,7 +370,7 @@ class DurableStore(IndexedStore):
                 results[at] = Accepted(seen[1], True, None)
                 continue
             keys.add(key)
-            batch.append((at, message, Entry(index.reserve(message.to), message)))
+            batch.append((at, message, Entry(index.reserve(message.to), message), digest))
         if batch:
             await self._write_messages(batch, keys, results)
         for at in later:
@@ -380,7 +380,7 @@ class DurableStore(IndexedStore):
                 results[at] = exc
         return [result for result in results if result is not None]
 
-    async def _write_messages(self, batch: list[tuple[int, Message, Entry]],
+    async def _write_messages(self, batch: list[tuple[int, Message, Entry, int]],
                               keys: set[tuple[str, str]],
                               results: list[Accepted | Exception | None]) -> None:
         assert self.journal is not None
@@ -390,19 +390,20 @@ class DurableStore(IndexedStore):
             self._inflight[key] = done
 
         def apply(positions: list[Position]) -> None:
-            for (_, message, entry), position in zip(batch, positions, strict=True):
-                index.remember(message.sender, message.id, message.to, message.ts)
+            for (_, message, entry, digest), position in zip(batch, positions, strict=True):
+                index.remember(digest, message.to, message.ts)
                 self._queue(message.to, entry, position)
 
         try:
             await self.journal.write(
-                [(MSG, [m.to, entry.seq, m.id, m.sender, m.body, m.ts]) for _, m, entry in batch],
+                [(MSG, [m.to, entry.seq, m.id, m.sender, m.body, m.ts])
+                 for _, m, entry, _ in batch],
                 apply)
         except StoreUnavailable as exc:
-            for at, _, _ in batch:
+            for at, _, _, _ in batch:
                 results[at] = exc
         else:
-            for at, message, entry in batch:
+            for at, message, entry, _ in batch:
                 results[at] = Accepted(message.ts, False, entry)
         finally:
             for key in keys:

@@ -14,9 +14,12 @@ the LSN its checkpoint covers (docs/storage.md, "Records"):
   [snap, user, last_seq, acked], ``CK_UNREAD`` [snap, user, [[seq, from, id], ...]],
   ``CK_ENTRY`` [snap, user, seq, "m", id, from, body, ts] or [..., "r", status, by, ids,
   ts], ``CK_REFS`` [snap, user, seqs, serials, offsets, sizes] (where a user's queued items
-  are on disk, as packed arrays), ``CK_IDS`` [snap, [[from, id, to, ts], ...]], ``CK_KV``
-  [snap, bucket, revision, [[key, value, revision, expires], ...]], ``CK_END`` [snap, count
-  of the records between begin and end].
+  are on disk, as packed arrays), ``CK_KEYS`` [snap, keys, tss, [to, ...]] (remembered
+  message ids: each one's 64-bit key and ts as packed arrays, and its recipient;
+  :mod:`._ids`), ``CK_KV`` [snap, bucket, revision, [[key, value, revision, expires],
+  ...]], ``CK_END`` [snap, count of the records between begin and end]. Checkpoints
+  written before the keys held the ids themselves, ``CK_IDS`` [snap, [[from, id, to,
+  ts], ...]]; recovery still reads them.
 
 Types 3-6 were the replica records of a cluster that chatd no longer has; recovery skips
 them with a warning.
@@ -42,6 +45,7 @@ __all__ = [
     "CHECKPOINTED",
     "CK_BEGIN",
     "CK_END",
+    "KEYS_CHUNK",
     "KV",
     "MOVE",
     "MSG",
@@ -52,8 +56,10 @@ __all__ = [
     "entry_fields",
     "item_in",
     "item_size",
+    "pack_arrays",
     "pack_refs",
     "receipt_fields",
+    "unpack_keys",
     "unpack_refs",
 ]
 
@@ -73,6 +79,7 @@ class RecordType(enum.IntEnum):
     CK_END = 15
     CK_KV = 16
     CK_REFS = 17
+    CK_KEYS = 18
 
 
 MSG, ACK, KV, MOVE = RecordType.MSG, RecordType.ACK, RecordType.KV, RecordType.MOVE
@@ -83,13 +90,18 @@ CHANGES = frozenset((MSG, ACK, KV, MOVE))
 RETIRED = frozenset((3, 4, 5, 6))
 #: The records between a checkpoint's begin and end.
 CHECKPOINTED = frozenset((RecordType.CK_USER, RecordType.CK_UNREAD, RecordType.CK_ENTRY,
-                          RecordType.CK_IDS, RecordType.CK_KV, RecordType.CK_REFS))
+                          RecordType.CK_IDS, RecordType.CK_KV, RecordType.CK_REFS,
+                          RecordType.CK_KEYS))
 #: Most items one ``CK_REFS`` record holds (24 bytes each: well under a record's 1 MiB).
 REFS_CHUNK = 16384
 
 #: The packed arrays of ``CK_REFS``: sequence numbers, segment serials, offsets, sizes.
 _REF_TYPES = ("q", "i", "q", "i")
 assert [array(code).itemsize for code in _REF_TYPES] == [8, 4, 8, 4]
+#: The packed arrays of ``CK_KEYS``: the ids' keys and their messages' ts.
+_KEY_TYPES = ("q", "q")
+#: Most ids one ``CK_KEYS`` record holds (16 bytes each plus the recipient).
+KEYS_CHUNK = 16384
 
 
 def item_size(item: Item) -> int:
@@ -155,11 +167,10 @@ def adds(record_type: int, fields: list[Any]) -> list[tuple[str, int]]:
     return []
 
 
-def pack_refs(seqs: array[int], serials: array[int], offsets: array[int],
-              sizes: array[int]) -> list[bytes]:
-    """The packed arrays of a ``CK_REFS`` record, little-endian whatever the machine."""
+def pack_arrays(*arrays: array[int]) -> list[bytes]:
+    """Arrays as the bytes a checkpoint record holds, little-endian whatever the machine."""
     packed = []
-    for values in (seqs, serials, offsets, sizes):
+    for values in arrays:
         if sys.byteorder == "big":
             values = array(values.typecode, values)
             values.byteswap()
@@ -167,21 +178,51 @@ def pack_refs(seqs: array[int], serials: array[int], offsets: array[int],
     return packed
 
 
+def _unpack(codes: Sequence[str], data: Sequence[bytes]) -> list[array[int]]:
+    """The arrays packed by :func:`pack_arrays`, of the given type codes.
+
+    Raises:
+        ValueError: The arrays are malformed (not of one length, or of a length that is not
+            a whole number of items).
+    """
+    arrays = []
+    for code, packed in zip(codes, data, strict=True):
+        values = array(code)
+        values.frombytes(packed)
+        if sys.byteorder == "big":
+            values.byteswap()
+        arrays.append(values)
+    if len({len(values) for values in arrays}) != 1:
+        raise ValueError("packed arrays of different lengths")
+    return arrays
+
+
+def pack_refs(seqs: array[int], serials: array[int], offsets: array[int],
+              sizes: array[int]) -> list[bytes]:
+    """The packed arrays of a ``CK_REFS`` record."""
+    return pack_arrays(seqs, serials, offsets, sizes)
+
+
 def unpack_refs(fields: Sequence[Any]) -> tuple[array[int], array[int], array[int],
                                                 array[int]]:
     """The arrays of a ``CK_REFS`` record [snap, user, seqs, serials, offsets, sizes].
 
     Raises:
-        ValueError: The arrays are malformed (not of one length).
+        ValueError: The arrays are malformed.
     """
-    arrays = []
-    for code, data in zip(_REF_TYPES, fields[2:6], strict=True):
-        values = array(code)
-        values.frombytes(data)
-        if sys.byteorder == "big":
-            values.byteswap()
-        arrays.append(values)
-    if len({len(values) for values in arrays}) != 1:
-        raise ValueError("CK_REFS arrays of different lengths")
-    seqs, serials, offsets, sizes = arrays
+    seqs, serials, offsets, sizes = _unpack(_REF_TYPES, fields[2:6])
     return seqs, serials, offsets, sizes
+
+
+def unpack_keys(fields: Sequence[Any]) -> tuple[array[int], array[int], list[str]]:
+    """The remembered ids of a ``CK_KEYS`` record [snap, keys, tss, [to, ...]]: their keys,
+    ts and recipients.
+
+    Raises:
+        ValueError: The record is malformed.
+    """
+    keys, tss = _unpack(_KEY_TYPES, fields[1:3])
+    tos = fields[3]
+    if not isinstance(tos, list) or len(tos) != len(keys):
+        raise ValueError("CK_KEYS recipients do not match its keys")
+    return keys, tss, tos

@@ -11,7 +11,6 @@ does no I/O, so a caller in trio sees it change atomically.
 from __future__ import annotations
 
 import bisect
-import collections
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -27,6 +26,8 @@ from chatd.backends._records import (
     ReceiptItem,
     StoreUnavailable,
 )
+
+from ._ids import IdMemory, id_key
 
 __all__ = ["Acked", "BaseIndex", "IndexedStore", "QueueIndex", "QueueState", "SentId"]
 
@@ -61,10 +62,8 @@ def _unpack(stored: Stored) -> Entry:
     return Entry(seq, ReceiptItem(*item[1:]))
 
 
-#: A remembered message id: (recipient, the message's ts, when to forget it, in ms). A plain
-#: tuple of strings and integers on purpose: the cyclic garbage collector stops tracking such
-#: tuples, so a memory of a million ids adds nothing to its full passes (which pause the
-#: node). An attrs record here made a full pass take tens of milliseconds under load.
+#: A remembered message id as :meth:`BaseIndex.seen` gives it: (recipient, the message's
+#: ts, when it is forgotten, in ms).
 SentId = tuple[str, int, int]
 
 
@@ -90,7 +89,7 @@ class QueueState:
         self.last_seq = 0
         self.reserved = 0
         self.acked = 0  # the highest seq acknowledged as delivered (or read)
-        self.unread: Unread = collections.OrderedDict()
+        self.unread = Unread()
 
 
 class _Queue(QueueState):
@@ -120,8 +119,9 @@ class BaseIndex(Generic[Q]):
     def __init__(self, *, dedup_window: float = 86400.0, dedup_max: int = 1_000_000,
                  max_unread: int = 10_000) -> None:
         self._queues: dict[str, Q] = {}
-        self.ids: collections.OrderedDict[tuple[str, str], SentId] = collections.OrderedDict()
         self.dedup_window_ms = int(dedup_window * 1000)
+        #: The remembered message ids (:mod:`._ids`).
+        self.ids = IdMemory(dedup_max, self.dedup_window_ms)
         self._dedup_max = dedup_max
         self._max_unread = max_unread
         #: Items queued and not yet acknowledged, over every user's queue.
@@ -149,33 +149,30 @@ class BaseIndex(Generic[Q]):
 
     # -- message ids -------------------------------------------------------------------
 
-    def seen(self, message: Message, now: int) -> SentId | None:
-        """The remembered id of ``message``'s (sender, id), forgetting expired ids first.
+    def seen(self, message: Message, now: int) -> tuple[int, SentId | None]:
+        """The key of ``message``'s (sender, id) (:func:`~._ids.id_key`), and what is
+        remembered of it, if anything; expired ids are forgotten first.
 
         Raises:
             IdConflict: The id was used for another recipient.
         """
-        self.forget_ids(now)
-        seen = self.ids.get((message.sender, message.id))
+        self.ids.forget(now)
+        key = id_key(message.sender, message.id)
+        seen = self.ids.get(key)
         if seen is not None and seen[0] != message.to:
             raise IdConflict(message.id)
-        return seen
+        return key, seen
 
-    def remember(self, sender: str, msg_id: str, to: str, ts: int) -> None:
-        """Remember a message id until ``ts`` plus the dedup window, forgetting the oldest
-        if more than ``dedup_max`` are then remembered (so that a recovery replaying many
-        messages never holds more)."""
-        ids = self.ids
-        ids[(sender, msg_id)] = (to, ts, ts + self.dedup_window_ms)
-        if len(ids) > self._dedup_max:
-            ids.popitem(last=False)
+    def remember(self, key: int, to: str, ts: int) -> None:
+        """Remember a message id (by its key, :meth:`seen`'s) until ``ts`` plus the dedup
+        window, forgetting the oldest if ``dedup_max`` are remembered already (so that a
+        recovery replaying many messages never holds more)."""
+        self.ids.add(key, to, ts)
 
     def forget_ids(self, now: int) -> None:
-        """Forget the expired ids and the oldest past ``dedup_max`` (:meth:`seen` does
-        before it looks; recovery once it replayed every change)."""
-        ids = self.ids
-        while ids and (len(ids) > self._dedup_max or next(iter(ids.values()))[2] < now):
-            ids.popitem(last=False)
+        """Forget the expired ids (:meth:`seen` does before it looks; recovery once it
+        replayed every change)."""
+        self.ids.forget(now)
 
     # -- sequence numbers ------------------------------------------------------------
 
@@ -202,12 +199,11 @@ class BaseIndex(Generic[Q]):
         queue.last_seq = max(queue.last_seq, last_seq)
         queue.reserved = max(queue.reserved, last_seq)
         queue.acked = max(queue.acked, acked)
-        for seq, sender, msg_id in unread:
-            queue.unread[seq] = (sender, msg_id)
+        queue.unread = Unread(unread)
 
     def _unread(self, queue: QueueState) -> list[tuple[int, str, str]]:
         """A queue's unread messages as ``(seq, sender, id)``, for a snapshot."""
-        return [(seq, sender, msg_id) for seq, (sender, msg_id) in queue.unread.items()]
+        return list(queue.unread)
 
 
 class QueueIndex(BaseIndex[_Queue]):

@@ -50,10 +50,10 @@ class MemoryStore(IndexedStore):
     async def submit(self, message: Message) -> Accepted:
         """Queue ``message`` unless its id was used; see :meth:`Queues.submit`."""
         index = self.index
-        seen = index.seen(message, now_ms())
+        key, seen = index.seen(message, now_ms())
         if seen is not None:
             return Accepted(seen[1], True, None)
-        index.remember(message.sender, message.id, message.to, message.ts)
+        index.remember(key, message.to, message.ts)
         entry = Entry(index.reserve(message.to), message)
         index.add(message.to, entry)
         return Accepted(message.ts, False, entry)

@@ -52,8 +52,10 @@ from ._format import (
     RETIRED,
     RecordType,
     adds,
+    unpack_keys,
     unpack_refs,
 )
+from ._ids import id_key
 from ._kv import KVTable
 from ._refs import RefIndex
 from ._segments import Position, SegmentLog, SequentialReader
@@ -403,7 +405,7 @@ class _Recovery:
                 if forget > 0:
                     forget -= 1
                 elif ts + window_ms > now:
-                    index.remember(sender, msg_id, to, ts)
+                    index.remember(id_key(sender, msg_id), to, ts)
                 index.add(to, seq, (serial, offset),
                           len(body) if body.isascii() else len(body.encode()), False)
             else:
@@ -447,10 +449,17 @@ class _Recovery:
                         replay.repair.append("undecodable checkpoint record")
                         continue
                     index.restore(fields[1], arrays)
-                case RecordType.CK_IDS:
+                case RecordType.CK_KEYS:
+                    try:
+                        keys, tss, tos = unpack_keys(fields)
+                    except ValueError:
+                        replay.repair.append("undecodable checkpoint record")
+                        continue
+                    index.ids.extend(keys, tss, tos)
+                case RecordType.CK_IDS:  # written before CK_KEYS
                     for sender, msg_id, to, ts in fields[1]:
                         if ts + index.dedup_window_ms > now:
-                            index.remember(sender, msg_id, to, ts)
+                            index.remember(id_key(sender, msg_id), to, ts)
                 case RecordType.CK_KV:
                     _, bucket, revision, kept = fields
                     kv.restore_revision(bucket, revision)

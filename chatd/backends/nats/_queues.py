@@ -38,7 +38,6 @@ over 500 lines), so that their format and their meaning are stated in one place.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -95,7 +94,7 @@ class _UserQueue:
     def __init__(self) -> None:
         self.refs = 0
         self.acked = 0  # every item up to here has been acknowledged
-        self.unread: Unread = collections.OrderedDict()
+        self.unread = Unread()
         self.record = 0  # the sequence of the newest acknowledgement record, 0 if none
         self.deltas = 0  # records since the last one holding the whole unread memory
         self.outbox: tuple[int, dict[str, Any]] | None = None  # receipts to publish
@@ -361,7 +360,7 @@ class NatsQueues:
             receipts = plan_receipts(user, step_status, step, peer, ts, newly, queue.unread,
                                      self._max_unread)
             if items or receipts:
-                unread = collections.OrderedDict(queue.unread)
+                unread = queue.unread.copy()
                 apply_ack(step_status, step, peer, newly, unread, self._max_unread)
                 watermark = max(queue.acked, items[-1][0] if items else 0)
                 record: dict[str, Any] = {
@@ -371,8 +370,7 @@ class NatsQueues:
                 headers = {"Nats-Expected-Last-Subject-Sequence": str(queue.record)}
                 whole = len(unread) <= SNAPSHOT_UNREAD or queue.deltas >= MAX_DELTAS
                 if whole:
-                    record["snap"] = [[seq, sender, msg_id]
-                                      for seq, (sender, msg_id) in unread.items()]
+                    record["snap"] = [list(message) for message in unread]
                     headers["Nats-Rollup"] = "sub"
                 try:
                     ack = await js.publish(names.acks(user), cbor2.dumps(record), headers)
@@ -496,7 +494,7 @@ class NatsQueues:
                 break
             after = header_int(page[-1], "Nats-Sequence")
         queue.acked, queue.record, queue.deltas, queue.outbox = 0, 0, 0, None
-        queue.unread = collections.OrderedDict()
+        queue.unread = Unread()
         queue.seen.clear()
         record: dict[str, Any] = {}
         for reply in records:
@@ -504,8 +502,8 @@ class NatsQueues:
             queue.record = header_int(reply, "Nats-Sequence")
             queue.acked = max(queue.acked, record["u"])
             if "snap" in record:
-                queue.unread = collections.OrderedDict(
-                    (seq, (sender, msg_id)) for seq, sender, msg_id in record["snap"])
+                queue.unread = Unread(
+                    (seq, sender, msg_id) for seq, sender, msg_id in record["snap"])
                 queue.deltas = 0
             else:
                 newly = [(seq, sender, msg_id) for seq, sender, msg_id in record["n"]]
