@@ -53,14 +53,14 @@ FULL = Params()
 QUICK = Params(connections=2_000, hold=3.0, pairs=64, seconds=5.0, warmup=2.0,
                latency_seconds=8.0, flood_seconds=5.0, flood_drain=30.0, sla_seconds=2.0,
                sla_warmup=0.5, sla_budget=15.0, scale_connections=10_000, scale_workers=4,
-               scale_hold=10.0, throughput_rounds=1)
+               scale_hold=10.0, throughput_rounds=1, ids_rounds=2, ids_seconds=10.0)
 TINY = Params(connections=20, hold=0.5, pairs=8, window=1, seconds=1.0, warmup=0.5,
               latency_seconds=1.0, concurrency=20, drain=5.0, flood_seconds=0.5,
               flood_drain=10.0, sla_seconds=0.3, sla_warmup=0.2, sla_budget=1.0,
               scale_connections=300, scale_workers=2, scale_hold=1.0, scale_concurrency=40,
-              throughput_rounds=1)
+              throughput_rounds=1, ids_pairs=8, ids_rounds=2, ids_seconds=0.5)
 #: The scenarios run for each target, then the one run on chatd on NATS.
-TARGET_SCENARIOS = ("connections", "throughput", "latency", "flood", "sla")
+TARGET_SCENARIOS = ("connections", "throughput", "latency", "flood", "sla", "ids")
 NATS_SCENARIOS = ("nats_throughput",)
 #: Run only when named: chatd serve --workers with its own nats-server, on many sessions.
 WORKERS_SCENARIOS = ("scale",)
@@ -104,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SLA search: measured seconds per rate tried (full 4, quick 2)")
     parser.add_argument("--sla-budget", type=float,
                         help="SLA search: seconds of search per target (full 40, quick 15)")
+    parser.add_argument("--ids-pairs", type=int,
+                        help="ids: sender/recipient pairs (full 128, tiny 8)")
+    parser.add_argument("--ids-rounds", type=int,
+                        help="ids: rounds, after each of which RSS and CPU are taken (full 4, "
+                             "quick 2)")
+    parser.add_argument("--ids-seconds", type=float,
+                        help="ids: seconds per round (full 45, quick 10)")
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all "
                              "but scale)")
@@ -142,15 +149,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     overrides = {name: getattr(args, name) for name in (
         "connections", "hold", "pairs", "window", "seconds", "warmup", "latency_seconds",
         "concurrency", "drain", "batch", "workers", "flood_seconds", "flood_window",
-        "throughput_rounds",
-        "sla_seconds", "sla_budget", "scale_connections", "scale_workers", "scale_hold",
-        "scale_concurrency")
+        "throughput_rounds", "sla_seconds", "sla_budget", "ids_pairs", "ids_rounds",
+        "ids_seconds", "scale_connections", "scale_workers", "scale_hold", "scale_concurrency")
         if getattr(args, name) is not None}
     args.params = attrs.evolve(base, **overrides)
     if min(args.params.connections, args.params.pairs, args.params.window,
-           args.params.workers, args.params.flood_window, args.params.throughput_rounds) < 1:
-        parser.error("--connections, --pairs, --window, --flood-window, --workers and "
-                     "--throughput-rounds must be at least 1")
+           args.params.workers, args.params.flood_window, args.params.throughput_rounds,
+           args.params.ids_pairs, args.params.ids_rounds) < 1:
+        parser.error("--connections, --pairs, --window, --flood-window, --workers, "
+                     "--throughput-rounds, --ids-pairs and --ids-rounds must be at least 1")
     if (min(args.params.scale_connections, args.params.scale_concurrency) < 1
             or not 2 <= args.params.scale_workers <= 64):
         parser.error("--scale-connections and --scale-concurrency must be at least 1, "
@@ -212,12 +219,15 @@ def machine(data_dir: Path) -> dict[str, Any]:
 
 def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
               lat: dict[str, Any] | None, fld: dict[str, Any] | None = None,
-              sla: dict[str, Any] | None = None) -> dict[str, Any]:
+              sla: dict[str, Any] | None = None,
+              ids: dict[str, Any] | None = None) -> dict[str, Any]:
     """One target's headline figures, with each scenario's details under ``scenarios``.
 
     A figure of a scenario that was not run is ``None``.
     """
     conn, thr, lat, fld, sla = conn or {}, thr or {}, lat or {}, fld or {}, sla or {}
+    ids = ids or {}
+    rounds = ids.get("rounds") or [{}]
     errors: dict[str, int] = {}
     for part in (thr, lat, fld):
         for code, count in part.get("errors", {}).items():
@@ -228,7 +238,7 @@ def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
     details = {"connections": conn or None, "throughput": thr or None,
                "latency": {k: v for k, v in lat.items()
                            if k not in ("histogram", "sent_histogram")} or None,
-               "flood": fld or None, "sla": sla or None}
+               "flood": fld or None, "sla": sla or None, "ids": ids or None}
     return {
         "cpu_us_per_msg": thr.get("cpu_us_per_msg"), "msgs_per_s": thr.get("msgs_per_s"),
         "rss_kb_per_conn": conn.get("rss_kb_per_conn"), "connections": conn.get("connections"),
@@ -253,6 +263,11 @@ def summarize(conn: dict[str, Any] | None, thr: dict[str, Any] | None,
         "sla_sent_p99_99_ms": sla.get("sent_p99_99_ms"),
         "sla_deliver_p99_99_ms": sla.get("deliver_p99_99_ms"),
         "sla_server_cpu_pct": sla.get("server_cpu_pct"),
+        "ids_messages": ids.get("messages"), "ids_remembered": ids.get("remembered_ids"),
+        "ids_bytes_per_message": ids.get("bytes_per_message"),
+        "ids_bytes_per_id": ids.get("bytes_per_id"),
+        "ids_cpu_us_first": rounds[0].get("cpu_us_per_msg"),
+        "ids_cpu_us_last": rounds[-1].get("cpu_us_per_msg"),
         "errors": errors, "scenarios": details,
     }
 
@@ -349,7 +364,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        if "throughput" in args.scenarios else {})
         for target in args.targets if per_target else ():
             print(f"== {target}", file=sys.stderr, flush=True)
-            conn = lat = fld = sla = None
+            conn = lat = fld = sla = ids = None
             thr = throughputs.get(target)
             if "connections" in args.scenarios:
                 async with Server(target, secret_path, work) as server:
@@ -367,7 +382,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if "sla" in args.scenarios:
                 async with Server(target, secret_path, work) as server:
                     sla = await scenarios.sla(server, params, tokens, work)
-            out[target] = summarize(conn, thr, lat, fld, sla)
+            if "ids" in args.scenarios:
+                async with Server(target, secret_path, work) as server:
+                    ids = await scenarios.remembered(server, params, tokens, work)
+            out[target] = summarize(conn, thr, lat, fld, sla, ids)
         if "nats_throughput" in args.scenarios:
             measured = (out.get("chatd_durable") or {}).get("scenarios") or {}
             out["nats"] = await scenarios.nats_throughput(params, tokens, secret_path, work,
@@ -428,6 +446,12 @@ _ROWS = [
     ("  sent p99.99 ms", "sla_sent_p99_99_ms", "{:.2f}"),
     ("  deliver p99.99 ms", "sla_deliver_p99_99_ms", "{:.2f}"),
     ("  server CPU %", "sla_server_cpu_pct", "{:.0f}"),
+    ("ids: messages", "ids_messages", "{:,.0f}"),
+    ("  ids remembered", "ids_remembered", "{:,.0f}"),
+    ("  RSS B/message", "ids_bytes_per_message", "{:,.1f}"),
+    ("  RSS B/id", "ids_bytes_per_id", "{:,.1f}"),
+    ("  CPU us/msg first", "ids_cpu_us_first", "{:.1f}"),
+    ("  CPU us/msg last", "ids_cpu_us_last", "{:.1f}"),
 ]
 
 
@@ -510,6 +534,11 @@ def _notes(results: dict[str, Any], targets: list[str]) -> list[str]:
         if durable is not None:
             notes.append(f"  goal: chatd_durable flood >= 10,000 msg/s: {durable:,.0f} "
                          f"({'met' if durable >= 10_000 else 'not met'})")
+    if targets and "ids" in scenarios_run:
+        notes.append(f"ids: {params['ids_pairs']} pairs, {params['ids_rounds']} rounds of "
+                     f"{params['ids_seconds']:g} s, read nothing (receipts acknowledged); RSS "
+                     "growth per message routed and per id remembered; CPU per message in "
+                     "the first and the last round (goal: at most 100 B per id, CPU flat)")
     if targets and "sla" in scenarios_run:
         notes.append(f"SLA capacity: highest paced rate ({params['pairs']} pairs) with p99.99 of "
                      f"send-to-sent and send-to-deliver <= {params['sla_bound_ms']:g} ms; "

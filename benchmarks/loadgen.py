@@ -20,7 +20,10 @@ Commands:
   more for each ``sent`` that arrives, one ``send`` per WebSocket message (with ``batch``,
   all the refills for one incoming message go out in one message); bodies of ``body``
   characters (100 by default); ``track`` also records send-to-``sent`` latency (the flood
-  scenario: one sender with 256 outstanding, 1 KB bodies, to an offline recipient).
+  scenario: one sender with 256 outstanding, 1 KB bodies, to an offline recipient). Without
+  ``read``, recipients acknowledge delivery only, so every message stays unread; with
+  ``ack_receipts``, senders acknowledge the receipts they get, as ``delivered`` (the ids
+  scenario: what the server remembers is its id memory, not queued receipts).
 - ``latency``: each sender sends on an absolute schedule at ``rate`` messages/s (shared by
   the worker's pairs), sending at once when late, never skipping. May be given again after
   ``stop`` and ``drain``, at another rate (the SLA capacity search).
@@ -134,10 +137,12 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def acks(upto: int) -> bytes:
-    """One message with the two cumulative receipts a reading client sends."""
-    return (cbor2.dumps({"t": "ack", "status": "delivered", "upto": upto})
-            + cbor2.dumps({"t": "ack", "status": "read", "upto": upto}))
+def acks(upto: int, read: bool = True) -> bytes:
+    """One message with the cumulative acknowledgements a client sends: delivered, and
+    read when ``read``."""
+    delivered = cbor2.dumps({"t": "ack", "status": "delivered", "upto": upto})
+    return delivered + cbor2.dumps({"t": "ack", "status": "read", "upto": upto}) if read else (
+        delivered)
 
 
 class Pair:
@@ -187,6 +192,8 @@ class Worker:
         self.batch = False
         self.pad = "x" * (BODY - 20)
         self.track = False  # record send-to-sent latency
+        self.read = True  # recipients acknowledge as read too
+        self.ack_receipts = False  # senders acknowledge their receipts
         self.closing = False
         self.done = 0
         self.started = 0  # sessions ever started: numbers the source addresses
@@ -368,14 +375,14 @@ class Worker:
         if count:
             self.stats["delivered"] += count
             self.stats["ack_messages"] += 1
-            await ws.send(acks(top))
+            await ws.send(acks(top, self.read))
 
     async def read_sender(self, pair: Pair) -> None:
         ws, stats, stamps, hist = pair.sender, self.stats, pair.stamps, self.sent_hist
         try:
             async for data in ws:
                 now = time.perf_counter_ns()
-                sent = 0
+                sent = receipt = 0
                 for frame in decode(data):
                     kind = frame["t"]
                     if kind == "sent":
@@ -385,8 +392,11 @@ class Worker:
                     elif kind == "receipt":
                         stats["receipt_frames"] += 1
                         stats[f"receipts_{frame['status']}"] += len(frame["ids"])
+                        receipt = frame["seq"]
                     elif kind == "error":
                         self.frame_error(frame)
+                if receipt and self.ack_receipts:
+                    await ws.send(acks(receipt, read=False))
                 if sent:
                     stats["sent"] += sent
                     pair.inflight -= sent
@@ -411,12 +421,15 @@ class Worker:
                 await pair.sender.send(pair.sends(1, self.pad, self.track))
 
     async def cmd_throughput(self, window: int = 8, batch: bool = False, body: int = BODY,
-                             track: bool = False) -> dict[str, Any]:
+                             track: bool = False, read: bool = True,
+                             ack_receipts: bool = False) -> dict[str, Any]:
         """Keep ``window`` sends awaiting ``sent`` per sender; bodies of ``body``
-        characters; ``track`` records send-to-sent latency."""
+        characters; ``track`` records send-to-sent latency; ``read``: recipients
+        acknowledge as read too; ``ack_receipts``: senders acknowledge receipts."""
         if body < 20:
             raise ValueError("a body holds at least its 20-digit stamp")
         pause_collector()
+        self.read, self.ack_receipts = read, ack_receipts
         self.mode, self.window, self.batch = "throughput", window, batch
         self.pad, self.track = "x" * (body - 20), track
         for pair in self.pairs:

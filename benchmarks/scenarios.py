@@ -44,8 +44,8 @@ from benchmarks.servers import BenchError, Sample, Server
 from benchmarks.workers import Pool, Progress
 
 __all__ = ["FLOOD_SETTINGS", "NATS_SETUPS", "WARNINGS", "Params", "Tokens", "connections",
-           "flood", "latency", "nats_throughput", "next_rate", "place", "sla", "throughput",
-           "warn"]
+           "flood", "latency", "nats_throughput", "next_rate", "place", "remembered", "sla",
+           "throughput", "warn"]
 
 #: What the scenarios run against: one server, or chatd nodes on nats-servers (one URL
 #: per node).
@@ -111,6 +111,14 @@ class Params:
     sla_warmup: float = 1.0
     sla_budget: float = 40.0
     sla_bound_ms: float = 5.0
+    # The ids scenario (issue 15): ``ids_pairs`` pairs send as in the throughput scenario
+    # for ``ids_rounds`` rounds of ``ids_seconds``; recipients acknowledge delivery and read
+    # nothing, senders acknowledge their receipts, so what the server keeps growing is the
+    # memory of message ids (for duplicates) and of unread messages (for read receipts).
+    # 128 recipients keep up to 1,280,000 unread (max_unread 10,000 each).
+    ids_pairs: int = 128
+    ids_rounds: int = 4
+    ids_seconds: float = 45.0
     # The scale scenario (benchmarks.scale): ``scale_connections`` idle sessions on
     # ``chatd serve --workers scale_workers``, held ``scale_hold`` seconds (more than
     # chatd's ping interval, 20 s, so that every session is pinged in the window), opened
@@ -420,6 +428,49 @@ async def throughput(server: Target, params: Params, tokens: Tokens,
         result.update(pairs=params.pairs, window=params.window, batch=params.batch)
         await pool.all("close")
     return result
+
+
+async def remembered(server: Server, params: Params, tokens: Tokens,
+                     logdir: Path) -> dict[str, Any]:
+    """Memory per remembered message and CPU per message as remembered ids grow (issue 15).
+
+    ``params.ids_pairs`` pairs send as in the throughput scenario; recipients acknowledge
+    delivery only (so every message stays unread, up to ``max_unread`` per recipient) and
+    senders acknowledge their receipts (so no receipt stays queued). After each of
+    ``params.ids_rounds`` rounds of ``params.ids_seconds``: messages routed so far, the
+    round's messages/s and CPU per message, the server's RSS and the ids it remembers
+    (chatd's ``chatd_message_ids_remembered``). Reported: RSS growth per message routed and
+    per remembered id, from the pairs' opening to the end.
+    """
+    pairs = attrs.evolve(params, pairs=params.ids_pairs)
+    async with Pool(params.workers, logdir) as pool:
+        await _open_pairs(server, pool, pairs, tokens)
+        start = server.sample()
+        await pool.all("throughput", window=params.window, batch=params.batch, read=False,
+                       ack_receipts=True)
+        rounds, routed = [], 0
+        for k in range(params.ids_rounds):
+            window = await _measure(server, pool, params, "ids",
+                                    f"ids, round {k + 1} of {params.ids_rounds}",
+                                    params.ids_seconds, warmup=0.0)
+            traffic = _traffic(server, params.ids_pairs, window.marks0, window.marks1,
+                               window.s0, window.s1)
+            routed += traffic["delivered"]
+            rounds.append({"messages": routed, "msgs_per_s": traffic["msgs_per_s"],
+                           "cpu_us_per_msg": traffic["cpu_us_per_msg"],
+                           "rss_kb": window.s1.rss_kb, "ids": server.remembered_ids()})
+            window.bar.finish(f"{routed:,} routed, {traffic['cpu_us_per_msg']} us/msg, "
+                              f"RSS {window.s1.rss_kb / 1024:,.0f} MiB")
+        drained = await _drain(server, pool, params.drain,
+                               keys=["sent", "delivered", "receipts_delivered"])
+        end = server.sample()
+        await pool.all("close")
+    grown = (end.rss_kb - start.rss_kb) * 1024
+    ids = server.remembered_ids()
+    return {"pairs": params.ids_pairs, "rounds": rounds, "messages": routed,
+            "remembered_ids": ids, "rss_growth_kb": end.rss_kb - start.rss_kb,
+            "bytes_per_message": round(grown / routed, 1) if routed else None,
+            "bytes_per_id": round(grown / ids, 1) if ids else None, **drained}
 
 
 async def latency(server: Target, params: Params, tokens: Tokens, logdir: Path,

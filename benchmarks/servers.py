@@ -298,6 +298,18 @@ class Server:
                     return int(sample.value), (start + time.monotonic()) / 2
         return None
 
+    def remembered_ids(self) -> int | None:
+        """The message ids the server remembers now, from chatd's
+        ``chatd_message_ids_remembered`` (None for the peer, or if the scrape fails)."""
+        text = self._metrics()
+        if text is None:
+            return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "chatd_message_ids_remembered":
+                    return int(sample.value)
+        return None
+
     def gc_pauses(self) -> dict[str, dict[str, float]] | None:
         """The server's garbage-collector pauses so far, per generation, from chatd's
         ``chatd_gc_pause_seconds``: ``count``, ``seconds`` (their sum), and how many lasted

@@ -134,6 +134,7 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
         check_sent_latency(figures, results["sent_histograms"][target])
         check_flood(target, figures)
         check_sla(figures)
+        check_ids(target, figures)
         rounds = figures["scenarios"]["throughput"]["rounds"]
         assert len(rounds) == 2 and figures["msgs_per_s"] == min(r["msgs_per_s"] for r in rounds)
     # The throughput rounds are taken in turn across the targets, before anything else.
@@ -156,7 +157,7 @@ def test_harness_smoke_run(tmp_path: Path) -> None:
     assert results["run"]["duration_s"] > 0 and results["run"]["parameters"]["pairs"] == 8
     assert "messages/s" in run.stdout  # the table
     for row in ("sent p99.99 ms", "flood msg/s", "backlog msg/s", "SLA capacity msg/s",
-                "rate_limit = 1,000,000"):
+                "rate_limit = 1,000,000", "RSS B/id"):
         assert row in run.stdout, row
     check_nats(results["nats"], results["chatd_durable"])
     assert "throughput, chatd on NATS" in run.stdout
@@ -206,6 +207,24 @@ def check_sla(figures: dict[str, Any]) -> None:
     shown = next(s for s in sla["steps"] if s["rate"] == sla["figures_at_per_s"])
     assert figures["sla_sent_p99_99_ms"] == shown["sent_latency_ms"]["p99_99"]
     assert figures["sla_deliver_p99_99_ms"] == shown["latency_ms"]["p99_99"]
+
+
+def check_ids(target: str, figures: dict[str, Any]) -> None:
+    """The ids scenario: rounds of routed messages with CPU and RSS after each, and the
+    ids chatd remembers (the peer remembers none, and says nothing)."""
+    ids = figures["scenarios"]["ids"]
+    assert len(ids["rounds"]) == 2 and ids["pairs"] == 8
+    counts = [r["messages"] for r in ids["rounds"]]
+    assert 0 < counts[0] <= counts[1] == figures["ids_messages"] == ids["messages"]
+    assert figures["ids_cpu_us_first"] == ids["rounds"][0]["cpu_us_per_msg"]
+    assert figures["ids_cpu_us_last"] == ids["rounds"][1]["cpu_us_per_msg"]
+    assert number(figures["ids_bytes_per_message"])
+    if target == "peer":
+        assert figures["ids_remembered"] is None and figures["ids_bytes_per_id"] is None
+    else:  # every message accepted is remembered (far fewer than dedup_max_ids)
+        assert figures["ids_remembered"] >= figures["ids_messages"]
+        assert number(figures["ids_bytes_per_id"])
+    assert ids["outstanding"] == {}, ids["outstanding"]
 
 
 def check_nats(nats: dict[str, Any], durable: dict[str, Any]) -> None:
