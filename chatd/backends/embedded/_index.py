@@ -297,7 +297,7 @@ class QueueIndex(BaseIndex[_Queue]):
         newly = _newly(removed)
         self.pending_total -= end - head
         self.pending_bytes -= sum([_size(item) for _, item in removed])
-        if end > 1024 and end * 2 > len(entries):
+        if end * 2 > len(entries):  # at least half acknowledged: drop them (amortized O(1))
             del entries[:end]
             end = 0
         queue.head = end
