@@ -141,8 +141,9 @@ def acks(upto: int, read: bool = True) -> bytes:
     """One message with the cumulative acknowledgements a client sends: delivered, and
     read when ``read``."""
     delivered = cbor2.dumps({"t": "ack", "status": "delivered", "upto": upto})
-    return delivered + cbor2.dumps({"t": "ack", "status": "read", "upto": upto}) if read else (
-        delivered)
+    if not read:
+        return delivered
+    return delivered + cbor2.dumps({"t": "ack", "status": "read", "upto": upto})
 
 
 class Pair:

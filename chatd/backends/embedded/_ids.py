@@ -78,33 +78,30 @@ class IdMemory:
 
     def get(self, key: int) -> tuple[str, int, int] | None:
         """The recipient, ``ts`` and expiry (ms) of the id with ``key``, or None."""
-        at = self._find(key)
-        if at is None:
+        held = self._table[self._probe(key)]
+        if not held:
             return None
-        slot = self._table[at] - 1
-        ts = self._tss[slot]
-        return self._tos[slot], ts, ts + self.window_ms
+        ts = self._tss[held - 1]
+        return self._tos[held - 1], ts, ts + self.window_ms
 
     def add(self, key: int, to: str, ts: int) -> None:
         """Remember an id (its recipient and ``ts`` replaced if it is already), forgetting
         the oldest if ``capacity`` are remembered."""
-        if self._count - self._head == self.capacity and self._find(key) is None:
-            self._forget_oldest()
-        table, keys, mask = self._table, self._keys, self._mask
-        at = key & mask
-        while held := table[at]:  # no gaps inside a run: its first empty slot is the end
-            if keys[held - 1] == key:
-                self._tos[held - 1], self._tss[held - 1] = sys.intern(to), ts
-                return
-            at = (at + 1) & mask
+        at = self._probe(key)
+        if held := self._table[at]:
+            self._tos[held - 1], self._tss[held - 1] = sys.intern(to), ts
+            return
+        if len(self) == self.capacity:
+            self._forget_oldest()  # which may move the run's entries back: probe again
+            at = self._probe(key)
         slot = self._count % self.capacity
-        if slot == len(keys):
-            keys.append(key)
+        if slot == len(self._keys):
+            self._keys.append(key)
             self._tss.append(ts)
             self._tos.append(sys.intern(to))
         else:
-            keys[slot], self._tss[slot], self._tos[slot] = key, ts, sys.intern(to)
-        table[at] = slot + 1
+            self._keys[slot], self._tss[slot], self._tos[slot] = key, ts, sys.intern(to)
+        self._table[at] = slot + 1
         self._count += 1
 
     def forget(self, now: int) -> None:
@@ -135,17 +132,14 @@ class IdMemory:
         for key, ts, to in zip(keys, tss, tos, strict=True):
             self.add(key, to, ts)
 
-    def _find(self, key: int) -> int | None:
-        """Where in the table the id with ``key`` is, or None."""
+    def _probe(self, key: int) -> int:
+        """Where in the table the id with ``key`` is or, if it is not remembered, the empty
+        slot that ends its run (a run has no gaps: see :meth:`_forget_oldest`)."""
         table, keys, mask = self._table, self._keys, self._mask
         at = key & mask
-        while True:
-            held = table[at]
-            if not held:
-                return None
-            if keys[held - 1] == key:
-                return at
+        while (held := table[at]) and keys[held - 1] != key:
             at = (at + 1) & mask
+        return at
 
     def _forget_oldest(self) -> None:
         """Forget the oldest id: empty its table slot, moving back each entry after it that
