@@ -127,6 +127,8 @@ class DurableStore(IndexedStore):
         self._ack_locks: dict[str, trio.Lock] = {}
         self._wake = trio.Event()
         self._records_at_checkpoint = 0
+        #: One checkpoint at a time: the background's and one asked for (a repair's).
+        self._checkpointing = trio.Lock()
         #: Users with queued items whose records cannot be read from both replicas: found
         #: by recovery (none again once the repair is written to both), every user with
         #: queued items once a replica has failed at run time, and those whose items a
@@ -492,14 +494,15 @@ class DurableStore(IndexedStore):
             StoreUnavailable: A replica failed.
         """
         assert self.journal is not None and self._compactor is not None
-        records = self.journal.stats.records
-        if rewrite:
-            await self._rewrite()
-        else:
-            await self.journal.checkpoint(await self._index_checkpoint())
-            await self._compactor.delete_obsolete()
-        self._records_at_checkpoint = records
-        self.maintenance.checkpoints += 1
+        async with self._checkpointing:
+            records = self.journal.stats.records
+            if rewrite:
+                await self._rewrite()
+            else:
+                await self.journal.checkpoint(await self._index_checkpoint())
+                await self._compactor.delete_obsolete()
+            self._records_at_checkpoint = records
+            self.maintenance.checkpoints += 1
 
     async def compact(self) -> None:
         """Delete the segments before the newest checkpoint that hold no queued item; copy
